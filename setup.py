@@ -1,0 +1,30 @@
+"""ccl_jax: multi-class anomaly detection with class-aware contrastive learning in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="ccl_jax",
+    version="0.1.0",
+    description=("JAX/Flax Reverse Distillation with class-aware contrastive "
+                 "learning (CCL) for multi-class industrial anomaly detection."),
+    packages=setuptools.find_packages(include=["ccl_jax", "ccl_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "grain>=0.2.18",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "scikit-learn>=1.5",
+        "pillow>=10.0",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    },
+)
