@@ -3,7 +3,7 @@
 Every function is pure and jittable. Shape problems are caught at trace time with a
 ValueError; NaN/Inf values cannot be rejected inside a jitted step, so they propagate to the
 loss, where the training loop detects them on the host and stops with a clear message.
-Similarities are computed in float32 whatever the compute dtype.
+Similarities are computed in float32 or wider, whatever the compute dtype.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _MASKED = -1e9
 
 def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """L2-normalise along the last axis (torch.nn.functional.normalize semantics)."""
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
   return x / jnp.maximum(norm, eps)
 
@@ -35,20 +35,21 @@ def _check_feature_lists(name_a: str, a: Sequence[jax.Array], name_b: str,
                        f"same shape; got {x.shape} and {y.shape}.")
 
 
-def kd_loss(encoder_features: Sequence[jax.Array],
-            decoder_features: Sequence[jax.Array]) -> jax.Array:
+def kd_loss(encoder_features: Sequence[jax.Array], decoder_features: Sequence[jax.Array],
+            *, per_sample: bool = False) -> jax.Array:
   """RD's distillation loss: sum over scales of the batch mean of 1 - cos(enc[b], dec[b]).
 
-  The cosine is taken between one sample's whole flattened map (H*W*C values).
+  The cosine is taken between one sample's whole flattened map (H*W*C values). With
+  `per_sample` the batch mean is left out and a [B] array is returned (for masked means).
   """
   _check_feature_lists("encoder_features", encoder_features, "decoder_features",
                        decoder_features)
-  total = jnp.zeros((), jnp.float32)
+  total = 0.0
   for enc, dec in zip(encoder_features, decoder_features):
     e = _normalize(enc.reshape(enc.shape[0], -1))
     d = _normalize(dec.reshape(dec.shape[0], -1))
-    total = total + jnp.mean(1.0 - jnp.sum(e * d, axis=-1))
-  return total
+    total = total + 1.0 - jnp.sum(e * d, axis=-1)
+  return total if per_sample else jnp.mean(total)
 
 
 def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
@@ -131,7 +132,7 @@ def match_positions(query: jax.Array, keys: jax.Array, window: int | None) -> ja
     return (jnp.where(better, similarity, best_similarity),
             jnp.where(better, index, best_index)), None
 
-  init = (jnp.full((b, h, w), -jnp.inf, jnp.float32), jnp.zeros((b, h, w), jnp.int32))
+  init = (jnp.full((b, h, w), -jnp.inf, q.dtype), jnp.zeros((b, h, w), jnp.int32))
   (_, best_index), _ = jax.lax.scan(scan_offset, init, offsets)
   return best_index.reshape(b, h * w)
 

@@ -1,0 +1,241 @@
+"""The dataset entry point of the training program: :func:`load`.
+
+``load`` prepares (once) one TFDS config per requested class, opens each with
+``as_data_source()`` (array_record; no TensorFlow needed) and concatenates
+them into :class:`RecordSource` objects with random access. Records::
+
+    image        uint8 [S, S, 3]
+    mask         uint8 [S, S], values {0, 1}
+    class_id     int32, the GLOBAL id = position in AnomalyDataset.class_names
+    class_name   str
+    label        int32, 0 good / 1 anomalous
+    defect_type  str ('good' for normal images)
+    file_name    str, path relative to the raw dataset folder
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import operator
+import pathlib
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ccl_jax.datasets import synthetic
+from ccl_jax.datasets.builders import (
+    AnomalyDetectionBuilder, MvtecAd, SyntheticAd, _check_image_size)
+from ccl_jax.datasets.mvtec_layout import (
+    DatasetError, check_manual_dir, fingerprint, scan_class, scan_classes)
+
+__all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load"]
+
+#: load() name -> builder class.
+BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
+    "mvtec_ad": MvtecAd,
+    "synthetic": SyntheticAd,
+}
+SYNTHETIC_RAW_DIRNAME = "synthetic_raw"
+
+
+def _to_str(x) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):  # 0-d object/bytes array
+        return _to_str(x.item())
+    return str(x)
+
+
+class RecordSource:
+    """Concatenation of per-class TFDS data sources, normalising records.
+
+    ``parts`` is a sequence of ``(data_source, global_class_id)``. Supports
+    ``len()`` and integer indexing (negative indices too); picklable, so grain
+    worker processes can use it.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Any, int]]):
+        self._parts = [(src, int(gid)) for src, gid in parts]
+        self._ends = np.cumsum([len(src) for src, _ in self._parts]).tolist()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index) -> dict[str, Any]:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError("RecordSource indices must be integers, got "
+                            f"{type(index).__name__}") from None
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for RecordSource of "
+                             f"length {n}")
+        part = bisect.bisect_right(self._ends, i)
+        start = self._ends[part - 1] if part else 0
+        src, gid = self._parts[part]
+        return _normalise(src[i - start], gid)
+
+    def class_ids(self) -> np.ndarray:
+        """Global class id of every record, without decoding anything."""
+        return np.concatenate(
+            [np.full(len(src), gid, np.int32) for src, gid in self._parts]
+            or [np.zeros(0, np.int32)])
+
+    def __repr__(self):
+        return (f"RecordSource(len={len(self)}, parts="
+                f"{[(len(s), g) for s, g in self._parts]})")
+
+
+def _normalise(record: dict[str, Any], global_id: int) -> dict[str, Any]:
+    image = np.asarray(record["image"], dtype=np.uint8)
+    mask = np.asarray(record["mask"])
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    return {
+        "image": image,
+        "mask": (mask > 0).astype(np.uint8),
+        "class_id": np.int32(global_id),
+        "class_name": _to_str(record["class_name"]),
+        "label": np.int32(record["label"]),
+        "defect_type": _to_str(record["defect_type"]),
+        "file_name": _to_str(record["file_name"]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class AnomalyDataset:
+    class_names: tuple[str, ...]  # selected classes; global id = position
+    train: RecordSource
+    test: RecordSource
+    train_class_ids: np.ndarray   # int32 [len(train)]
+    test_class_ids: np.ndarray    # int32 [len(test)]
+
+
+def is_prepared(builder) -> bool:
+    """Like ``builder.is_prepared()`` without its warnings for absent dirs."""
+    path = pathlib.Path(builder.data_dir)
+    return ((path / "dataset_info.json").is_file() and
+            (path / "features.json").is_file())
+
+
+def _select_classes(builder_cls, classes) -> tuple[str, ...]:
+    known = builder_cls.CLASS_NAMES
+    if isinstance(classes, str):
+        if classes == "all":
+            return tuple(known)
+        classes = [classes]
+    classes = list(classes)
+    if not classes:
+        raise DatasetError(f"{builder_cls.TITLE}: no classes selected; known "
+                           f"classes: {', '.join(known)}")
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise DatasetError(
+            f"{builder_cls.TITLE}: unknown class name(s) "
+            f"{', '.join(map(repr, unknown))}; known classes: "
+            f"{', '.join(known)}", [(c, "unknown class") for c in unknown])
+    dups = sorted({c for c in classes if classes.count(c) > 1})
+    if dups:
+        raise DatasetError(
+            f"{builder_cls.TITLE}: class name(s) listed more than once: "
+            f"{', '.join(map(repr, dups))}", [(c, "duplicate") for c in dups])
+    return tuple(classes)
+
+
+def _check_source_matches(builder, manual_dir: pathlib.Path | None):
+    """Refuses a prepared class whose raw files differ from manual_dir's."""
+    if manual_dir is None or not manual_dir.is_dir():
+        return
+    stored = builder.info.metadata.get("source_fingerprint")
+    problems: list = []
+    samples = scan_class(manual_dir, builder.builder_config.class_name,
+                         problems)
+    if problems or stored is None:
+        return  # raw files unusable or gone: the prepared data stands alone
+    if fingerprint(samples) != stored:
+        raise DatasetError(
+            f"{builder.data_dir} was prepared from different files than those "
+            f"now in {manual_dir / builder.builder_config.class_name} "
+            f"(prepared from {builder.info.metadata.get('source_dir')}). "
+            "Delete that directory to prepare it again, or use another "
+            "data_dir.", [(builder.data_dir, "stale prepared dataset")])
+
+
+def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
+         verbose: bool = True) -> AnomalyDataset:
+    """Prepares (if needed) and opens an anomaly-detection dataset.
+
+    Args:
+      name: 'mvtec_ad' or 'synthetic'.
+      classes: 'all' or a sequence of class names; the order defines the
+        global class ids.
+      manual_dir: the raw dataset in MVTec AD layout. Needed only while some
+        class is not prepared yet. For 'synthetic', None or '' generates the
+        raw files under ``<data_dir>/synthetic_raw`` on first use.
+      data_dir: TFDS data directory (prepared data goes to
+        ``<data_dir>/<builder>/<class>_<size>/<version>``).
+      image_size: side S of the square images, or None to keep the original
+        size (records may then differ in size).
+      verbose: print one line per class being prepared.
+    """
+    if name not in BUILDERS:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: "
+                           f"{', '.join(BUILDERS)}", [(name, "unknown")])
+    builder_cls = BUILDERS[name]
+    class_names = _select_classes(builder_cls, classes)
+    image_size = _check_image_size(image_size)
+    data_dir = pathlib.Path(data_dir).expanduser().absolute()
+
+    builders = [builder_cls(config=builder_cls.config_for(c, image_size),
+                            data_dir=str(data_dir)) for c in class_names]
+    missing = [b for b in builders if not is_prepared(b)]
+
+    if name == "synthetic" and not manual_dir:
+        if missing:
+            manual_dir = synthetic.generate(data_dir / SYNTHETIC_RAW_DIRNAME)
+        elif (data_dir / SYNTHETIC_RAW_DIRNAME).is_dir():
+            manual_dir = data_dir / SYNTHETIC_RAW_DIRNAME
+    manual_path = (pathlib.Path(manual_dir).expanduser().absolute()
+                   if manual_dir else None)
+
+    for b in builders:
+        if all(b is not m for m in missing):
+            _check_source_matches(b, manual_path)
+
+    if missing:
+        todo = [b.builder_config.class_name for b in missing]
+        instructions = builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS
+        manual_path = check_manual_dir(manual_dir, title=builder_cls.TITLE,
+                                       instructions=instructions)
+        # Every class to prepare is validated before anything is written.
+        scan_classes(manual_path, todo, title=builder_cls.TITLE,
+                     instructions=instructions, verify=True)
+        for k, b in enumerate(missing):
+            t0 = time.time()
+            if verbose:
+                print(f"[ccl_jax.datasets] preparing {b.name}/"
+                      f"{b.builder_config.name} ({k + 1}/{len(missing)}) from "
+                      f"{manual_path}", flush=True)
+            b._prevalidated = True  # pylint: disable=protected-access
+            b.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=str(manual_path), try_download_gcs=False))
+            if verbose:
+                print(f"[ccl_jax.datasets] prepared {b.data_dir} in "
+                      f"{time.time() - t0:.1f}s", flush=True)
+
+    train_parts, test_parts = [], []
+    for gid, b in enumerate(builders):
+        sources = b.as_data_source()
+        train_parts.append((sources["train"], gid))
+        test_parts.append((sources["test"], gid))
+    train, test = RecordSource(train_parts), RecordSource(test_parts)
+    return AnomalyDataset(class_names=class_names, train=train, test=test,
+                          train_class_ids=train.class_ids(),
+                          test_class_ids=test.class_ids())

@@ -1,0 +1,60 @@
+"""The full set of config keys with the paper's defaults; files in configs/ start from it.
+
+Every key a run reads is defined here, so a locked config turns a mistyped override
+(`--config.loss.widow=3`) into an error instead of a silently ignored value.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from ccl_jax.models import AUTHORS_NOISE_PROBABILITY
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "mvtec_ad"     # 'mvtec_ad' or 'synthetic' (the built-in demo data)
+  config.dataset.manual_dir = ""       # the user's downloaded dataset folder
+  config.dataset.data_dir = "~/ccl_jax_data"  # where prepared (TFDS array_record) data goes
+  config.dataset.classes = "all"       # 'all', or a comma-separated list / tuple of names
+
+  config.model = ml_collections.ConfigDict()
+  config.model.encoder = "wide_resnet50_2"  # resnet18 | resnet34 | resnet50 | wide_resnet50_2
+  config.model.encoder_weights = "none"     # Flax msgpack file of the encoder, or 'none'
+  config.model.projector = "auto"           # auto: on iff a contrastive weight is > 0
+  config.model.neck_width_per_group = 64    # authors' CCL code; 0 = the encoder's (RD4AD)
+  config.model.decoder_width_per_group = 0  # 0 = the encoder's (RD4AD and CCL)
+  config.model.feature_noise_probability = AUTHORS_NOISE_PROBABILITY  # 0 disables
+  config.model.dtype = "float32"            # compute dtype; losses stay float32
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.local_weight = 1.0       # lambda_1; both weights 0 = the RD joint baseline
+  config.loss.global_weight = 1.0      # lambda_2
+  config.loss.temperature = 0.1        # paper; the authors' RD configs use 0.05
+  config.loss.window = ml_collections.config_dict.placeholder(int)  # None = whole map
+  config.loss.local_negatives = "all"  # 'all' (paper) | 'one_random' (authors' code)
+  config.loss.same_class_positive = False  # the paper's optional second local positive
+  config.loss.global_views = "both"    # 'both' (paper) | 'original' (authors' code)
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.projector_learning_rate = 1e-3
+  config.optimizer.learning_rate = 5e-3  # neck and decoder
+  config.optimizer.b1 = 0.5
+  config.optimizer.b2 = 0.999
+  config.optimizer.clip_norm = 5.0
+
+  config.image_size = 256
+  config.batch_size = 16
+  config.eval_batch_size = 0           # 0 = batch_size
+  config.num_epochs = 100
+  config.seed = 0
+  config.validation_fraction = 0.05    # held-out normal training images, per class
+  config.early_stopping_patience = 0   # epochs without validation improvement; 0 = off
+  config.evaluate_checkpoint = "best"  # 'best' (lowest validation loss) | 'last'
+  config.eval_every_epochs = 0         # test-set metrics during training; 0 = only at the end
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 500
+  config.num_heatmaps_per_class = 3
+  config.worker_count = 0              # grain worker processes for decoding
+  return config

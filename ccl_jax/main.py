@@ -1,0 +1,40 @@
+r"""Entry point: `python -m ccl_jax.main --config configs/<name>.py[:variant] --workdir DIR`.
+
+Overrides: `--config.<key>=<value>` (the config is locked: an unknown key is an error).
+
+Multi-host (TPU pods, multi-node GPU): pass `--distributed` (or set CCL_JAX_DISTRIBUTED=1)
+on every host; `jax.distributed.initialize()` then discovers the cluster from the TPU
+metadata, SLURM or Open MPI environment, or from JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single multi-GPU host needs no flag: every local
+device is used.
+"""
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ccl_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
+flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
+                  "Call jax.distributed.initialize() (multi-host runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

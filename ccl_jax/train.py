@@ -1,0 +1,375 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+This is the only module that reads the config; everything below it takes plain arguments.
+Data-parallel over every device of every process: a 1-D ('data') mesh, the global batch
+sharded along it, state and frozen encoder replicated, one jitted step.
+
+Workdir layout:
+  checkpoints/latest/<step>   state + loop bookkeeping, for resuming after preemption
+  checkpoints/best/<step>     the state with the lowest validation loss (early stopping)
+  metrics.json                per-class and mean metrics, plus the training history
+  results.md                  the same metrics as a markdown table
+  heatmaps/<class>/*.png      image | ground truth contour | anomaly map
+  config.json                 the config this run used
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ccl_jax import datasets, input_pipeline, metrics, step, visualize, weights
+from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[ResNetEncoder, ReverseDistillation]:
+  spec = encoder_spec(config.model.encoder)
+  projector = config.model.projector
+  if projector not in ("auto", "on", "off"):
+    raise ValueError(f"model.projector must be 'auto', 'on' or 'off', got {projector!r}.")
+  uses_contrastive = config.loss.local_weight > 0 or config.loss.global_weight > 0
+  # 'auto': CCL has the projector, the RD baseline (both CL weights 0) is plain RD4AD.
+  use_projector = projector == "on" or (projector == "auto" and uses_contrastive)
+  dtype = jnp.dtype(config.model.dtype)
+  model = ReverseDistillation(
+      spec, use_projector=use_projector,
+      neck_width_per_group=config.model.neck_width_per_group or spec.width_per_group,
+      decoder_width_per_group=config.model.decoder_width_per_group or spec.width_per_group,
+      noise_probability=config.model.feature_noise_probability, dtype=dtype)
+  return ResNetEncoder(spec, dtype=dtype), model
+
+
+def loss_settings(config: ml_collections.ConfigDict) -> step.LossSettings:
+  return step.LossSettings(
+      local_weight=float(config.loss.local_weight), global_weight=float(config.loss.global_weight),
+      temperature=float(config.loss.temperature), window=config.loss.window,
+      local_negatives=config.loss.local_negatives,
+      same_class_positive=bool(config.loss.same_class_positive),
+      global_views=config.loss.global_views)
+
+
+class _Gather:
+  """Collects per-image outputs of padded eval batches into arrays indexed by position."""
+
+  def __init__(self, num_items: int):
+    self.num_items = num_items
+    self.fields: dict[str, np.ndarray] = {}
+    self.seen = np.zeros(num_items, bool)
+
+  def add(self, index: np.ndarray, valid: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    index = index[valid]
+    if np.any(self.seen[index]):
+      raise RuntimeError("An evaluation image was produced twice; the eval stream is broken.")
+    self.seen[index] = True
+    for name, value in values.items():
+      if name not in self.fields:
+        self.fields[name] = np.zeros((self.num_items,) + value.shape[1:], value.dtype)
+      self.fields[name][index] = value[valid]
+
+  def result(self) -> dict[str, np.ndarray]:
+    if not np.all(self.seen):
+      raise RuntimeError(f"{np.sum(~self.seen)} evaluation images were never produced.")
+    return self.fields
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host) global array on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_inference(predict_fn, variables, encoder_variables, source, indices: np.ndarray, *,
+                  global_batch_size: int, batch_sharding, keep_maps: bool,
+                  worker_count: int = 0) -> dict[str, np.ndarray]:
+  """Scores every image of `indices` exactly once (padded, masked last batch).
+
+  Returns per-position arrays: 'score', 'kd', and with `keep_maps` also 'anomaly_map',
+  'mask', 'label'.
+  """
+  gather = _Gather(len(indices))
+  for local in input_pipeline.eval_batches(
+      source, indices, global_batch_size=global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=worker_count):
+    batch = input_pipeline.to_global_array(local, batch_sharding)
+    out = predict_fn(variables, encoder_variables, batch["image"])
+    values = {"score": _host(out["score"]), "kd": _host(out["kd"])}
+    if keep_maps:
+      values.update(anomaly_map=_host(out["anomaly_map"]), mask=_host(batch["mask"]),
+                    label=_host(batch["label"]))
+    gather.add(_host(batch["index"]), _host(batch["valid"]), values)
+  return gather.result()
+
+
+def evaluate_test_set(predict_fn, variables, encoder_variables, dataset, *,
+                      global_batch_size: int, batch_sharding,
+                      worker_count: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+  """Metrics per class and mean over the whole test split, plus the raw outputs."""
+  indices = np.arange(len(dataset.test))
+  outputs = run_inference(predict_fn, variables, encoder_variables, dataset.test, indices,
+                          global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+                          keep_maps=True, worker_count=worker_count)
+  per_class = {}
+  for class_id, name in enumerate(dataset.class_names):
+    rows = dataset.test_class_ids == class_id
+    per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
+                       "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
+  return metrics.summarize(per_class), outputs
+
+
+def validation_loss(predict_fn, variables, encoder_variables, dataset, indices, *,
+                    global_batch_size: int, batch_sharding) -> float:
+  """Mean KD loss (the RD objective, inference mode) on held-out normal training images."""
+  outputs = run_inference(predict_fn, variables, encoder_variables, dataset.train, indices,
+                          global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+                          keep_maps=False)
+  return float(np.mean(outputs["kd"]))
+
+
+def save_heatmaps(directory: str, dataset, outputs: dict[str, np.ndarray],
+                  per_class: int) -> int:
+  """A few test images per class: anomalous ones first, then one normal image."""
+  written = 0
+  for class_id, name in enumerate(dataset.class_names):
+    rows = np.flatnonzero(dataset.test_class_ids == class_id)
+    if rows.size == 0 or per_class <= 0:
+      continue
+    scores = outputs["anomaly_map"][rows]
+    low, high = float(np.min(scores)), float(np.max(scores))
+    anomalous = [r for r in rows if outputs["label"][r] == 1][:per_class]
+    normal = [r for r in rows if outputs["label"][r] == 0][:1]
+    for r in anomalous + normal:
+      record = dataset.test[int(r)]
+      stem = os.path.splitext(record["file_name"].replace("/", "_"))[0]
+      visualize.save_heatmap(os.path.join(directory, name, f"{stem}.png"), record["image"],
+                             outputs["mask"][r], outputs["anomaly_map"][r], low, high)
+      written += 1
+  return written
+
+
+def _check_finite(step_number: int, values: dict[str, float]) -> None:
+  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"Non-finite training metrics at step {step_number}: {bad}. Training stopped; the "
+        "last good checkpoint is kept. Lower optimizer.learning_rate, check the input "
+        "images, or resume from the checkpoint.")
+
+
+def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  # Synchronous saves: the train step donates the state's buffers, which an async save
+  # could still be reading.
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+
+def _save(manager: ocp.CheckpointManager, state: step.TrainState, meta: dict) -> None:
+  manager.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore(manager: ocp.CheckpointManager, target: step.TrainState,
+             checkpoint_step: int) -> tuple[step.TrainState, dict]:
+  restored = manager.restore(checkpoint_step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains RD + CCL on `config`, evaluates the selected checkpoint, writes the workdir.
+
+  `stop_after_steps` ends the run early (as a preemption would, after saving) and is used
+  by tests of resumption; a rerun of the same command continues from the checkpoint.
+  Returns the metrics summary (None for the metrics when stopped early).
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({jax.device_count()}).")
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  if eval_batch_size % jax.device_count():
+    raise ValueError(f"eval_batch_size={eval_batch_size} must be divisible by the number of "
+                     f"devices ({jax.device_count()}).")
+
+  dataset = _load_dataset(config, is_main)
+  train_indices, val_indices = input_pipeline.holdout_split(
+      dataset.train_class_ids, config.validation_fraction, config.seed)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), config.batch_size)
+  total_steps = steps_per_epoch * config.num_epochs
+  logging.info("Classes: %s | train %d (+%d validation) | test %d | %d steps/epoch",
+               ", ".join(dataset.class_names), len(train_indices), len(val_indices),
+               len(dataset.test), steps_per_epoch)
+
+  mesh = step.data_mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  encoder, model = build_models(config)
+  encoder_variables = jax.device_put(weights.encoder_variables(
+      encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
+      replicated)
+  tx = step.make_optimizer(
+      projector_learning_rate=config.optimizer.projector_learning_rate,
+      learning_rate=config.optimizer.learning_rate, b1=config.optimizer.b1,
+      b2=config.optimizer.b2, clip_norm=config.optimizer.clip_norm)
+  state = jax.jit(lambda enc_vars, key: step.create_train_state(
+      model, encoder, enc_vars, tx, config.image_size, key), out_shardings=replicated)(
+          encoder_variables, jax.random.PRNGKey(config.seed))
+
+  latest = _checkpoint_manager(os.path.join(workdir, "checkpoints", "latest"))
+  best = _checkpoint_manager(os.path.join(workdir, "checkpoints", "best"))
+  meta = {"best_validation_loss": None, "best_step": None, "epochs_without_improvement": 0,
+          "history": [], "stopped_early": False}
+  if latest.latest_step() is not None:
+    state, meta = _restore(latest, state, latest.latest_step())
+    logging.info("Resumed from %s at step %d.", latest.directory, int(state.step))
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  train_step = step.jit_train_step(encoder, loss_settings(config))
+  predict = step.jit_predict(model, encoder)
+  first_step = int(state.step)
+  batches = input_pipeline.train_batches(
+      dataset.train, train_indices, dataset.train_class_ids[train_indices],
+      global_batch_size=config.batch_size, seed=config.seed, start_step=first_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.worker_count)
+  last_step = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+
+  def end_of_epoch(state, meta) -> bool:
+    """Validation, early stopping and checkpoints; True when training should stop."""
+    epoch = int(state.step) // steps_per_epoch
+    record = {"epoch": epoch, "step": int(state.step)}
+    if len(val_indices):
+      loss = validation_loss(predict, step.variables_of(state), encoder_variables, dataset,
+                             val_indices, global_batch_size=eval_batch_size,
+                             batch_sharding=batch_sharding)
+      record["validation_loss"] = loss
+      if meta["best_validation_loss"] is None or loss < meta["best_validation_loss"]:
+        meta.update(best_validation_loss=loss, best_step=int(state.step),
+                    epochs_without_improvement=0)
+        _save(best, state, meta)
+      else:
+        meta["epochs_without_improvement"] += 1
+    if config.eval_every_epochs and epoch % config.eval_every_epochs == 0 and epoch < (
+        config.num_epochs):
+      summary, _ = evaluate_test_set(predict, step.variables_of(state), encoder_variables,
+                                     dataset, global_batch_size=eval_batch_size,
+                                     batch_sharding=batch_sharding)
+      record["test_mean"] = summary["mean"]
+    meta["history"].append(record)
+    logging.info("Epoch %d: %s", epoch, record)
+    patience = config.early_stopping_patience
+    stop = bool(patience) and meta["epochs_without_improvement"] >= patience
+    meta["stopped_early"] = stop
+    _save(latest, state, meta)
+    return stop
+
+  progress = tqdm.tqdm(total=total_steps, initial=first_step, disable=not is_main,
+                       desc="train", unit="step", dynamic_ncols=True)
+  pending: list[dict[str, jax.Array]] = []
+  tick, tick_step = time.perf_counter(), first_step
+  stopped = meta.get("stopped_early", False)
+  step_number = first_step
+  while step_number < last_step and not stopped:
+    batch = input_pipeline.to_global_array(next(batches), batch_sharding)
+    state, step_metrics = train_step(state, encoder_variables, batch)
+    step_number += 1
+    pending.append(step_metrics)
+    at_epoch_end = step_number % steps_per_epoch == 0
+    if len(pending) >= config.log_every_steps or at_epoch_end or step_number == last_step:
+      # Reading metrics is the only host sync in the loop; NaNs are caught here.
+      fetched = jax.device_get(pending)
+      pending = []
+      latest_values = {k: float(v) for k, v in fetched[-1].items()}
+      for offset, values in enumerate(fetched):
+        _check_finite(step_number - len(fetched) + offset + 1,
+                      {k: float(v) for k, v in values.items()})
+      now = time.perf_counter()
+      images_per_second = (step_number - tick_step) * config.batch_size / (now - tick)
+      tick, tick_step = now, step_number
+      progress.set_postfix(loss=f"{latest_values['loss']:.4f}",
+                           kd=f"{latest_values['kd']:.4f}", img_s=f"{images_per_second:.1f}")
+      progress.update(len(fetched))
+    if at_epoch_end:
+      stopped = end_of_epoch(state, meta)
+    elif config.checkpoint_every_steps and step_number % config.checkpoint_every_steps == 0:
+      _save(latest, state, meta)
+  progress.close()
+  if step_number < total_steps and not stopped:
+    _save(latest, state, meta)
+    logging.info("Stopped at step %d of %d; rerun the same command to resume.", step_number,
+                 total_steps)
+    return {"metrics": None, "step": step_number}
+
+  final = state
+  if config.evaluate_checkpoint == "best" and best.latest_step() is not None:
+    final, _ = _restore(best, state, best.latest_step())
+    logging.info("Evaluating the best-validation checkpoint (step %d).", int(final.step))
+  summary, outputs = evaluate_test_set(predict, step.variables_of(final), encoder_variables,
+                                       dataset, global_batch_size=eval_batch_size,
+                                       batch_sharding=batch_sharding,
+                                       worker_count=config.worker_count)
+  table = metrics.format_table(summary)
+  result = {"metrics": summary, "evaluated_step": int(final.step), "step": step_number,
+            "history": meta["history"], "classes": list(dataset.class_names)}
+  if is_main:
+    _write_json(os.path.join(workdir, "metrics.json"), result)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+    save_heatmaps(os.path.join(workdir, "heatmaps"), dataset, outputs,
+                  config.num_heatmaps_per_class)
+    print(table, flush=True)
+  return result
+
+
+def _load_dataset(config: ml_collections.ConfigDict, is_main: bool):
+  kwargs = dict(classes=_classes(config.dataset.classes), manual_dir=config.dataset.manual_dir
+                or None, data_dir=os.path.expanduser(config.dataset.data_dir),
+                image_size=config.image_size)
+  # Process 0 prepares missing data; the others wait and then only read.
+  if is_main:
+    dataset = datasets.load(config.dataset.name, **kwargs)
+  multihost_utils.sync_global_devices("ccl_jax dataset prepared")
+  if not is_main:
+    dataset = datasets.load(config.dataset.name, **kwargs)
+  return dataset
+
+
+def _classes(value: Any) -> str | tuple[str, ...]:
+  if isinstance(value, str):
+    if value == "all":
+      return "all"
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+  return tuple(value)
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(x: Any):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  raise TypeError(f"Not JSON serialisable: {type(x)}")
