@@ -8,6 +8,7 @@ metadata, SLURM or Open MPI environment, or from JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single multi-GPU host needs no flag: every local
 device is used.
 """
+import logging as logging_std
 import os
 
 import jax
@@ -25,9 +26,17 @@ flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops the per-save INFO chatter of Orbax so the progress bar and results stay readable."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),

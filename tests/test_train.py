@@ -1,0 +1,141 @@
+"""The training program end to end on the synthetic smoke config."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ccl_jax import datasets, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo, mvtec_ad  # noqa: E402  (configs/ is not an installed package)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def smoke_config(data_dir, **overrides):
+  config = demo.get_config("smoke")
+  config.dataset.data_dir = data_dir
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def latest_state(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  result = train.train_and_evaluate(smoke_config(data_dir), workdir)
+  return workdir, result
+
+
+def test_end_to_end_writes_metrics_table_and_heatmaps(full_run):
+  workdir, result = full_run
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    saved = json.load(f)
+  keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max",
+          "pixel_f1_max", "mad"}
+  assert set(saved["metrics"]["per_class"]) == {"carpet", "washer"}
+  for row in list(saved["metrics"]["per_class"].values()) + [saved["metrics"]["mean"]]:
+    assert set(row) == keys
+    assert all(0.0 <= v <= 1.0 for v in row.values())
+  assert saved["step"] == result["step"] == 18
+  assert [h["epoch"] for h in saved["history"]] == [1, 2]
+  assert all(np.isfinite(h["validation_loss"]) for h in saved["history"])
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| carpet |" in table and "| mean |" in table
+  heatmaps = sorted(os.listdir(os.path.join(workdir, "heatmaps", "washer")))
+  assert len(heatmaps) == 2  # one anomalous (num_heatmaps_per_class=1) + one normal
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
+
+
+def test_interrupted_run_resumes_to_identical_parameters(full_run, data_dir, tmp_path):
+  workdir, _ = full_run
+  resumed = str(tmp_path / "resumed")
+  partial = train.train_and_evaluate(smoke_config(data_dir), resumed, stop_after_steps=7)
+  assert partial["metrics"] is None and partial["step"] == 7
+  assert not os.path.exists(os.path.join(resumed, "metrics.json"))
+  result = train.train_and_evaluate(smoke_config(data_dir), resumed)
+  assert result["step"] == 18
+  (state_a, meta_a), (state_b, meta_b) = latest_state(workdir), latest_state(resumed)
+  assert int(state_a["step"]) == int(state_b["step"]) == 18
+  leaves_a = [np.asarray(x) for x in _leaves(state_a["params"])]
+  leaves_b = [np.asarray(x) for x in _leaves(state_b["params"])]
+  for a, b in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert meta_a["best_step"] == meta_b["best_step"]
+  assert [h["validation_loss"] for h in meta_a["history"]] == pytest.approx(
+      [h["validation_loss"] for h in meta_b["history"]], rel=1e-5)
+  # A finished run is not trained again by a rerun.
+  again = train.train_and_evaluate(smoke_config(data_dir), resumed)
+  assert again["step"] == 18
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)
+
+
+def test_ccl_and_rd_baseline_differ_only_in_the_two_loss_weights():
+  for module in (demo, mvtec_ad):
+    ccl = module.get_config().to_dict()
+    rd = module.get_config("rd").to_dict()
+    flat = lambda d, p="": {f"{p}{k}": v for k, x in d.items() for k, v in (
+        flat(x, f"{p}{k}.").items() if isinstance(x, dict) else [(k, x)])}
+    diff = {k for k in flat(ccl) if flat(ccl)[k] != flat(rd)[k]}
+    assert diff == {"loss.local_weight", "loss.global_weight"}
+    assert flat(rd)["loss.local_weight"] == flat(rd)["loss.global_weight"] == 0.0
+  _, ccl_model = train.build_models(demo.get_config())
+  _, rd_model = train.build_models(demo.get_config("rd"))
+  assert ccl_model.use_projector and not rd_model.use_projector
+
+
+def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
+  config = smoke_config(data_dir, **{"optimizer.learning_rate": float("nan"),
+                                     "optimizer.projector_learning_rate": float("nan")})
+  with pytest.raises(FloatingPointError, match="Non-finite training metrics at step 2"):
+    train.train_and_evaluate(config, str(tmp_path / "nan"))
+  assert not os.path.exists(tmp_path / "nan" / "metrics.json")
+
+
+def test_missing_manual_dir_names_the_path(tmp_path):
+  config = mvtec_ad.get_config("smoke")
+  config.dataset.data_dir = str(tmp_path / "data")
+  config.dataset.manual_dir = str(tmp_path / "no_such_download")
+  with pytest.raises(datasets.DatasetError, match="no_such_download"):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "data" / "mvtec_ad" / "bottle_64")
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", os.path.join(REPO, "configs", "demo.py"),
+       "--workdir", str(tmp_path), "--config.loss.widow=3"],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert out.returncode != 0
+  assert "widow" in out.stderr
+
+
+def test_batch_size_not_divisible_by_devices_is_rejected(data_dir, tmp_path, monkeypatch):
+  import jax
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  with pytest.raises(ValueError, match="divisible by the number of devices"):
+    train.train_and_evaluate(smoke_config(data_dir), str(tmp_path))
