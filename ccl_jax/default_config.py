@@ -58,3 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_heatmaps_per_class = 3
   config.worker_count = 0              # grain worker processes for decoding
   return config
+
+
+def as_rd_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The RD joint baseline of a CCL config: both contrastive weights 0, nothing else."""
+  config.loss.local_weight = 0.0
+  config.loss.global_weight = 0.0
+  return config

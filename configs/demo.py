@@ -4,13 +4,14 @@ r"""The built-in demo: CCL on the synthetic 7-class dataset (generated on first 
 
 The data is synthetic (procedural textures and objects with exact defect masks, see
 ccl_jax/datasets/synthetic.py), so the figures say the pipeline works, not how CCL does on
-real parts. See README.md for the measured runtime and metrics of this exact command.
+real parts. Measured on a 2-core CPU (2026-11-24): 6 min 15 s in all, mean I-AUROC 64.9,
+P-AUROC 85.7, AUPRO 50.9 (the RD variant: 63.1 / 83.0 / 43.7); see README.md.
 
 Variants (`configs/demo.py:<variant>`):
   rd     the same run as the RD joint baseline (both contrastive weights 0).
   smoke  2 classes, 32x32, a few steps: the end-to-end test's config (~1 min on a CPU).
 """
-from ccl_jax.default_config import base_config
+from ccl_jax.default_config import as_rd_baseline, base_config
 
 
 def get_config(arg: str | None = None):
@@ -29,9 +30,7 @@ def get_config(arg: str | None = None):
   if arg in (None, ""):
     return config
   if arg == "rd":
-    config.loss.local_weight = 0.0
-    config.loss.global_weight = 0.0
-    return config
+    return as_rd_baseline(config)
   if arg == "smoke":
     config.dataset.classes = "carpet,washer"
     config.image_size = 32

@@ -16,7 +16,7 @@ Variants (`configs/mvtec_ad.py:<variant>`):
   smoke   2 classes, resnet18, 64x64, 1 epoch: checks the whole pipeline in about a minute
           on a CPU (random encoder; numbers are meaningless).
 """
-from ccl_jax.default_config import base_config
+from ccl_jax.default_config import as_rd_baseline, base_config
 
 
 def get_config(arg: str | None = None):
@@ -25,9 +25,7 @@ def get_config(arg: str | None = None):
   if arg in (None, ""):
     return config
   if arg == "rd":
-    config.loss.local_weight = 0.0
-    config.loss.global_weight = 0.0
-    return config
+    return as_rd_baseline(config)
   if arg == "smoke":
     config.dataset.classes = "bottle,carpet"
     config.model.encoder = "resnet18"

@@ -1,17 +1,22 @@
-"""Datasets: MVTec-layout readers, TFDS builders and the loader API.
+"""Datasets: raw-layout readers, TFDS builders and the loader API.
+
+Datasets (``load(name, ...)``): 'mvtec_ad', 'synthetic', 'visa', 'btad',
+'real_iad' (options ``resolution``, ``views``), 'manta' (views split).
 
 Main entry point: :func:`load` (see :mod:`ccl_jax.datasets.loader`).
 """
 
-from ccl_jax.datasets import synthetic
+from ccl_jax.datasets import layouts, synthetic
 from ccl_jax.datasets.builders import (
-    AnomalyBuilderConfig, AnomalyDetectionBuilder, MVTEC_AD_CLASSES, MvtecAd,
-    SyntheticAd)
-from ccl_jax.datasets.loader import AnomalyDataset, RecordSource, load
+    AnomalyBuilderConfig, AnomalyDetectionBuilder, Btad, Manta,
+    MVTEC_AD_CLASSES, MvtecAd, RealIad, SyntheticAd, Visa)
+from ccl_jax.datasets.layouts import realiad_view
+from ccl_jax.datasets.loader import BUILDERS, AnomalyDataset, RecordSource, load
 from ccl_jax.datasets.mvtec_layout import DatasetError, Sample, scan_classes
 
 __all__ = [
     "AnomalyBuilderConfig", "AnomalyDataset", "AnomalyDetectionBuilder",
-    "DatasetError", "MVTEC_AD_CLASSES", "MvtecAd", "RecordSource", "Sample",
-    "SyntheticAd", "load", "scan_classes", "synthetic",
+    "BUILDERS", "Btad", "DatasetError", "MVTEC_AD_CLASSES", "Manta",
+    "MvtecAd", "RealIad", "RecordSource", "Sample", "SyntheticAd", "Visa",
+    "layouts", "load", "realiad_view", "scan_classes", "synthetic",
 ]

@@ -1,4 +1,24 @@
-"""TFDS builders for datasets in MVTec AD layout (MVTec AD and synthetic).
+"""TFDS builders: MVTec AD, synthetic, VisA, BTAD, Real-IAD and MANTA.
+
+All share :class:`AnomalyDetectionBuilder`; a dataset only supplies its class
+names, texts and a ``scan_class`` reader of its raw layout (see
+:mod:`.mvtec_layout` for MVTec AD / synthetic / BTAD, :mod:`.layouts` for
+VisA, Real-IAD and MANTA), plus reading ``OPTIONS`` where it has any:
+
+  =========  ==========================================  ==================
+  builder    reads (manual_dir as distributed)           options
+  =========  ==========================================  ==================
+  mvtec_ad   <cls>/{train,test,ground_truth}             -
+  visa       split_csv/1cls.csv + <cls>/Data/...         -
+  btad       NN/{train/ok,test/{ok,ko},ground_truth/ko}  -
+  real_iad   realiad_jsons/<cls>.json +                  resolution (256),
+             realiad_<resolution>/<cls>/...              views (all|C1..C5)
+  manta      [<domain>/]<cls>/{train,test-pixel}         - (open class set;
+             (5 views side by side; one sample each)       views split)
+  =========  ==========================================  ==================
+
+Non-default options are part of the config name (e.g.
+``pcb_256_resolution512_viewsC1``), so each combination is prepared once.
 
 One :class:`AnomalyBuilderConfig` per (class, image size), named
 ``<class>_<size>`` (``<class>_orig`` keeps the original resolution), so every
@@ -22,8 +42,9 @@ sorted; key = ``file_name``):
   class_id:    ClassLabel over the builder's ``CLASS_NAMES``
   class_name:  Text
   label:       ClassLabel ['good', 'anomalous']
-  defect_type: Text ('good' for normal images)
-  file_name:   Text, image path relative to manual_dir
+  defect_type: Text ('good' for normal images; VisA: 'anomaly')
+  file_name:   Text, image path relative to manual_dir (MANTA: plus
+               '#view<k>', k = 1..5, the view's position in the strip)
 
 Images are resized once, at preparation time: bilinear with antialiasing
 (PIL), masks nearest-neighbour then re-binarised. The whole class is
@@ -36,6 +57,8 @@ import dataclasses
 import functools
 import inspect
 import io
+import pathlib
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -43,18 +66,21 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from ccl_jax.datasets import synthetic
+from ccl_jax.datasets import layouts, mvtec_layout, synthetic
 from ccl_jax.datasets.mvtec_layout import (
-    DatasetError, Sample, check_manual_dir, fingerprint, ordered_map,
-    scan_classes)
+    DatasetError, Sample, check_manual_dir, fingerprint, ordered_map)
 
 __all__ = [
     "AnomalyBuilderConfig",
     "AnomalyDetectionBuilder",
     "MVTEC_AD_CLASSES",
     "MVTEC_AD_URL",
+    "Btad",
+    "Manta",
     "MvtecAd",
+    "RealIad",
     "SyntheticAd",
+    "Visa",
     "config_name",
 ]
 
@@ -64,13 +90,25 @@ MVTEC_AD_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut",
 MVTEC_AD_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 LABEL_NAMES = ("good", "anomalous")
 PNG_COMPRESS_LEVEL = 3
+_OPEN_CLASS_RE = re.compile(r"^[A-Za-z0-9][\w\-.]*$")
 
 
 @dataclasses.dataclass(eq=False)
 class AnomalyBuilderConfig(tfds.core.BuilderConfig):
-    """One class of an anomaly-detection dataset at one image size."""
+    """One class of an anomaly-detection dataset at one image size.
+
+    ``options``: the builder's reading options (see
+    ``AnomalyDetectionBuilder.OPTIONS``) as sorted ``(name, value)`` pairs;
+    only values other than the defaults are listed (and appear in the
+    config name).
+    """
     class_name: str = ""
     image_size: int | None = None  # None: keep the original resolution
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def option_values(self) -> dict[str, str]:
+        return dict(self.options)
 
     def __reduce_ex__(self, protocol):
         # TFDS data sources pickle their builder, which is rebuilt from its
@@ -82,8 +120,13 @@ class AnomalyBuilderConfig(tfds.core.BuilderConfig):
         return _predefined_config, (owner, self.name)
 
 
-def config_name(class_name: str, image_size: int | None) -> str:
-    return f"{class_name}_{image_size}" if image_size else f"{class_name}_orig"
+def config_name(class_name: str, image_size: int | None,
+                options: tuple[tuple[str, str], ...] = ()) -> str:
+    """``<class>_<size>`` (``_orig``), then ``_<option><value>`` for each
+    non-default option, e.g. ``audiojack_256_resolution512_viewsC1``."""
+    name = (f"{class_name}_{image_size}" if image_size
+            else f"{class_name}_orig")
+    return name + "".join(f"_{k}{v}" for k, v in options)
 
 
 def _check_image_size(image_size):
@@ -96,11 +139,14 @@ def _check_image_size(image_size):
     return int(image_size)
 
 
-def _make_configs(class_names, sizes, predefined_in=None):
+def _make_configs(class_names, sizes, predefined_in=None, options=()):
+    opts = "".join(f", {k}={v}" for k, v in options)
     configs = [AnomalyBuilderConfig(
-        name=config_name(c, s), class_name=c, image_size=s,
+        name=config_name(c, s, options), class_name=c, image_size=s,
+        options=tuple(options),
         description=(f"class {c!r}, "
-                     + (f"resized to {s}x{s}" if s else "original size")))
+                     + (f"resized to {s}x{s}" if s else "original size")
+                     + opts))
         for c in class_names for s in sizes]
     for cfg in configs:
         cfg._predefined_in = predefined_in  # pylint: disable=protected-access
@@ -125,16 +171,26 @@ def _empty_mask_png(width: int, height: int) -> bytes:
     return _png(Image.new("L", (width, height), 0))
 
 
+def _view_box(view, width: int, height: int) -> tuple[int, int, int, int]:
+    """Crop box of view ``(k, n)``: the k-th of n equal vertical strips."""
+    k, n = view
+    return (k * width // n, 0, (k + 1) * width // n, height)
+
+
 def encode_sample(sample: Sample, image_size: int | None
                   ) -> tuple[bytes, bytes]:
-    """(image PNG, mask PNG) bytes of one sample, resized if requested."""
+    """(image PNG, mask PNG) bytes of one sample (its view, if it has one),
+    resized if requested."""
     with Image.open(sample.image_path) as im:
         im.load()
-        if (image_size is None and im.format == "PNG" and im.mode == "RGB"):
+        if (image_size is None and im.format == "PNG" and im.mode == "RGB"
+                and sample.view is None):
             image_png = sample.image_path.read_bytes()  # already right
             size = im.size
         else:
             rgb = im.convert("RGB")
+            if sample.view is not None:
+                rgb = rgb.crop(_view_box(sample.view, *rgb.size))
             if image_size is not None and rgb.size != (image_size, image_size):
                 rgb = rgb.resize((image_size, image_size),
                                  Image.Resampling.BILINEAR)
@@ -143,6 +199,8 @@ def encode_sample(sample: Sample, image_size: int | None
     if sample.mask_path is None:
         return image_png, _empty_mask_png(*size)
     with Image.open(sample.mask_path) as m:
+        if sample.view is not None:
+            m = m.crop(_view_box(sample.view, *m.size))
         arr = np.asarray(m)
     binary = arr != 0
     if binary.ndim == 3:
@@ -154,6 +212,20 @@ def encode_sample(sample: Sample, image_size: int | None
     return image_png, _png(mask)
 
 
+def _encode_with_view_label(sample: Sample, image_size: int | None):
+    """``encode_sample`` plus, for one view of an anomalous multi-view image,
+    whether the defect shows in that view (its strip of the full-resolution
+    mask is non-zero; such a view with an empty strip is stored as good).
+    None where the question does not arise."""
+    image_png, mask_png = encode_sample(sample, image_size)
+    shows = None
+    if sample.view is not None and sample.mask_path is not None:
+        with Image.open(sample.mask_path) as m:
+            strip = m.crop(_view_box(sample.view, *m.size))
+            shows = bool(np.asarray(strip).any())
+    return image_png, mask_png, shows
+
+
 class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
                               skip_registration=True):
     """Shared implementation; subclasses set CLASS_NAMES and texts."""
@@ -163,6 +235,13 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
     TITLE: ClassVar[str] = ""
     HOMEPAGE: ClassVar[str | None] = None
+    #: reading options: name -> allowed values, the first being the default.
+    OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: expected layout, quoted in validation errors.
+    LAYOUT: ClassVar[str] = mvtec_layout.LAYOUT_DESCRIPTION
+    #: True: the classes are whatever the raw folder holds (CLASS_NAMES is
+    #: empty; see ``list_classes``) and the stored ``class_id`` is 0.
+    OPEN_CLASS_SET: ClassVar[bool] = False
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -182,20 +261,86 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
         super().__init__(**kwargs)
 
     @classmethod
-    def config_for(cls, class_name: str,
-                   image_size: int | None) -> AnomalyBuilderConfig:
-        """The (predefined or new) config for one class at one size."""
-        if class_name not in cls.CLASS_NAMES:
+    def check_options(cls, options: dict) -> tuple[tuple[str, str], ...]:
+        """Validated non-default options as sorted ``(name, value)`` pairs."""
+        problems = []
+        out = []
+        for key in sorted(options):
+            value = options[key]
+            if key not in cls.OPTIONS:
+                known = ", ".join(cls.OPTIONS) or "none"
+                problems.append((key, f"unknown option of {cls.TITLE} "
+                                 f"(known options: {known})"))
+                continue
+            allowed = cls.OPTIONS[key]
+            value = str(value)
+            if value not in allowed:
+                problems.append((key, f"value {value!r} not one of "
+                                 f"{', '.join(map(repr, allowed))}"))
+            elif value != allowed[0]:
+                out.append((key, value))
+        if problems:
+            raise DatasetError(f"{cls.TITLE}: invalid option(s)", problems)
+        return tuple(out)
+
+    @classmethod
+    def config_for(cls, class_name: str, image_size: int | None,
+                   **options) -> AnomalyBuilderConfig:
+        """The (predefined or new) config for one class at one size, with
+        the reading ``options`` of ``OPTIONS`` (defaults if not given)."""
+        if cls.OPEN_CLASS_SET:
+            if not _OPEN_CLASS_RE.match(str(class_name)):
+                raise DatasetError(
+                    f"{cls.TITLE}: invalid class name {class_name!r} (letters,"
+                    " digits, '_', '-', '.')", [(class_name, "invalid name")])
+        elif class_name not in cls.CLASS_NAMES:
             raise DatasetError(
                 f"{cls.TITLE}: unknown class {class_name!r}; known classes: "
                 f"{', '.join(cls.CLASS_NAMES)}",
                 [(class_name, "unknown class")])
         image_size = _check_image_size(image_size)
-        name = config_name(class_name, image_size)
+        opts = cls.check_options(options)
+        name = config_name(class_name, image_size, opts)
         for cfg in cls.BUILDER_CONFIGS:
             if cfg.name == name:
                 return cfg
-        return _make_configs([class_name], [image_size])[0]
+        return _make_configs([class_name], [image_size], options=opts)[0]
+
+    @classmethod
+    def list_classes(cls, manual_dir=None) -> tuple[str, ...] | None:
+        """Known class names: ``CLASS_NAMES``; for an open class set, those
+        found in ``manual_dir`` (None if it is not given)."""
+        del manual_dir
+        return tuple(cls.CLASS_NAMES)
+
+    def _class_label_names(self) -> tuple[str, ...]:
+        if self.OPEN_CLASS_SET:
+            return (self.builder_config.class_name,)
+        return tuple(self.CLASS_NAMES)
+
+    # ---- reading the raw files: subclasses override ``scan_class``.
+
+    @classmethod
+    def scan_class(cls, manual_dir: pathlib.Path, class_name: str,
+                   problems: list, **options) -> list[Sample]:
+        """Samples of one class (documented order); appends problems.
+
+        Default: MVTec AD layout. ``options``: as in ``OPTIONS``, defaults
+        filled in.
+        """
+        del options
+        return mvtec_layout.scan_class(manual_dir, class_name, problems)
+
+    @classmethod
+    def scan_classes(cls, manual_dir, class_names, *, verify: bool = True,
+                     options: dict | None = None) -> dict[str, list[Sample]]:
+        """Scans (and verifies) several classes: one DatasetError for all."""
+        full = {k: v[0] for k, v in cls.OPTIONS.items()}
+        full.update({k: str(v) for k, v in dict(options or {}).items()})
+        return mvtec_layout.scan_classes(
+            manual_dir, list(class_names), title=cls.TITLE,
+            instructions=cls.MANUAL_DOWNLOAD_INSTRUCTIONS, verify=verify,
+            scan=functools.partial(cls.scan_class, **full), layout=cls.LAYOUT)
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
@@ -210,7 +355,8 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
                                              encoding_format="png"),
                 "mask": tfds.features.Image(shape=hw + (1,), dtype=np.uint8,
                                             encoding_format="png"),
-                "class_id": tfds.features.ClassLabel(names=self.CLASS_NAMES),
+                "class_id": tfds.features.ClassLabel(
+                    names=self._class_label_names()),
                 "class_name": tfds.features.Text(),
                 "label": tfds.features.ClassLabel(names=LABEL_NAMES),
                 "defect_type": tfds.features.Text(),
@@ -231,10 +377,9 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
         cfg = self.builder_config
         manual_dir = self._manual_dir(dl_manager)
         # Validate the whole class before TFDS writes a single example.
-        samples = scan_classes(
-            manual_dir, [cfg.class_name], title=self.TITLE,
-            instructions=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
-            verify=not self._prevalidated)[cfg.class_name]
+        samples = self.scan_classes(
+            manual_dir, [cfg.class_name], verify=not self._prevalidated,
+            options=cfg.option_values)[cfg.class_name]
         self.info.metadata["source_fingerprint"] = fingerprint(samples)
         self.info.metadata["source_dir"] = str(manual_dir)
         return {
@@ -245,18 +390,22 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
 
     def _generate_examples(self, samples):
         cfg = self.builder_config
-        class_id = self.CLASS_NAMES.index(cfg.class_name)
+        class_id = self._class_label_names().index(cfg.class_name)
         encoded = ordered_map(
-            functools.partial(encode_sample, image_size=cfg.image_size),
+            functools.partial(_encode_with_view_label,
+                              image_size=cfg.image_size),
             samples)
-        for sample, (image_png, mask_png) in zip(samples, encoded):
+        for sample, (image_png, mask_png, shows) in zip(samples, encoded):
+            label, defect_type = sample.label, sample.defect_type
+            if shows is False:
+                label, defect_type = 0, "good"
             yield sample.file_name, {
                 "image": image_png,
                 "mask": mask_png,
                 "class_id": class_id,
                 "class_name": cfg.class_name,
-                "label": sample.label,
-                "defect_type": sample.defect_type,
+                "label": label,
+                "defect_type": defect_type,
                 "file_name": sample.file_name,
             }
 
@@ -289,4 +438,128 @@ class SyntheticAd(AnomalyDetectionBuilder):
                                     "synthetic_ad")
 
 
-_BUILDER_CLASSES = {"mvtec_ad": MvtecAd, "synthetic_ad": SyntheticAd}
+VISA_URL = "https://github.com/amazon-science/spot-diff"
+VISA_ARCHIVE = ("https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/"
+                "VisA_20220922.tar")
+BTAD_URL = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
+REAL_IAD_URL = "https://realiad4ad.github.io/Real-IAD/"
+
+
+class Visa(AnomalyDetectionBuilder):
+    """VisA (Zou et al., ECCV 2022), 12 classes, split ``1cls.csv``."""
+
+    CLASS_NAMES = layouts.VISA_CLASSES
+    TITLE = "VisA"
+    HOMEPAGE = VISA_URL
+    LAYOUT = (
+        "Expected layout (VisA as distributed): <manual_dir>/split_csv/"
+        "1cls.csv (columns object,split,label,image,mask; paths relative to "
+        "manual_dir), <manual_dir>/<class>/Data/Images/{Normal,Anomaly}/*.JPG"
+        " and <manual_dir>/<class>/Data/Masks/Anomaly/*.png")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Download VisA ({VISA_ARCHIVE}, see {VISA_URL}), extract it and pass"
+        " the extracted folder (the one holding split_csv/ and the class "
+        "folders " + ", ".join(layouts.VISA_CLASSES) + ") as manual_dir. "
+        "The split used is split_csv/1cls.csv, as shipped.")
+    BUILDER_CONFIGS = _make_configs(layouts.VISA_CLASSES, (256, None), "visa")
+
+    @classmethod
+    def scan_class(cls, manual_dir, class_name, problems, **options):
+        return layouts.scan_visa(manual_dir, class_name, problems)
+
+
+class Btad(AnomalyDetectionBuilder):
+    """BTAD (Mishra et al., 2021), products 01, 02, 03."""
+
+    CLASS_NAMES = layouts.BTAD_CLASSES
+    TITLE = "BTAD"
+    HOMEPAGE = BTAD_URL
+    LAYOUT = (
+        "Expected layout (BTAD as distributed): <manual_dir>/<NN>/train/ok/*,"
+        " <manual_dir>/<NN>/test/{ok,ko}/* and <manual_dir>/<NN>/"
+        "ground_truth/ko/<stem>.<png|bmp> (NN = 01, 02, 03)")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Download BTAD ({BTAD_URL}), extract it and pass the folder holding "
+        "01/, 02/ and 03/ (BTech_Dataset_transformed/ in the zip) as "
+        "manual_dir.")
+    BUILDER_CONFIGS = _make_configs(layouts.BTAD_CLASSES, (256, None), "btad")
+
+    @classmethod
+    def scan_class(cls, manual_dir, class_name, problems, **options):
+        return layouts.scan_btad(manual_dir, class_name, problems)
+
+
+class RealIad(AnomalyDetectionBuilder):
+    """Real-IAD (Wang et al., CVPR 2024), 30 classes, five views each.
+
+    Options: ``resolution`` ('256' default, '512', '1024', 'raw': which
+    ``realiad_<resolution>`` folder is read) and ``views`` ('all' default:
+    every view is a sample; 'C1'..'C5': that view only, e.g. 'C1' for the
+    single-view setting). ``file_name`` (path relative to manual_dir) names
+    the object folder (``OK/S0001``, ``NG/<defect>/S0020``) and the view
+    (``_C1_``): see ``layouts.realiad_view``.
+    """
+
+    CLASS_NAMES = layouts.REAL_IAD_CLASSES
+    TITLE = "Real-IAD"
+    HOMEPAGE = REAL_IAD_URL
+    OPTIONS = {"resolution": layouts.REAL_IAD_RESOLUTIONS,
+               "views": layouts.REAL_IAD_VIEWS}
+    LAYOUT = (
+        "Expected layout (Real-IAD as distributed): <manual_dir>/realiad_jsons"
+        "/<class>.json (keys meta{prefix, normal_class}, train, test) and "
+        "<manual_dir>/realiad_<resolution>/<class>/{OK,NG/<defect>}/S..../"
+        "*_C<k>_*.jpg with masks *.png next to the NG images")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Request Real-IAD at {REAL_IAD_URL}, download realiad_jsons and at "
+        "least one image resolution (realiad_256, realiad_512, realiad_1024 "
+        "or realiad_raw; unzip each class archive inside it) into one folder "
+        "and pass that folder as manual_dir.")
+    BUILDER_CONFIGS = _make_configs(layouts.REAL_IAD_CLASSES, (256, None),
+                                    "real_iad")
+
+    @classmethod
+    def scan_class(cls, manual_dir, class_name, problems, **options):
+        return layouts.scan_real_iad(manual_dir, class_name, problems,
+                                     **options)
+
+
+class Manta(AnomalyDetectionBuilder):
+    """MANTA (multi-view tiny objects; 38 classes over 5 domains).
+
+    Open class set: the classes are the folders of ``manual_dir`` holding a
+    ``train/`` folder (directly or inside a domain folder). Each image holds
+    five views side by side; each view is one sample (see
+    ``layouts.scan_manta``).
+    """
+
+    CLASS_NAMES = ()
+    OPEN_CLASS_SET = True
+    TITLE = "MANTA"
+    LAYOUT = (
+        "Expected layout (MANTA as distributed): <manual_dir>/[<domain>/]"
+        "<class>/train/good/*, <class>/test-pixel/{good,<defect>}/* and "
+        "<class>/test-pixel/mask/[<defect>/]* (masks in the sorted order of "
+        "the anomalous images); every image holds 5 views side by side")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Download MANTA (\"MANTA: A Large-Scale Multi-View and Visual-Text "
+        "Anomaly Detection Dataset for Tiny Objects\", CVPR 2025; see its "
+        "project page), extract the domain archives (electronics, mechanics,"
+        " grain, groceries, medicine) into one folder and pass it as "
+        "manual_dir.")
+    BUILDER_CONFIGS = []
+
+    @classmethod
+    def list_classes(cls, manual_dir=None):
+        if manual_dir is None or not pathlib.Path(manual_dir).is_dir():
+            return None
+        return layouts.list_manta_classes(manual_dir)
+
+    @classmethod
+    def scan_class(cls, manual_dir, class_name, problems, **options):
+        return layouts.scan_manta(manual_dir, class_name, problems)
+
+
+_BUILDER_CLASSES = {"mvtec_ad": MvtecAd, "synthetic_ad": SyntheticAd,
+                    "visa": Visa, "btad": Btad, "real_iad": RealIad,
+                    "manta": Manta}

@@ -10,7 +10,9 @@ them into :class:`RecordSource` objects with random access. Records::
     class_name   str
     label        int32, 0 good / 1 anomalous
     defect_type  str ('good' for normal images)
-    file_name    str, path relative to the raw dataset folder
+    file_name    str, path relative to the raw dataset folder (MANTA:
+                 plus '#view<k>'; Real-IAD: names object folder and view,
+                 see ccl_jax.datasets.realiad_view)
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import tensorflow_datasets as tfds
 
 from ccl_jax.datasets import synthetic
 from ccl_jax.datasets.builders import (
-    AnomalyDetectionBuilder, MvtecAd, SyntheticAd, _check_image_size)
+    AnomalyDetectionBuilder, Btad, Manta, MvtecAd, RealIad, SyntheticAd, Visa,
+    _check_image_size)
 from ccl_jax.datasets.mvtec_layout import (
-    DatasetError, check_manual_dir, fingerprint, scan_class, scan_classes)
+    DatasetError, check_manual_dir, fingerprint)
 
 __all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load"]
 
@@ -37,6 +40,10 @@ __all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load"]
 BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
     "mvtec_ad": MvtecAd,
     "synthetic": SyntheticAd,
+    "visa": Visa,
+    "btad": Btad,
+    "real_iad": RealIad,
+    "manta": Manta,
 }
 SYNTHETIC_RAW_DIRNAME = "synthetic_raw"
 
@@ -124,17 +131,26 @@ def is_prepared(builder) -> bool:
             (path / "features.json").is_file())
 
 
-def _select_classes(builder_cls, classes) -> tuple[str, ...]:
-    known = builder_cls.CLASS_NAMES
+def _select_classes(builder_cls, classes, manual_dir=None
+                    ) -> tuple[str, ...]:
+    known = builder_cls.list_classes(manual_dir)
     if isinstance(classes, str):
         if classes == "all":
+            if not known:
+                raise DatasetError(
+                    f"{builder_cls.TITLE}: classes='all' needs a manual_dir "
+                    "holding the classes"
+                    + (f" (none found in {manual_dir})" if manual_dir else "")
+                    + "; or list the class names.",
+                    hint=builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS)
             return tuple(known)
         classes = [classes]
     classes = list(classes)
     if not classes:
         raise DatasetError(f"{builder_cls.TITLE}: no classes selected; known "
-                           f"classes: {', '.join(known)}")
-    unknown = [c for c in classes if c not in known]
+                           f"classes: {', '.join(known or ())}")
+    unknown = ([] if known is None
+               else [c for c in classes if c not in known])
     if unknown:
         raise DatasetError(
             f"{builder_cls.TITLE}: unknown class name(s) "
@@ -154,8 +170,11 @@ def _check_source_matches(builder, manual_dir: pathlib.Path | None):
         return
     stored = builder.info.metadata.get("source_fingerprint")
     problems: list = []
-    samples = scan_class(manual_dir, builder.builder_config.class_name,
-                         problems)
+    cfg = builder.builder_config
+    options = {k: v[0] for k, v in builder.OPTIONS.items()}
+    options.update(cfg.option_values)
+    samples = builder.scan_class(manual_dir, cfg.class_name, problems,
+                                 **options)
     if problems or stored is None:
         return  # raw files unusable or gone: the prepared data stands alone
     if fingerprint(samples) != stored:
@@ -168,31 +187,38 @@ def _check_source_matches(builder, manual_dir: pathlib.Path | None):
 
 
 def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
-         verbose: bool = True) -> AnomalyDataset:
+         verbose: bool = True, **options) -> AnomalyDataset:
     """Prepares (if needed) and opens an anomaly-detection dataset.
 
     Args:
-      name: 'mvtec_ad' or 'synthetic'.
+      name: one of ``BUILDERS``: 'mvtec_ad', 'synthetic', 'visa', 'btad',
+        'real_iad', 'manta'.
       classes: 'all' or a sequence of class names; the order defines the
         global class ids.
-      manual_dir: the raw dataset in MVTec AD layout. Needed only while some
-        class is not prepared yet. For 'synthetic', None or '' generates the
+      manual_dir: the raw dataset as distributed (see each builder's
+        ``MANUAL_DOWNLOAD_INSTRUCTIONS``). Needed only while some class is
+        not prepared yet (and for 'manta' with classes='all'). For 'synthetic', None or '' generates the
         raw files under ``<data_dir>/synthetic_raw`` on first use.
       data_dir: TFDS data directory (prepared data goes to
         ``<data_dir>/<builder>/<class>_<size>/<version>``).
       image_size: side S of the square images, or None to keep the original
         size (records may then differ in size).
       verbose: print one line per class being prepared.
+      **options: the dataset's reading options (``BUILDERS[name].OPTIONS``),
+        e.g. ``load('real_iad', ..., resolution='512', views='C1')`` or
+        ``load('manta', ..., views='stacked')``; each option value gets its
+        own prepared config.
     """
     if name not in BUILDERS:
         raise DatasetError(f"unknown dataset {name!r}; known datasets: "
                            f"{', '.join(BUILDERS)}", [(name, "unknown")])
     builder_cls = BUILDERS[name]
-    class_names = _select_classes(builder_cls, classes)
+    class_names = _select_classes(builder_cls, classes, manual_dir or None)
     image_size = _check_image_size(image_size)
     data_dir = pathlib.Path(data_dir).expanduser().absolute()
 
-    builders = [builder_cls(config=builder_cls.config_for(c, image_size),
+    builders = [builder_cls(config=builder_cls.config_for(c, image_size,
+                                                          **options),
                             data_dir=str(data_dir)) for c in class_names]
     missing = [b for b in builders if not is_prepared(b)]
 
@@ -214,8 +240,8 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
         manual_path = check_manual_dir(manual_dir, title=builder_cls.TITLE,
                                        instructions=instructions)
         # Every class to prepare is validated before anything is written.
-        scan_classes(manual_path, todo, title=builder_cls.TITLE,
-                     instructions=instructions, verify=True)
+        builder_cls.scan_classes(manual_path, todo, verify=True,
+                                 options=options)
         for k, b in enumerate(missing):
             t0 = time.time()
             if verbose:

@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "Sample",
     "check_manual_dir",
+    "check_unique_names",
     "fingerprint",
     "ordered_map",
     "scan_class",
@@ -70,6 +71,10 @@ class Sample:
     label: int                     # 0 good, 1 anomalous
     defect_type: str               # 'good' for normal images
     file_name: str                 # image path relative to manual_dir (posix)
+    # (k, n): the sample is the k-th (0-based) of n equal-width vertical
+    # strips of the image file (and of its mask), e.g. one view of a
+    # multi-view strip; None: the whole image.
+    view: tuple[int, int] | None = None
 
 
 def _images_in(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -88,9 +93,9 @@ def _subdirs(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _find_mask(gt_dir: pathlib.Path, stem: str) -> pathlib.Path | None:
+    """``gt_dir/<stem><ext>`` for any image extension (either case)."""
     for ext in IMAGE_EXTENSIONS:
-        for cand in (gt_dir / f"{stem}_mask{ext}",
-                     gt_dir / f"{stem}_mask{ext.upper()}"):
+        for cand in (gt_dir / f"{stem}{ext}", gt_dir / f"{stem}{ext.upper()}"):
             if cand.is_file():
                 return cand
     return None
@@ -117,11 +122,17 @@ def check_manual_dir(manual_dir, *, title: str, instructions: str
 
 
 def scan_class(manual_dir: pathlib.Path, class_name: str,
-               problems: list[tuple[str, str]]) -> list[Sample]:
+               problems: list[tuple[str, str]], *, good: str = "good",
+               mask_suffix: str = "_mask") -> list[Sample]:
     """Lists the samples of one class folder; appends layout problems.
 
     Order: train images sorted by name, then test/good, then each defect
     type in sorted order, images sorted by name.
+
+    ``good`` names the folder of normal images (``train/<good>``,
+    ``test/<good>``; BTAD: 'ok') and ``mask_suffix`` the suffix of mask stems
+    in ``ground_truth/<defect>/`` (BTAD: '', masks named like their image);
+    masks may have any of ``IMAGE_EXTENSIONS``.
     """
     manual_dir = pathlib.Path(manual_dir)
     cdir = manual_dir / class_name
@@ -133,33 +144,33 @@ def scan_class(manual_dir: pathlib.Path, class_name: str,
         problems.append((cdir, f"class folder for {class_name!r} is missing"))
         return []
     samples = []
-    train = _images_in(cdir / "train" / "good")
+    train = _images_in(cdir / "train" / good)
     if not train:
-        problems.append((cdir / "train" / "good",
+        problems.append((cdir / "train" / good,
                          f"class {class_name!r} has no training images "
-                         "(expected train/good/*.png)"))
+                         f"(expected train/{good}/*.png)"))
     samples += [Sample("train", p, None, 0, "good", rel(p)) for p in train]
     test_dir = cdir / "test"
     n_test = 0
     for ddir in sorted(_subdirs(test_dir),
-                       key=lambda d: (d.name != "good", d.name)):
+                       key=lambda d: (d.name != good, d.name)):
         defect = ddir.name
         for img in _images_in(ddir):
             n_test += 1
-            if defect == "good":
+            if defect == good:
                 samples.append(Sample("test", img, None, 0, "good", rel(img)))
                 continue
             gt_dir = cdir / "ground_truth" / defect
-            mask = _find_mask(gt_dir, img.stem)
+            mask = _find_mask(gt_dir, img.stem + mask_suffix)
             if mask is None:
                 problems.append(
                     (img, "defective test image has no mask (expected "
-                     f"{gt_dir / (img.stem + '_mask.png')})"))
+                     f"{gt_dir / (img.stem + mask_suffix + '.png')})"))
                 continue
             samples.append(Sample("test", img, mask, 1, defect, rel(img)))
     if n_test == 0:
         problems.append((test_dir, f"class {class_name!r} has no test images "
-                         "(expected test/good/*.png, test/<defect>/*.png)"))
+                         f"(expected test/{good}/*.png, test/<defect>/*.png)"))
     return samples
 
 
@@ -177,6 +188,12 @@ def _verify_one(sample: Sample) -> list[tuple[str, str]]:
             return None
 
     size = load(sample.image_path)
+    if sample.view is not None and size is not None:
+        k, n = sample.view
+        if size[0] < n:
+            found.append((sample.image_path,
+                          f"image width {size[0]} is too small to split into "
+                          f"{n} views"))
     if sample.mask_path is not None:
         msize = load(sample.mask_path)
         if size is not None and msize is not None and msize != size:
@@ -216,26 +233,59 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
 
 def verify_samples(samples: Sequence[Sample],
                    problems: list[tuple[str, str]]) -> None:
-    """Fully decodes every image and mask, checks mask sizes."""
-    for found in ordered_map(_verify_one, samples):
+    """Fully decodes every image and mask, checks mask sizes.
+
+    Each file is checked once, even when several samples (views) use it.
+    """
+    seen, unique = set(), []
+    for s in samples:
+        key = (s.image_path, s.mask_path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    for found in ordered_map(_verify_one, unique):
         problems.extend(found)
 
 
+def check_unique_names(samples: Sequence[Sample],
+                       problems: list[tuple[str, str]]) -> None:
+    """File names are the TFDS keys: each may appear once per split."""
+    seen = set()
+    for s in samples:
+        if (s.split, s.file_name) in seen:
+            problems.append((s.image_path, f"listed more than once in the "
+                             f"{s.split} split"))
+        seen.add((s.split, s.file_name))
+
+
+ScanFn = Callable[[pathlib.Path, str, list], list]
+
+
 def scan_classes(manual_dir, class_names: Sequence[str], *, title: str,
-                 instructions: str, verify: bool = True
+                 instructions: str, verify: bool = True,
+                 scan: ScanFn | None = None,
+                 layout: str = LAYOUT_DESCRIPTION
                  ) -> dict[str, list[Sample]]:
-    """Scans (and optionally verifies) several classes; one error for all."""
+    """Scans (and optionally verifies) several classes; one error for all.
+
+    ``scan(manual_dir, class_name, problems)`` lists one class's samples
+    (default: :func:`scan_class`, MVTec AD layout); ``layout`` describes the
+    expected layout in the error message.
+    """
+    scan = scan or scan_class
     manual_dir = check_manual_dir(manual_dir, title=title,
                                   instructions=instructions)
     problems: list[tuple[str, str]] = []
-    out = {c: scan_class(manual_dir, c, problems) for c in class_names}
+    out = {c: scan(manual_dir, c, problems) for c in class_names}
+    for c in class_names:
+        check_unique_names(out[c], problems)
     if verify:
         verify_samples([s for c in class_names for s in out[c]], problems)
     if problems:
         raise DatasetError(
             f"{title}: {len(problems)} problem(s) in {manual_dir} "
             f"(classes: {', '.join(class_names)}):", problems,
-            hint=LAYOUT_DESCRIPTION + ". " + instructions)
+            hint=layout + ". " + instructions)
     return out
 
 

@@ -1,0 +1,273 @@
+"""PyTorch state dicts -> ccl_jax variable trees (no PyTorch needed).
+
+The Flax modules mirror torchvision's and the authors' module names, so a conversion is a
+rename plus a layout change:
+
+* conv weights `[out, in, kh, kw]` -> kernels `[kh, kw, in, out]` (HWIO); ConvTranspose
+  weights `[in, out, kh, kw]` -> `[kh, kw, out, in]` (our deconvs use transpose_kernel=True),
+  which is the same axis permutation (2, 3, 1, 0);
+* BatchNorm `weight`/`bias` -> params `scale`/`bias`, `running_mean`/`running_var` ->
+  batch_stats `mean`/`var`; `num_batches_tracked` is dropped;
+* conv biases -> params `bias`.
+
+Every conversion is checked against the architecture (`jax.eval_shape` of the module's init)
+before anything is returned: keys the model does not have, keys it needs that the
+checkpoint lacks, and mis-shaped tensors are a ValueError listing them by their PyTorch
+names. Keys the formats carry but RD never uses (`layer4.*`, `fc.*`, RD4AD's `conv4`/`bn4`,
+the CCL teacher `net_t.*`) are dropped by name, never silently by pattern.
+
+Entry points: `resnet_encoder_variables` (torchvision/timm ResNets -> the frozen encoder),
+`rd4ad_variables` (RD4AD `{'bn': ..., 'decoder': ...}` checkpoints -> a plain-RD
+`ReverseDistillation`), `ccl_variables` / `ccl_encoder_variables` (the authors' CCL `RDLGC`
+state dict -> projector + neck + decoder, and its teacher), and `save_variables`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
+from ccl_jax.models.resnet import EncoderSpec
+from ccl_jax.weights import check_tree, save_encoder_variables
+
+Variables = dict[str, Any]
+
+# Wrapper keys under which training scripts nest the state dict.
+_WRAPPER_KEYS = ("state_dict", "model", "net", "module")
+_MAX_LISTED = 40
+_PERMUTE_4D = (2, 3, 1, 0)  # torch [O, I, H, W] (or [I, O, H, W] transposed) -> Flax kernel
+_INVERSE_4D = (3, 2, 0, 1)
+
+
+def _is_array(value: Any) -> bool:
+  return isinstance(value, (np.ndarray, np.generic))
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict:
+  """Finds the flat state dict inside common wrappers and strips DataParallel's `module.`.
+
+  `{'state_dict': sd}`, `{'model': sd}` and ADer's `{'net': sd, 'optimizer': ...}` are
+  unwrapped; a dict whose values are all arrays is returned as is (minus `module.`).
+  """
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{source}: expected a state dict, got a {type(checkpoint).__name__}.")
+  sd = dict(checkpoint)
+  for _ in range(3):
+    if sd and all(_is_array(v) for v in sd.values()):
+      break
+    inner = [k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)]
+    if not inner:
+      break
+    sd = dict(sd[inner[0]])
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  return sd
+
+
+def _flax_leaf(leaf: str, ndim: int) -> tuple[str, str] | None:
+  """(collection, Flax leaf name) for a torch parameter/buffer name, or None if unknown."""
+  if leaf == "weight":
+    if ndim == 4:
+      return "params", "kernel"
+    if ndim == 1:
+      return "params", "scale"
+    return None
+  return {"bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
+          "running_var": ("batch_stats", "var")}.get(leaf)
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def _torch_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  if flax_path[-1] == "kernel" and len(shape) == 4:
+    return tuple(shape[i] for i in _INVERSE_4D)
+  return tuple(shape)
+
+
+def _listing(title: str, items: list[str]) -> str:
+  shown = ", ".join(items[:_MAX_LISTED])
+  more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+  return f"  {title} ({len(items)}): {shown}{more}"
+
+
+def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
+             drop: tuple[str, ...], template: Any, source: str, what: str) -> Variables:
+  """Renames `state` onto the template's variable tree; all-or-nothing.
+
+  `prefixes` maps a torch key prefix (e.g. 'mff_oce.') to the Flax module path it becomes
+  (e.g. ('neck',)); `drop` lists torch key prefixes that are known and deliberately unused.
+  """
+  want = {path: leaf for path, leaf in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(template)).items()}
+  got: dict[tuple[str, ...], np.ndarray] = {}
+  seen: set[tuple[str, ...]] = set()  # paths the checkpoint has, well-shaped or not
+  unexpected, mis_shaped = [], []
+  for key, value in state.items():
+    if not isinstance(key, str):
+      unexpected.append(repr(key))
+      continue
+    if key.endswith("num_batches_tracked") or key.startswith(drop):
+      continue
+    matches = [p for p in prefixes if key.startswith(p)]
+    if not matches or not _is_array(value):
+      unexpected.append(key if _is_array(value) else f"{key} ({type(value).__name__})")
+      continue
+    prefix = max(matches, key=len)
+    *modules, leaf = key[len(prefix):].split(".")
+    target = _flax_leaf(leaf, np.ndim(value))
+    path = None
+    if target is not None:
+      collection, flax_leaf = target
+      path = (collection, *prefixes[prefix], *modules, flax_leaf)
+    if path is None or path not in want:
+      unexpected.append(f"{key} {tuple(np.shape(value))}")
+      continue
+    seen.add(path)
+    array = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      array = np.transpose(array, _PERMUTE_4D)
+    if array.shape != tuple(want[path].shape):
+      mis_shaped.append(f"{key}: checkpoint {tuple(np.shape(value))}, model "
+                        f"{_torch_shape(path, tuple(want[path].shape))}")
+      continue
+    got[path] = np.ascontiguousarray(array)
+
+  def torch_name(path: tuple[str, ...]) -> str:
+    for prefix, flax_prefix in sorted(prefixes.items(), key=lambda kv: -len(kv[1])):
+      if path[1:1 + len(flax_prefix)] == flax_prefix:
+        modules = path[1 + len(flax_prefix):-1]
+        return prefix + ".".join((*modules, _TORCH_LEAF[path[-1]]))
+    return "/".join(path)
+
+  def module_order(path: tuple[str, ...]):  # as torch lists them: by module, weight first
+    modules = tuple(p.zfill(6) if p.isdigit() else p for p in path[1:-1])
+    return modules, ("kernel", "scale", "bias", "mean", "var").index(path[-1])
+
+  missing = [f"{torch_name(p)} {_torch_shape(p, tuple(want[p].shape))}"
+             for p in sorted(want, key=module_order) if p not in got and p not in seen]
+  if unexpected or missing or mis_shaped:
+    lines = [f"{source} does not match {what}; nothing was converted:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", mis_shaped)):
+      if items:
+        lines.append(_listing(title, items))
+    raise ValueError("\n".join(lines))
+  variables = flax.traverse_util.unflatten_dict(got)
+  check_tree(variables, template, source)  # final guard: the exact tree the module builds
+  return variables
+
+
+def _encoder_template(spec: EncoderSpec) -> Any:
+  return jax.eval_shape(ResNetEncoder(spec).init, jax.random.key(0),
+                        jnp.zeros((1, 64, 64, 3), jnp.float32))
+
+
+def _rd_template(model: ReverseDistillation) -> Any:
+  spec = model.spec
+  features = tuple(jnp.zeros((1, 64 // s, 64 // s, c), jnp.float32)
+                   for s, c in zip(spec.strides, spec.channels))
+  return jax.eval_shape(model.init, jax.random.key(0), features)
+
+
+def resnet_encoder_variables(state_dict: Mapping[str, Any], encoder_name: str, *,
+                             source: str = "ResNet state dict") -> Variables:
+  """torchvision/timm resnet18/34/50 / wide_resnet50_2 state dict -> encoder variables.
+
+  `layer4.*` and `fc.*` (unused by RD) and `num_batches_tracked` are dropped; any other
+  difference from `ResNetEncoder(encoder_spec(encoder_name))` is a ValueError listing the
+  keys. Returns `{'params': ..., 'batch_stats': ...}` as float32 numpy arrays.
+  """
+  spec = encoder_spec(encoder_name)
+  state = unwrap_state_dict(state_dict, source)
+  prefixes = {"": ()}
+  return _convert(state, prefixes, ("layer4.", "fc."), _encoder_template(spec), source,
+                  f"the {encoder_name} encoder")
+
+
+def rd4ad_model(encoder_name: str) -> ReverseDistillation:
+  """The plain-RD model RD4AD's checkpoints describe (neck and decoder at the encoder's
+  width_per_group, no projector)."""
+  spec = encoder_spec(encoder_name)
+  return ReverseDistillation(spec, use_projector=False,
+                             neck_width_per_group=spec.width_per_group,
+                             decoder_width_per_group=spec.width_per_group)
+
+
+def rd4ad_variables(checkpoint: Mapping[str, Any], encoder_name: str, *,
+                    source: str = "RD4AD checkpoint") -> Variables:
+  """RD4AD checkpoint `{'bn': state_dict, 'decoder': state_dict}` -> `rd4ad_model` variables.
+
+  RD4AD's `bn` (BN_layer) is our `neck` (same module names; its unused `conv4`/`bn4` are
+  dropped) and its `decoder` (de_resnet) is our `decoder` (same names, `upsample.0/1`).
+  """
+  if not isinstance(checkpoint, Mapping) or not all(
+      isinstance(checkpoint.get(k), Mapping) for k in ("bn", "decoder")):
+    keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else []
+    raise ValueError(f"{source}: expected RD4AD's {{'bn': state_dict, 'decoder': state_dict}}, "
+                     f"got top-level keys {keys[:10]}.")
+  extra = sorted(set(map(str, checkpoint)) - {"bn", "decoder"})
+  if extra:
+    raise ValueError(f"{source}: unexpected top-level entries {extra} next to 'bn' and "
+                     "'decoder'.")
+  state = {}
+  for part in ("bn", "decoder"):
+    sub = unwrap_state_dict(checkpoint[part], f"{source}[{part!r}]")
+    state.update({f"{part}.{k}": v for k, v in sub.items()})
+  return _convert(state, {"bn.": ("neck",), "decoder.": ("decoder",)},
+                  ("bn.conv4.", "bn.bn4."), _rd_template(rd4ad_model(encoder_name)), source,
+                  f"RD4AD's neck + decoder for {encoder_name}")
+
+
+# The authors' CCL code (LGC-AD/AD-LGC model/rd.py, RDLGC): MFF_OCE is built with timm's
+# Bottleneck and base width 64, and the projector with base 64, so only bottleneck encoders
+# with 256/512/1024 channels (resnet50, wide_resnet50_2) fit it.
+CCL_NECK_WIDTH_PER_GROUP = 64
+
+
+def ccl_model(encoder_name: str) -> ReverseDistillation:
+  """The CCL model the authors' RDLGC checkpoints describe."""
+  spec = encoder_spec(encoder_name)
+  if spec.block != "bottleneck":
+    raise ValueError(f"The authors' CCL model (RDLGC) needs a bottleneck encoder (resnet50, "
+                     f"wide_resnet50_2); {encoder_name} has basic blocks.")
+  return ReverseDistillation(spec, use_projector=True,
+                             neck_width_per_group=CCL_NECK_WIDTH_PER_GROUP,
+                             decoder_width_per_group=spec.width_per_group)
+
+
+def ccl_variables(state_dict: Mapping[str, Any], encoder_name: str, *,
+                  source: str = "CCL checkpoint") -> Variables:
+  """The authors' RDLGC state dict (`net.pth`, or `ckpt.pth` with its `'net'` entry) ->
+  `ccl_model` variables: `proj_layer.proj_{a,b,c}.proj.{0,3,6,9}` -> `projector`,
+  `mff_oce` -> `neck`, `net_s` -> `decoder`. The teacher `net_t.*` is left out (see
+  `ccl_encoder_variables`)."""
+  model = ccl_model(encoder_name)
+  state = unwrap_state_dict(state_dict, source)
+  prefixes = {"mff_oce.": ("neck",), "net_s.": ("decoder",)}
+  for scale in "abc":
+    prefixes[f"proj_layer.proj_{scale}.proj."] = ("projector", f"proj_{scale}")
+  return _convert(state, prefixes, ("net_t.",), _rd_template(model), source,
+                  f"the authors' CCL projector + neck + decoder for {encoder_name}")
+
+
+def ccl_encoder_variables(state_dict: Mapping[str, Any], encoder_name: str, *,
+                          source: str = "CCL checkpoint") -> Variables:
+  """The frozen teacher (`net_t.*`, a timm ResNet) of an RDLGC state dict -> encoder
+  variables."""
+  state = unwrap_state_dict(state_dict, source)
+  teacher = {k[len("net_t."):]: v for k, v in state.items() if k.startswith("net_t.")}
+  if not teacher:
+    raise ValueError(f"{source}: has no teacher weights (no 'net_t.*' keys).")
+  return resnet_encoder_variables(teacher, encoder_name, source=f"{source} (net_t)")
+
+
+def save_variables(path: str, variables: Variables) -> None:
+  """Writes a variable tree as a Flax msgpack file, atomically. For encoders this is the
+  file `model.encoder_weights` loads."""
+  save_encoder_variables(path, variables)

@@ -1,0 +1,185 @@
+"""The torch-free checkpoint reader: formats, dtypes, views, safety and corrupt files.
+
+torch is used only to write the files (test-only dependency); reading never imports it.
+"""
+import collections
+import pickle
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from ccl_jax import torch_checkpoint
+from ccl_jax.torch_checkpoint import UnsafeCheckpointError, load_state_dict
+
+
+def _state():
+  g = torch.Generator().manual_seed(0)
+  base = torch.randn(4, 6, generator=g)
+  shared = torch.arange(20, dtype=torch.int64)
+  sd = collections.OrderedDict()
+  sd["conv.weight"] = torch.randn(3, 2, 3, 3, generator=g)
+  sd["transposed"] = base.t()  # non-contiguous view
+  sd["slice"] = base[1:3, 2:5]  # offset + non-contiguous
+  sd["half"] = torch.randn(5, 2, generator=g).half()
+  sd["long"] = shared[3:9]  # offset view of a storage shared with "long_every_other"
+  sd["long_every_other"] = shared[::2]
+  sd["bool"] = torch.tensor([True, False, True])
+  sd["bf16"] = torch.randn(4, generator=g).bfloat16()
+  sd["scalar"] = torch.tensor(2.5)
+  sd["empty"] = torch.zeros(0, 3)
+  sd["param"] = torch.nn.Parameter(torch.randn(2, 2, generator=g))
+  sd["bn.num_batches_tracked"] = torch.tensor(11)
+  return sd
+
+
+def _expected(value):
+  if value.dtype == torch.bfloat16:
+    return value.float().numpy()
+  return value.detach().numpy()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_reads_tensors_views_dtypes_and_nesting(tmp_path, legacy):
+  sd = _state()
+  checkpoint = {"bn": sd, "decoder": {"w": sd["transposed"], "meta": [1, "x", (2.0, None)]},
+                "epoch": 4}
+  path = tmp_path / "ckpt.pth"
+  torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+  assert zipfile.is_zipfile(path) is not legacy
+
+  loaded = load_state_dict(path)
+  assert loaded["epoch"] == 4
+  assert loaded["decoder"]["meta"] == [1, "x", (2.0, None)]
+  assert list(loaded["bn"]) == list(sd)
+  for key, value in sd.items():
+    got, want = loaded["bn"][key], _expected(value)
+    assert isinstance(got, np.ndarray), key
+    assert got.dtype == want.dtype and got.shape == want.shape, key
+    np.testing.assert_array_equal(got, want, err_msg=key)
+    assert got.flags.c_contiguous and got.flags.writeable, key
+  np.testing.assert_array_equal(loaded["decoder"]["w"], sd["transposed"].numpy())
+  assert loaded["bn"]["half"].dtype == np.float16
+  assert loaded["bn"]["long"].dtype == np.int64
+  assert "torch" not in type(loaded["bn"]).__module__
+
+
+def test_zip_folder_name_does_not_matter(tmp_path):
+  path = tmp_path / "whatever_name.pt"
+  torch.save({"a": torch.arange(6.0).reshape(2, 3)}, path)
+  renamed = tmp_path / "renamed.pt"
+  with zipfile.ZipFile(path) as src, zipfile.ZipFile(renamed, "w") as dst:
+    for info in src.infolist():
+      dst.writestr("other_folder/" + info.filename.split("/", 1)[1], src.read(info))
+  np.testing.assert_array_equal(load_state_dict(renamed)["a"], np.arange(6.0).reshape(2, 3))
+
+
+class _Evil:
+  def __reduce__(self):
+    return (print, ("owned",))
+
+
+def _legacy_header():
+  return b"".join(pickle.dumps(x, protocol=2) for x in (
+      torch_checkpoint.LEGACY_MAGIC_NUMBER, torch_checkpoint.LEGACY_PROTOCOL_VERSION,
+      {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_unexpected_globals_are_refused_and_nothing_runs(tmp_path, legacy):
+  marker = tmp_path / "pwned"
+  # A hand-written pickle calling os.system, and one pickling a builtin call.
+  payloads = {
+      "os.system": f"cos\nsystem\n(S'touch {marker}'\ntR.".encode(),
+      "builtins.print": pickle.dumps({"w": _Evil()}, protocol=2),
+  }
+  for name, payload in payloads.items():
+    path = tmp_path / f"evil_{name}.pth"
+    if legacy:
+      path.write_bytes(_legacy_header() + payload)
+    else:
+      with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(UnsafeCheckpointError, match=name.replace(".", r"\.")) as e:
+      load_state_dict(path)
+    assert isinstance(e.value, ValueError) and str(path) in str(e.value)
+  assert not marker.exists()
+
+
+def test_a_whole_pickled_module_is_refused(tmp_path):
+  path = tmp_path / "module.pth"
+  torch.save(torch.nn.Linear(2, 2), path)
+  with pytest.raises(UnsafeCheckpointError, match=r"torch\.nn\.modules\.linear\.Linear"):
+    load_state_dict(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_truncated_and_corrupt_files_are_clear_errors(tmp_path, legacy):
+  path = tmp_path / "full.pth"
+  torch.save({"w": torch.randn(64, 64), "b": torch.randn(64)}, path,
+             _use_new_zipfile_serialization=not legacy)
+  data = path.read_bytes()
+  cuts = [len(data) // 2, len(data) - 7, 200, 40]
+  for i, cut in enumerate(cuts):
+    bad = tmp_path / f"cut{i}.pth"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+      load_state_dict(bad)
+    assert str(bad) in str(e.value)
+  # One flipped byte inside the tensor data: the zip's CRC catches it; the legacy format
+  # has no checksum, so flip a byte of its pickle instead.
+  flipped = bytearray(data)
+  position = data.index(b"data/0") + 200 if not legacy else data.index(b"FloatStorage")
+  flipped[position] ^= 0xFF
+  bad = tmp_path / "flipped.pth"
+  bad.write_bytes(bytes(flipped))
+  with pytest.raises(ValueError, match=str(bad)):
+    load_state_dict(bad)
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+  text = tmp_path / "notes.pth"
+  text.write_text("hello")
+  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    load_state_dict(text)
+  with pytest.raises(FileNotFoundError):
+    load_state_dict(tmp_path / "absent.pth")
+  listing = tmp_path / "list.pth"
+  torch.save([torch.ones(2)], listing)
+  with pytest.raises(ValueError, match="not a state dict"):
+    load_state_dict(listing)
+
+
+def test_safetensors_round_trip_and_corruption(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = {"conv1.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "bn1.running_mean": rng.normal(size=4).astype(np.float16),
+            "bn1.num_batches_tracked": np.array(3, np.int64)}
+  path = tmp_path / "model.safetensors"
+  save_file(arrays, str(path))
+  loaded = load_state_dict(path)
+  assert loaded.keys() == arrays.keys()
+  for key, value in arrays.items():
+    assert loaded[key].dtype == value.dtype
+    np.testing.assert_array_equal(loaded[key], value)
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(path.read_bytes()[:-10])
+  with pytest.raises(ValueError, match="bad.safetensors"):
+    load_state_dict(bad)
+
+
+def test_reader_does_not_import_torch(tmp_path):
+  path = tmp_path / "sd.pth"
+  torch.save({"a": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from ccl_jax.torch_checkpoint import load_state_dict\n"
+          f"print(load_state_dict({str(path)!r})['a'].sum())")
+  import subprocess
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "3.0"
