@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description=("JAX/Flax Reverse Distillation with class-aware contrastive "
                  "learning (CCL) for multi-class industrial anomaly detection."),
-    packages=setuptools.find_packages(include=["ccl_jax", "ccl_jax.*"]),
+    packages=setuptools.find_packages(include=["ccl_jax", "ccl_jax.*", "data_prep"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -23,6 +23,7 @@ setuptools.setup(
         "pillow>=10.0",
         "absl-py>=2.1",
         "tqdm>=4.66",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],

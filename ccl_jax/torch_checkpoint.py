@@ -263,7 +263,7 @@ def _tensor_from_bytes(ref: _TensorRef, data: bytes, byteorder: str) -> np.ndarr
     view = np.lib.stride_tricks.as_strided(
         flat[ref.offset:], shape=ref.size, strides=[s * item for s in ref.stride],
         writeable=False)
-    out = np.array(view, dtype=np_dtype.newbyteorder("="))
+    out = np.array(view, dtype=np_dtype.newbyteorder("="), order="C")
   if ref.dtype == "bfloat16":
     out = (out.astype(np.uint32) << 16).view(np.float32)
   return out
@@ -425,6 +425,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     raise
   except _CORRUPT as e:
     message = str(e) if isinstance(e, _Malformed) else f"{type(e).__name__}: {e}"
+    if isinstance(e, zipfile.BadZipFile) and "not a zip file" in str(e):
+      message = "the zip directory at the end of the file is missing or damaged; truncated?"
     raise ValueError(f"{path}: corrupt or truncated {kind} ({message}).") from e
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict.")

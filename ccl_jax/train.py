@@ -141,7 +141,7 @@ def validation_loss(predict_fn, variables, encoder_variables, dataset, indices, 
 
 def save_heatmaps(directory: str, dataset, outputs: dict[str, np.ndarray],
                   per_class: int) -> int:
-  """A few test images per class: anomalous ones first, then one normal image."""
+  """A few test images per class: anomalous ones of different defect types, one normal."""
   written = 0
   for class_id, name in enumerate(dataset.class_names):
     rows = np.flatnonzero(dataset.test_class_ids == class_id)
@@ -149,9 +149,12 @@ def save_heatmaps(directory: str, dataset, outputs: dict[str, np.ndarray],
       continue
     scores = outputs["anomaly_map"][rows]
     low, high = float(np.min(scores)), float(np.max(scores))
-    anomalous = [r for r in rows if outputs["label"][r] == 1][:per_class]
-    normal = [r for r in rows if outputs["label"][r] == 0][:1]
-    for r in anomalous + normal:
+    anomalous = rows[outputs["label"][rows] == 1]
+    # Test images are stored grouped by defect type: evenly spaced picks cover the types.
+    picks = np.unique(np.linspace(0, len(anomalous) - 1, min(per_class, len(anomalous)))
+                      .round().astype(int)) if len(anomalous) else np.zeros(0, int)
+    normal = rows[outputs["label"][rows] == 0][:1]
+    for r in list(anomalous[picks]) + list(normal):
       record = dataset.test[int(r)]
       stem = os.path.splitext(record["file_name"].replace("/", "_"))[0]
       visualize.save_heatmap(os.path.join(directory, name, f"{stem}.png"), record["image"],

@@ -483,3 +483,46 @@ def test_real_iad_reload_and_stale_source(tmp_path):
     jpath.write_text(json.dumps(data))
     with pytest.raises(D.DatasetError, match="prepared from different"):
         D.load("real_iad", **kw)
+
+
+def test_manta_stacked_views(tmp_path):
+    root = make_manta_tree(tmp_path / "MANTA")
+    data_dir = tmp_path / "tfds"
+    ds = D.load("manta", classes=["pill_x"], manual_dir=root,
+                data_dir=data_dir, image_size=None, verbose=False,
+                views="stacked")
+    assert len(ds.train) == 2 and len(ds.test) == 3
+    test = _all(ds.test)
+    assert [r["label"] for r in test] == [0, 1, 1]
+    assert test[1]["file_name"] == "medicine/pill_x/test-pixel/crack/000.png"
+    r = test[1]
+    assert r["image"].shape == (5, MH, MW, 3)
+    assert r["mask"].shape == (5, MH, MW) and r["mask"].dtype == np.uint8
+    np.testing.assert_array_equal(r["image"][:, 0, 0, 0],
+                                  [40 * k + 9 for k in range(5)])
+    assert r["mask"].any(axis=(1, 2)).tolist() == [False, True, False,
+                                                   True, False]
+    assert any("/pill_x_orig_viewsstacked/" in p
+               for p in _prepared_dirs(data_dir))
+
+
+def test_mixture_global_class_ids(tmp_path):
+    visa = make_visa_tree(tmp_path / "VisA", classes=("pcb1",))
+    btad = make_btad_tree(tmp_path / "btad")
+    data_dir = tmp_path / "tfds"
+    ds = D.load_mixture([
+        {"name": "btad", "classes": ["03", "01"], "manual_dir": btad},
+        {"name": "visa", "classes": "pcb1", "manual_dir": visa}],
+        data_dir=data_dir, image_size=16, verbose=False)
+    assert ds.class_names == ("btad/03", "btad/01", "visa/pcb1")
+    np.testing.assert_array_equal(ds.train_class_ids, [0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(ds.test_class_ids,
+                                  [0] * 3 + [1] * 3 + [2] * 4)
+    _check_records(ds)
+    r = pickle.loads(pickle.dumps(ds.test))[9]
+    assert (r["class_id"], r["class_name"]) == (2, "visa/pcb1")
+    assert r["file_name"] == "pcb1/Data/Images/Anomaly/001.JPG"
+    with pytest.raises(D.DatasetError, match="more than once: btad/01"):
+        D.load_mixture([{"name": "btad", "classes": ["01"],
+                         "manual_dir": btad}] * 2,
+                       data_dir=data_dir, image_size=16, verbose=False)

@@ -3,6 +3,7 @@
 torch is used only to write the files (test-only dependency); reading never imports it.
 """
 import collections
+import io
 import pickle
 import sys
 import zipfile
@@ -28,6 +29,7 @@ def _state():
   sd["long"] = shared[3:9]  # offset view of a storage shared with "long_every_other"
   sd["long_every_other"] = shared[::2]
   sd["bool"] = torch.tensor([True, False, True])
+  sd["uint16"] = torch.arange(5).to(torch.uint16)  # pickled via _rebuild_tensor_v3
   sd["bf16"] = torch.randn(4, generator=g).bfloat16()
   sd["scalar"] = torch.tensor(2.5)
   sd["empty"] = torch.zeros(0, 3)
@@ -139,6 +141,57 @@ def test_truncated_and_corrupt_files_are_clear_errors(tmp_path, legacy):
   bad.write_bytes(bytes(flipped))
   with pytest.raises(ValueError, match=str(bad)):
     load_state_dict(bad)
+
+
+class _FakeStorage:
+  pass
+
+
+class _FakeTensor:
+  def __init__(self, offset, size, stride):
+    self.args = (_FakeStorage(), offset, size, stride, False, collections.OrderedDict())
+
+  def __reduce__(self):
+    return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _ViewPickler(pickle.Pickler):
+  """Writes what torch < 0.4 wrote for storage views: a view of a larger root storage."""
+
+  def persistent_id(self, obj):
+    if isinstance(obj, _FakeStorage):
+      return ("storage", torch.FloatStorage, "root", "cpu", 8, ("view", 2, 5))
+    return None
+
+
+def test_legacy_storage_views(tmp_path):
+  body = io.BytesIO()
+  _ViewPickler(body, protocol=2).dump({"w": _FakeTensor(1, (2, 2), (1, 2))})
+  root = np.arange(8, dtype="<f4")
+  path = tmp_path / "old.pth"
+  path.write_bytes(_legacy_header() + body.getvalue() + pickle.dumps(["root"], protocol=2)
+                   + (8).to_bytes(8, "little") + root.tobytes())
+  view = root[2:7]  # the storage the tensor sees
+  want = np.lib.stride_tricks.as_strided(view[1:], (2, 2), (4, 8))
+  np.testing.assert_array_equal(load_state_dict(path)["w"], want)
+
+
+def test_big_endian_zip_archives(tmp_path):
+  path = tmp_path / "little.pth"
+  value = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+  torch.save({"w": value}, path)
+  big = tmp_path / "big.pth"
+  with zipfile.ZipFile(path) as src, zipfile.ZipFile(big, "w") as dst:
+    for info in src.infolist():
+      data = src.read(info)
+      if info.filename.endswith("/byteorder"):
+        data = b"big"
+      elif "/data/" in info.filename:
+        data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+      dst.writestr(info.filename, data)
+  loaded = load_state_dict(big)["w"]
+  assert loaded.dtype == np.float32 and loaded.dtype.isnative
+  np.testing.assert_array_equal(loaded, value.numpy())
 
 
 def test_not_a_checkpoint_and_missing_file(tmp_path):

@@ -1,9 +1,11 @@
 """Datasets: raw-layout readers, TFDS builders and the loader API.
 
 Datasets (``load(name, ...)``): 'mvtec_ad', 'synthetic', 'visa', 'btad',
-'real_iad' (options ``resolution``, ``views``), 'manta' (views split).
+'real_iad' (options ``resolution``, ``views``), 'manta' (option ``views``:
+'split' or 'stacked').
 
-Main entry point: :func:`load` (see :mod:`ccl_jax.datasets.loader`).
+Main entry points: :func:`load` and, for several datasets in one class-id
+space, :func:`load_mixture` (see :mod:`ccl_jax.datasets.loader`).
 """
 
 from ccl_jax.datasets import layouts, synthetic
@@ -11,12 +13,14 @@ from ccl_jax.datasets.builders import (
     AnomalyBuilderConfig, AnomalyDetectionBuilder, Btad, Manta,
     MVTEC_AD_CLASSES, MvtecAd, RealIad, SyntheticAd, Visa)
 from ccl_jax.datasets.layouts import realiad_view
-from ccl_jax.datasets.loader import BUILDERS, AnomalyDataset, RecordSource, load
+from ccl_jax.datasets.loader import (
+    BUILDERS, AnomalyDataset, RecordSource, load, load_mixture)
 from ccl_jax.datasets.mvtec_layout import DatasetError, Sample, scan_classes
 
 __all__ = [
     "AnomalyBuilderConfig", "AnomalyDataset", "AnomalyDetectionBuilder",
     "BUILDERS", "Btad", "DatasetError", "MVTEC_AD_CLASSES", "Manta",
     "MvtecAd", "RealIad", "RecordSource", "Sample", "SyntheticAd", "Visa",
-    "layouts", "load", "realiad_view", "scan_classes", "synthetic",
+    "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
+    "synthetic",
 ]

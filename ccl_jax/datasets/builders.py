@@ -351,10 +351,10 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
                          f"{self.builder_config.class_name!r}. "
                          "Masks are 0/255."),
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=hw + (3,), dtype=np.uint8,
-                                             encoding_format="png"),
-                "mask": tfds.features.Image(shape=hw + (1,), dtype=np.uint8,
-                                            encoding_format="png"),
+                "image": self._stackable(tfds.features.Image(
+                    shape=hw + (3,), dtype=np.uint8, encoding_format="png")),
+                "mask": self._stackable(tfds.features.Image(
+                    shape=hw + (1,), dtype=np.uint8, encoding_format="png")),
                 "class_id": tfds.features.ClassLabel(
                     names=self._class_label_names()),
                 "class_name": tfds.features.Text(),
@@ -366,6 +366,17 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
             disable_shuffling=True,  # keep the documented, sorted order
             metadata=tfds.core.MetadataDict(),
         )
+
+    def stacked_views(self) -> int | None:
+        """n: every record holds the n views of one multi-view image stacked
+        on a leading axis (image [n, S, S, 3], mask [n, S, S, 1]); None:
+        one image per record (the default)."""
+        return None
+
+    def _stackable(self, feature):
+        n = self.stacked_views()
+        return feature if n is None else tfds.features.Sequence(feature,
+                                                                length=n)
 
     def _manual_dir(self, dl_manager):
         # dl_manager.manual_dir raises a bare AssertionError; give ours.
@@ -391,14 +402,23 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
     def _generate_examples(self, samples):
         cfg = self.builder_config
         class_id = self._class_label_names().index(cfg.class_name)
-        encoded = ordered_map(
-            functools.partial(_encode_with_view_label,
-                              image_size=cfg.image_size),
-            samples)
+        encode = functools.partial(_encode_with_view_label,
+                                   image_size=cfg.image_size)
+        n = self.stacked_views()
+        if n is None:
+            encoded = ordered_map(encode, samples)
+        else:  # encode every view of a sample; one record holds them all
+            views = ordered_map(encode, (
+                dataclasses.replace(s, view=(k, n)) for s in samples
+                for k in range(n)))
+            encoded = (tuple(zip(*(next(views) for _ in range(n))))
+                       for _ in samples)
         for sample, (image_png, mask_png, shows) in zip(samples, encoded):
             label, defect_type = sample.label, sample.defect_type
             if shows is False:
                 label, defect_type = 0, "good"
+            elif n is not None:
+                image_png, mask_png = list(image_png), list(mask_png)
             yield sample.file_name, {
                 "image": image_png,
                 "mask": mask_png,
@@ -529,13 +549,17 @@ class Manta(AnomalyDetectionBuilder):
 
     Open class set: the classes are the folders of ``manual_dir`` holding a
     ``train/`` folder (directly or inside a domain folder). Each image holds
-    five views side by side; each view is one sample (see
-    ``layouts.scan_manta``).
+    five views side by side. Option ``views``: 'split' (default) makes each
+    view one sample (see ``layouts.scan_manta``); 'stacked' keeps one
+    record per image with the views stacked on a leading axis (image
+    [5, S, S, 3], mask [5, S, S]; label and defect_type of the whole image)
+    -- for multi-view methods; the single-image training code needs 'split'.
     """
 
     CLASS_NAMES = ()
     OPEN_CLASS_SET = True
     TITLE = "MANTA"
+    OPTIONS = {"views": layouts.MANTA_VIEW_MODES}
     LAYOUT = (
         "Expected layout (MANTA as distributed): <manual_dir>/[<domain>/]"
         "<class>/train/good/*, <class>/test-pixel/{good,<defect>}/* and "
@@ -557,7 +581,12 @@ class Manta(AnomalyDetectionBuilder):
 
     @classmethod
     def scan_class(cls, manual_dir, class_name, problems, **options):
-        return layouts.scan_manta(manual_dir, class_name, problems)
+        return layouts.scan_manta(manual_dir, class_name, problems, **options)
+
+    def stacked_views(self):
+        if self.builder_config.option_values.get("views") == "stacked":
+            return layouts.MANTA_NUM_VIEWS
+        return None
 
 
 _BUILDER_CLASSES = {"mvtec_ad": MvtecAd, "synthetic_ad": SyntheticAd,

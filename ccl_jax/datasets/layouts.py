@@ -24,7 +24,7 @@ from ccl_jax.datasets import mvtec_layout
 from ccl_jax.datasets.mvtec_layout import Sample, _images_in, _subdirs
 
 __all__ = [
-    "BTAD_CLASSES", "MANTA_NUM_VIEWS", "REAL_IAD_CLASSES",
+    "BTAD_CLASSES", "MANTA_NUM_VIEWS", "MANTA_VIEW_MODES", "REAL_IAD_CLASSES",
     "REAL_IAD_RESOLUTIONS", "REAL_IAD_VIEWS", "VISA_CLASSES",
     "find_manta_class", "list_manta_classes", "realiad_view", "scan_btad",
     "scan_manta", "scan_real_iad", "scan_visa", "sort_samples",
@@ -44,6 +44,7 @@ REAL_IAD_CLASSES = (
 REAL_IAD_RESOLUTIONS = ("256", "512", "1024", "raw")
 REAL_IAD_VIEWS = ("all", "C1", "C2", "C3", "C4", "C5")
 MANTA_NUM_VIEWS = 5
+MANTA_VIEW_MODES = ("split", "stacked")
 
 VISA_SPLIT_FILE = ("split_csv", "1cls.csv")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -317,7 +318,7 @@ def find_manta_class(manual_dir, class_name: str, problems: list
     return dirs[0]
 
 
-def _manta_split(root, cdir, split, folder, problems):
+def _manta_split(root, cdir, split, folder, problems, views):
     """Samples (whole images, not yet split into views) of one split."""
     sdir = cdir / folder
     images, masks_by_defect = [], {}
@@ -364,6 +365,9 @@ def _manta_split(root, cdir, split, folder, problems):
     for defect, img, mask in samples:
         label = 0 if defect == "good" else 1
         rel = _rel(root, img)
+        if views == "stacked":  # the builder encodes the views of each
+            out.append(Sample(split, img, mask, label, defect, rel))
+            continue
         for k in range(MANTA_NUM_VIEWS):
             out.append(Sample(split, img, mask, label, defect,
                               f"{rel}#view{k + 1}", view=(k, MANTA_NUM_VIEWS)))
@@ -371,7 +375,7 @@ def _manta_split(root, cdir, split, folder, problems):
 
 
 def scan_manta(manual_dir: pathlib.Path, class_name: str,
-               problems: list) -> list[Sample]:
+               problems: list, *, views: str = "split") -> list[Sample]:
     """MANTA: ``<cls>/train/good`` and ``<cls>/test-pixel/{good,<defect>}``
     (the class folder may sit in a domain folder), masks in
     ``<split>/mask/`` (flat, or one folder per defect) paired with the
@@ -379,6 +383,8 @@ def scan_manta(manual_dir: pathlib.Path, class_name: str,
     side; each view becomes a sample, file_name ``<path>#view<k>`` (k =
     1..5), its mask is the same strip of the mask, and a view of an
     anomalous image whose mask strip is empty is stored as good.
+    ``views='stacked'``: one sample per image (file_name = its path); the
+    builder stacks its views.
     """
     root = pathlib.Path(manual_dir)
     cdir = find_manta_class(root, class_name, problems)
@@ -392,7 +398,7 @@ def scan_manta(manual_dir: pathlib.Path, class_name: str,
                              f"has no {folders[0]}/ folder"))
             continue
         before = len(problems)
-        part = _manta_split(root, cdir, split, folder, problems)
+        part = _manta_split(root, cdir, split, folder, problems, views)
         if not part and len(problems) == before:
             problems.append((cdir / folder, f"no images for the {split} split "
                              f"(expected {folder}/good/*"

@@ -4,8 +4,8 @@
 ``as_data_source()`` (array_record; no TensorFlow needed) and concatenates
 them into :class:`RecordSource` objects with random access. Records::
 
-    image        uint8 [S, S, 3]
-    mask         uint8 [S, S], values {0, 1}
+    image        uint8 [S, S, 3]  (MANTA views='stacked': [5, S, S, 3])
+    mask         uint8 [S, S], values {0, 1}  (stacked: [5, S, S])
     class_id     int32, the GLOBAL id = position in AnomalyDataset.class_names
     class_name   str
     label        int32, 0 good / 1 anomalous
@@ -34,7 +34,8 @@ from ccl_jax.datasets.builders import (
 from ccl_jax.datasets.mvtec_layout import (
     DatasetError, check_manual_dir, fingerprint)
 
-__all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load"]
+__all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load",
+           "load_mixture"]
 
 #: load() name -> builder class.
 BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
@@ -59,14 +60,22 @@ def _to_str(x) -> str:
 class RecordSource:
     """Concatenation of per-class TFDS data sources, normalising records.
 
-    ``parts`` is a sequence of ``(data_source, global_class_id)``. Supports
-    ``len()`` and integer indexing (negative indices too); picklable, so grain
-    worker processes can use it.
+    ``parts`` is a sequence of ``(data_source, global_class_id)`` or
+    ``(data_source, global_class_id, class_name)`` (the name then replaces
+    the stored one: mixtures use qualified names). Supports ``len()`` and
+    integer indexing (negative indices too); picklable, so grain worker
+    processes can use it.
     """
 
-    def __init__(self, parts: Sequence[tuple[Any, int]]):
-        self._parts = [(src, int(gid)) for src, gid in parts]
-        self._ends = np.cumsum([len(src) for src, _ in self._parts]).tolist()
+    def __init__(self, parts: Sequence[tuple]):
+        self._parts = [(p[0], int(p[1]), p[2] if len(p) > 2 else None)
+                       for p in parts]
+        self._ends = np.cumsum([len(p[0]) for p in self._parts]).tolist()
+
+    @property
+    def parts(self) -> list[tuple[Any, int, str | None]]:
+        """``(data_source, global_class_id, class_name or None)`` each."""
+        return list(self._parts)
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -85,30 +94,32 @@ class RecordSource:
                              f"length {n}")
         part = bisect.bisect_right(self._ends, i)
         start = self._ends[part - 1] if part else 0
-        src, gid = self._parts[part]
-        return _normalise(src[i - start], gid)
+        src, gid, name = self._parts[part]
+        return _normalise(src[i - start], gid, name)
 
     def class_ids(self) -> np.ndarray:
         """Global class id of every record, without decoding anything."""
         return np.concatenate(
-            [np.full(len(src), gid, np.int32) for src, gid in self._parts]
+            [np.full(len(src), gid, np.int32) for src, gid, _ in self._parts]
             or [np.zeros(0, np.int32)])
 
     def __repr__(self):
         return (f"RecordSource(len={len(self)}, parts="
-                f"{[(len(s), g) for s, g in self._parts]})")
+                f"{[(len(s), g) for s, g, _ in self._parts]})")
 
 
-def _normalise(record: dict[str, Any], global_id: int) -> dict[str, Any]:
+def _normalise(record: dict[str, Any], global_id: int,
+               class_name: str | None = None) -> dict[str, Any]:
     image = np.asarray(record["image"], dtype=np.uint8)
     mask = np.asarray(record["mask"])
-    if mask.ndim == 3:
+    if mask.ndim in (3, 4):  # [S, S, 1], or [n, S, S, 1] (stacked views)
         mask = mask[..., 0]
     return {
         "image": image,
         "mask": (mask > 0).astype(np.uint8),
         "class_id": np.int32(global_id),
-        "class_name": _to_str(record["class_name"]),
+        "class_name": (class_name if class_name is not None
+                       else _to_str(record["class_name"])),
         "label": np.int32(record["label"]),
         "defect_type": _to_str(record["defect_type"]),
         "file_name": _to_str(record["file_name"]),
@@ -197,10 +208,12 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
         global class ids.
       manual_dir: the raw dataset as distributed (see each builder's
         ``MANUAL_DOWNLOAD_INSTRUCTIONS``). Needed only while some class is
-        not prepared yet (and for 'manta' with classes='all'). For 'synthetic', None or '' generates the
-        raw files under ``<data_dir>/synthetic_raw`` on first use.
+        not prepared yet (and for 'manta' with classes='all'). For
+        'synthetic', None or '' generates the raw files under
+        ``<data_dir>/synthetic_raw`` on first use.
       data_dir: TFDS data directory (prepared data goes to
-        ``<data_dir>/<builder>/<class>_<size>/<version>``).
+        ``<data_dir>/<builder>/<config>/<version>``, config
+        ``<class>_<size>[_<option><value>...]``).
       image_size: side S of the square images, or None to keep the original
         size (records may then differ in size).
       verbose: print one line per class being prepared.
@@ -263,5 +276,52 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
         test_parts.append((sources["test"], gid))
     train, test = RecordSource(train_parts), RecordSource(test_parts)
     return AnomalyDataset(class_names=class_names, train=train, test=test,
+                          train_class_ids=train.class_ids(),
+                          test_class_ids=test.class_ids())
+
+
+def load_mixture(parts: Sequence[dict], *, data_dir, image_size,
+                 verbose: bool = True) -> AnomalyDataset:
+    """Several datasets as one, in a single global class-id space.
+
+    Args:
+      parts: one dict per dataset: ``name`` (as for :func:`load`), and
+        optionally ``classes`` (default 'all'), ``manual_dir`` and the
+        dataset's reading options, e.g.
+        ``[{"name": "mvtec_ad", "manual_dir": m},
+        {"name": "visa", "classes": ["pcb1", "pcb2"], "manual_dir": v}]``.
+      data_dir, image_size, verbose: as for :func:`load` (one image size for
+        all, so that records can be batched together).
+
+    Returns:
+      An :class:`AnomalyDataset` whose ``class_names`` are qualified
+      ``'<dataset>/<class>'`` names, in the order of ``parts`` then of each
+      part's classes; a record's ``class_id`` is its position there and its
+      ``class_name`` the qualified name.
+    """
+    if isinstance(parts, dict) or not len(parts):
+        raise DatasetError("load_mixture: parts must be a non-empty sequence "
+                           "of dicts with at least a 'name'")
+    names: list[str] = []
+    train_parts, test_parts = [], []
+    for k, spec in enumerate(parts):
+        spec = dict(spec)
+        if "name" not in spec:
+            raise DatasetError(f"load_mixture: part {k} has no 'name'",
+                               [(str(spec), "no name")])
+        name = spec.pop("name")
+        ds = load(name, data_dir=data_dir, image_size=image_size,
+                  verbose=verbose, **spec)
+        offset = len(names)
+        names += [f"{name}/{c}" for c in ds.class_names]
+        for out, src in ((train_parts, ds.train), (test_parts, ds.test)):
+            out += [(s, offset + gid, f"{name}/{ds.class_names[gid]}")
+                    for s, gid, _ in src.parts]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise DatasetError("load_mixture: class(es) listed more than once: "
+                           + ", ".join(dups), [(d, "duplicate") for d in dups])
+    train, test = RecordSource(train_parts), RecordSource(test_parts)
+    return AnomalyDataset(class_names=tuple(names), train=train, test=test,
                           train_class_ids=train.class_ids(),
                           test_class_ids=test.class_ids())
