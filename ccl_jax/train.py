@@ -127,7 +127,19 @@ def evaluate_test_set(predict_fn, variables, encoder_variables, dataset, *,
     rows = dataset.test_class_ids == class_id
     per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
                        "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
-  return metrics.summarize(per_class), outputs
+  summary = metrics.summarize(per_class)
+  if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
+    summary["per_dataset"] = per_dataset_means(summary["per_class"])
+  return summary, outputs
+
+
+def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """Mean of each metric over the classes of each dataset ('dataset/class' names)."""
+  groups: dict[str, list[dict[str, float]]] = {}
+  for name, row in per_class.items():
+    groups.setdefault(name.split("/")[0], []).append(row)
+  return {prefix: {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+          for prefix, rows in groups.items()}
 
 
 def validation_loss(predict_fn, variables, encoder_variables, dataset, indices, *,
@@ -344,24 +356,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return result
 
 
+# The paper's all-in-all setting (60 classes).
+ALL_IN_ALL = ("mvtec_ad", "visa", "btad", "real_iad")
+
+
 def _load_dataset(config: ml_collections.ConfigDict, is_main: bool):
-  kwargs = dict(classes=_classes(config.dataset.classes), manual_dir=config.dataset.manual_dir
-                or None, data_dir=os.path.expanduser(config.dataset.data_dir),
-                image_size=config.image_size)
+  """One dataset, or a mixture when dataset.name lists several ('mvtec_ad,visa' or
+  'all_in_all'); a mixture takes one comma-separated manual_dir per dataset, in order, and
+  classes as 'all' or qualified names ('mvtec_ad/bottle,visa/pcb1')."""
+  names = _split(config.dataset.name)
+  names = list(ALL_IN_ALL) if names == ["all_in_all"] else names
+  data_dir = os.path.expanduser(config.dataset.data_dir)
+  if len(names) == 1:
+    load = lambda: datasets.load(
+        names[0], classes=_classes(config.dataset.classes),
+        manual_dir=config.dataset.manual_dir or None, data_dir=data_dir,
+        image_size=config.image_size)
+  else:
+    # Empty entries stay: '' asks the synthetic dataset to generate itself.
+    manual_dirs = [m.strip() for m in str(config.dataset.manual_dir).split(",")]
+    if len(manual_dirs) != len(names):
+      raise ValueError(f"dataset.name lists {len(names)} datasets ({', '.join(names)}) but "
+                       f"dataset.manual_dir has {len(manual_dirs)} entries "
+                       f"({config.dataset.manual_dir!r}); give one per dataset, "
+                       "comma-separated, in the same order.")
+    classes = _classes(config.dataset.classes)
+    per_dataset = {n: "all" for n in names}
+    if classes != "all":
+      # A mixture selects classes by qualified name, 'dataset/class'.
+      per_dataset = {n: [] for n in names}
+      for qualified in classes:
+        prefix, _, name = qualified.partition("/")
+        if prefix not in per_dataset or not name:
+          raise ValueError(f"dataset.classes entry {qualified!r}: for a mixture write "
+                           f"'<dataset>/<class>' with <dataset> one of {names}.")
+        per_dataset[prefix].append(name)
+    parts = [{"name": n, "manual_dir": m or None, "classes": per_dataset[n]}
+             for n, m in zip(names, manual_dirs) if per_dataset[n]]
+    load = lambda: datasets.load_mixture(parts, data_dir=data_dir,
+                                         image_size=config.image_size)
   # Process 0 prepares missing data; the others wait and then only read.
   if is_main:
-    dataset = datasets.load(config.dataset.name, **kwargs)
+    dataset = load()
   multihost_utils.sync_global_devices("ccl_jax dataset prepared")
   if not is_main:
-    dataset = datasets.load(config.dataset.name, **kwargs)
+    dataset = load()
   return dataset
+
+
+def _split(value: str) -> list[str]:
+  return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def _classes(value: Any) -> str | tuple[str, ...]:
   if isinstance(value, str):
-    if value == "all":
-      return "all"
-    return tuple(c.strip() for c in value.split(",") if c.strip())
+    return "all" if value == "all" else tuple(_split(value))
   return tuple(value)
 
 

@@ -139,3 +139,30 @@ def test_batch_size_not_divisible_by_devices_is_rejected(data_dir, tmp_path, mon
   monkeypatch.setattr(jax, "device_count", lambda: 3)
   with pytest.raises(ValueError, match="divisible by the number of devices"):
     train.train_and_evaluate(smoke_config(data_dir), str(tmp_path))
+
+
+def test_dataset_mixture_has_one_class_space_and_per_dataset_metrics(data_dir, tmp_path):
+  from tests.test_datasets import make_mvtec_tree
+  mvtec = tmp_path / "mvtec"
+  make_mvtec_tree(mvtec, classes=("bottle",), size=48)
+  config = smoke_config(data_dir)
+  config.dataset.name = "synthetic,mvtec_ad"
+  config.dataset.manual_dir = f",{mvtec}"
+  config.dataset.classes = "synthetic/carpet,synthetic/washer,mvtec_ad/bottle"
+  dataset = train._load_dataset(config, is_main=True)
+  assert dataset.class_names == ("synthetic/carpet", "synthetic/washer", "mvtec_ad/bottle")
+  assert sorted(set(dataset.test_class_ids)) == list(range(len(dataset.class_names)))
+  config.dataset.classes = "bottle"
+  with pytest.raises(ValueError, match="'<dataset>/<class>'"):
+    train._load_dataset(config, is_main=True)
+  config.dataset.manual_dir = str(mvtec)
+  with pytest.raises(ValueError, match="one per dataset"):
+    train._load_dataset(config, is_main=True)
+
+
+def test_per_dataset_means_group_qualified_class_names():
+  rows = {"a/x": {"image_auroc": 0.5, "aupro": 1.0}, "a/y": {"image_auroc": 1.0, "aupro": 0.0},
+          "b/z": {"image_auroc": 0.25, "aupro": 0.5}}
+  means = train.per_dataset_means(rows)
+  assert means == {"a": {"image_auroc": 0.75, "aupro": 0.5},
+                   "b": {"image_auroc": 0.25, "aupro": 0.5}}

@@ -27,11 +27,17 @@ torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
-  """What the neck and decoder need to know about an encoder architecture."""
+  """What the neck and decoder need to know about an encoder architecture.
+
+  For a ResNet the decoder mirrors the encoder (same block kind and stage sizes). For other
+  encoders (`stage_channels` given) the neck and decoder are built from the encoder's stage
+  channels with the block kind and depths named here.
+  """
   block: BlockKind
   stage_sizes: tuple[int, ...]  # blocks in layer1..layer3 (layer4 is never used by RD)
   width_per_group: int
   neck_blocks: int  # RD4AD's bottleneck depth for this encoder
+  stage_channels: tuple[int, int, int] | None = None  # None: the ResNet's 64e, 128e, 256e
 
   @property
   def expansion(self) -> int:
@@ -39,6 +45,8 @@ class EncoderSpec:
 
   @property
   def channels(self) -> tuple[int, int, int]:
+    if self.stage_channels is not None:
+      return self.stage_channels
     e = self.expansion
     return (64 * e, 128 * e, 256 * e)
 

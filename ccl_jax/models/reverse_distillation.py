@@ -72,22 +72,23 @@ class Neck(nn.Module):
 
   @nn.compact
   def __call__(self, features: FeatureMaps, train: bool) -> jax.Array:
-    e = self.spec.expansion
+    # For a ResNet c = (64e, 128e, 256e), which gives RD4AD's layer sizes exactly.
+    c = self.spec.channels
     relu_bn_conv = lambda x, n, f: nn.relu(batch_norm(train, name=f"bn{n}", dtype=self.dtype)(
         conv(f, 3, 2, name=f"conv{n}", dtype=self.dtype)(x)))
-    scale1 = relu_bn_conv(relu_bn_conv(features[0], 1, 128 * e), 2, 256 * e)
-    scale2 = relu_bn_conv(features[1], 3, 256 * e)
+    scale1 = relu_bn_conv(relu_bn_conv(features[0], 1, c[1]), 2, c[2])
+    scale2 = relu_bn_conv(features[1], 3, c[2])
     fused = jnp.concatenate([scale1, scale2, features[2].astype(scale1.dtype)], axis=-1)
-    return Stage(self.spec.block, 512, self.spec.neck_blocks, stride=2, in_features=3 * 256 * e,
-                 width_per_group=self.width_per_group, dtype=self.dtype,
-                 name="bn_layer")(fused, train)
+    return Stage(self.spec.block, 2 * c[2] // self.spec.expansion, self.spec.neck_blocks,
+                 stride=2, in_features=3 * c[2], width_per_group=self.width_per_group,
+                 dtype=self.dtype, name="bn_layer")(fused, train)
 
 
 class Decoder(nn.Module):
   """RD's student: the encoder's layer1..3 mirrored, upsampling with 2x2 transposed convs.
 
   Returns three maps with the encoder's shapes, in the encoder's order (highest resolution
-  first).
+  first). For non-ResNet encoders the stages take the encoder's stage channels.
   """
   spec: EncoderSpec
   width_per_group: int
@@ -97,12 +98,14 @@ class Decoder(nn.Module):
   def __call__(self, bottleneck: jax.Array, train: bool) -> FeatureMaps:
     x = bottleneck
     outputs = []
-    in_features = 512 * self.spec.expansion
-    for i, (planes, num_blocks) in enumerate(zip((256, 128, 64), self.spec.stage_sizes)):
-      x = Stage(self.spec.block, planes, num_blocks, stride=2, in_features=in_features,
+    e = self.spec.expansion
+    in_features = 2 * self.spec.channels[2]
+    for i, (channels, num_blocks) in enumerate(zip(self.spec.channels[::-1],
+                                                    self.spec.stage_sizes)):
+      x = Stage(self.spec.block, channels // e, num_blocks, stride=2, in_features=in_features,
                 width_per_group=self.width_per_group, transpose=True, dtype=self.dtype,
                 name=f"layer{i + 1}")(x, train)
-      in_features = planes * self.spec.expansion
+      in_features = channels
       outputs.append(x)
     return tuple(reversed(outputs))
 
