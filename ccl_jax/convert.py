@@ -304,9 +304,7 @@ def packaged_efficientnet_lite0_path() -> str:
 def _efficientnet_lite0_modules() -> dict[str, tuple[str, tuple[str, ...]]]:
   """torch module name -> (kind, Flax module path), for every module of the torch model."""
   from ccl_jax.models.efficientnet import block_layout
-  table = {"_conv_stem": ("conv", ("stem_conv",)), "_bn0": ("bn", ("stem_bn",)),
-           "_conv_head": ("conv", ("head_conv",)), "_bn1": ("bn", ("head_bn",)),
-           "_fc": ("dense", ("classifier",))}
+  table = {"_conv_stem": ("conv", ("stem_conv",)), "_bn0": ("bn", ("stem_bn",))}
   for index, stage, _, _ in block_layout():
     parts = [("_depthwise_conv", "conv", "depthwise_conv"), ("_bn1", "bn", "depthwise_bn"),
              ("_project_conv", "conv", "project_conv"), ("_bn2", "bn", "project_bn")]
@@ -314,7 +312,9 @@ def _efficientnet_lite0_modules() -> dict[str, tuple[str, tuple[str, ...]]]:
       parts = [("_expand_conv", "conv", "expand_conv"), ("_bn0", "bn", "expand_bn")] + parts
     for torch_name, kind, flax_name in parts:
       table[f"_blocks.{index}.{torch_name}"] = (kind, (f"block{index}", flax_name))
-  return table
+  table.update({"_conv_head": ("conv", ("head_conv",)), "_bn1": ("bn", ("head_bn",)),
+                "_fc": ("dense", ("classifier",))})
+  return table  # in the torch model's order
 
 
 _EFFICIENTNET_LEAVES = {
@@ -400,12 +400,10 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, Any], *, features_only
       continue
     got[path] = np.ascontiguousarray(array)
 
-  def torch_order(path: tuple[str, ...]):  # as torch lists them: by block number
-    name = torch_names.get(path, "/".join(path))
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
-
+  order = {path: i for i, path in enumerate(torch_names)}  # as torch lists them
   missing = [f"{torch_names.get(p, '/'.join(p))} {torch_shape(p)}"
-             for p in sorted(want, key=torch_order) if p not in got and p not in seen]
+             for p in sorted(want, key=lambda p: order.get(p, len(order)))
+             if p not in got and p not in seen]
   if unexpected or missing or mis_shaped:
     what = "EfficientNet-Lite0" + (" (features only)" if features_only else "")
     lines = [f"{source} does not match {what}; nothing was converted:"]

@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.manual_dir = ""       # the downloaded folder(s), comma-separated for several
   config.dataset.data_dir = "~/ccl_jax_data"  # where prepared (TFDS array_record) data goes
   config.dataset.classes = "all"       # 'all', or a comma-separated list / tuple of names
+  config.dataset.class_labels = "true"  # 'true' | 'kmeans' (pseudo-classes, paper Table 3)
+  config.dataset.num_pseudo_classes = 30  # K for 'kmeans' (the paper's best of 15/30/60)
 
   config.model = ml_collections.ConfigDict()
   config.model.encoder = "wide_resnet50_2"  # resnet18 | resnet34 | resnet50 | wide_resnet50_2

@@ -171,6 +171,16 @@ def predict(variables, encoder_variables, images: jax.Array, *, model: ReverseDi
           "kd": losses.kd_loss(features, reconstruction, per_sample=True)}
 
 
+def embed(variables, encoder_variables, images: jax.Array, *,
+          encoder: ResNetEncoder) -> dict[str, jax.Array]:
+  """Image-level encoder embedding (spatial mean of the deepest feature map) of uint8 images;
+  `variables` (the trained model's) is unused: the signature matches `predict`."""
+  del variables
+  features = encode(encoder, encoder_variables, augment.normalize_imagenet(
+      images.astype(jnp.float32) / 255.0))
+  return {"embedding": jnp.mean(features[-1], axis=(1, 2))}
+
+
 def jit_train_step(encoder: ResNetEncoder, settings: LossSettings) -> Callable:
   """The jitted step; the state argument is donated so its buffers are updated in place."""
   return jax.jit(functools.partial(train_step, encoder=encoder, settings=settings),

@@ -14,6 +14,7 @@ Workdir layout:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import sklearn.cluster
+import sklearn.metrics
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
@@ -91,25 +94,22 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def run_inference(predict_fn, variables, encoder_variables, source, indices: np.ndarray, *,
-                  global_batch_size: int, batch_sharding, keep_maps: bool,
+def run_inference(fn, variables, encoder_variables, source, indices: np.ndarray, *,
+                  outputs: tuple[str, ...], batch_fields: tuple[str, ...] = (),
+                  global_batch_size: int, batch_sharding,
                   worker_count: int = 0) -> dict[str, np.ndarray]:
-  """Scores every image of `indices` exactly once (padded, masked last batch).
-
-  Returns per-position arrays: 'score', 'kd', and with `keep_maps` also 'anomaly_map',
-  'mask', 'label'.
-  """
+  """Runs `fn(variables, encoder_variables, images)` on every image of `indices` exactly
+  once (padded, masked last batch) and returns the named `outputs` of `fn` and
+  `batch_fields` of the input batches as per-position arrays."""
   gather = _Gather(len(indices))
   for local in input_pipeline.eval_batches(
       source, indices, global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=worker_count):
     batch = input_pipeline.to_global_array(local, batch_sharding)
-    out = predict_fn(variables, encoder_variables, batch["image"])
-    values = {"score": _host(out["score"]), "kd": _host(out["kd"])}
-    if keep_maps:
-      values.update(anomaly_map=_host(out["anomaly_map"]), mask=_host(batch["mask"]),
-                    label=_host(batch["label"]))
+    out = fn(variables, encoder_variables, batch["image"])
+    values = {name: _host(out[name]) for name in outputs}
+    values.update({name: _host(batch[name]) for name in batch_fields})
     gather.add(_host(batch["index"]), _host(batch["valid"]), values)
   return gather.result()
 
@@ -120,8 +120,9 @@ def evaluate_test_set(predict_fn, variables, encoder_variables, dataset, *,
   """Metrics per class and mean over the whole test split, plus the raw outputs."""
   indices = np.arange(len(dataset.test))
   outputs = run_inference(predict_fn, variables, encoder_variables, dataset.test, indices,
+                          outputs=("anomaly_map", "score"), batch_fields=("mask", "label"),
                           global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-                          keep_maps=True, worker_count=worker_count)
+                          worker_count=worker_count)
   per_class = {}
   for class_id, name in enumerate(dataset.class_names):
     rows = dataset.test_class_ids == class_id
@@ -146,8 +147,8 @@ def validation_loss(predict_fn, variables, encoder_variables, dataset, indices, 
                     global_batch_size: int, batch_sharding) -> float:
   """Mean KD loss (the RD objective, inference mode) on held-out normal training images."""
   outputs = run_inference(predict_fn, variables, encoder_variables, dataset.train, indices,
-                          global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-                          keep_maps=False)
+                          outputs=("kd",), global_batch_size=global_batch_size,
+                          batch_sharding=batch_sharding)
   return float(np.mean(outputs["kd"]))
 
 
@@ -173,6 +174,25 @@ def save_heatmaps(directory: str, dataset, outputs: dict[str, np.ndarray],
                              outputs["mask"][r], outputs["anomaly_map"][r], low, high)
       written += 1
   return written
+
+
+def pseudo_class_ids(encoder, encoder_variables, dataset, indices: np.ndarray, *,
+                     num_classes: int, seed: int, global_batch_size: int,
+                     batch_sharding) -> tuple[np.ndarray, float]:
+  """K-means pseudo-classes of training images (paper Table 3) and their V-measure
+  against the true classes. Clusters the frozen encoder's spatially pooled deepest
+  features (the paper: ImageNet ResNet-18 avg-pool features)."""
+  if num_classes < 2 or num_classes > len(indices):
+    raise ValueError(f"dataset.num_pseudo_classes={num_classes} must be between 2 and the "
+                     f"number of training images ({len(indices)}).")
+  embed_fn = jax.jit(functools.partial(step.embed, encoder=encoder))
+  embeddings = run_inference(embed_fn, None, encoder_variables, dataset.train, indices,
+                             outputs=("embedding",), global_batch_size=global_batch_size,
+                             batch_sharding=batch_sharding)["embedding"]
+  clusters = sklearn.cluster.KMeans(num_classes, n_init=10, random_state=seed).fit_predict(
+      embeddings.astype(np.float64))
+  v_measure = sklearn.metrics.v_measure_score(dataset.train_class_ids[indices], clusters)
+  return clusters.astype(np.int32), float(v_measure)
 
 
 def _check_finite(step_number: int, values: dict[str, float]) -> None:
@@ -259,11 +279,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
+  train_class_ids = dataset.train_class_ids[train_indices]
+  if config.dataset.class_labels == "kmeans":
+    train_class_ids, v_measure = pseudo_class_ids(
+        encoder, encoder_variables, dataset, train_indices,
+        num_classes=config.dataset.num_pseudo_classes, seed=config.seed,
+        global_batch_size=eval_batch_size, batch_sharding=batch_sharding)
+    meta["pseudo_classes"] = {"num_clusters": config.dataset.num_pseudo_classes,
+                              "v_measure": v_measure}
+    logging.info("K-means pseudo-classes: %d clusters, V-measure %.3f against the true classes.",
+                 config.dataset.num_pseudo_classes, v_measure)
+  elif config.dataset.class_labels != "true":
+    raise ValueError("dataset.class_labels must be 'true' or 'kmeans', got "
+                     f"{config.dataset.class_labels!r}.")
+
   train_step = step.jit_train_step(encoder, loss_settings(config))
   predict = step.jit_predict(model, encoder)
   first_step = int(state.step)
   batches = input_pipeline.train_batches(
-      dataset.train, train_indices, dataset.train_class_ids[train_indices],
+      dataset.train, train_indices, train_class_ids,
       global_batch_size=config.batch_size, seed=config.seed, start_step=first_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=config.worker_count)
@@ -345,7 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        worker_count=config.worker_count)
   table = metrics.format_table(summary)
   result = {"metrics": summary, "evaluated_step": int(final.step), "step": step_number,
-            "history": meta["history"], "classes": list(dataset.class_names)}
+            "history": meta["history"], "classes": list(dataset.class_names),
+            "pseudo_classes": meta.get("pseudo_classes")}
   if is_main:
     _write_json(os.path.join(workdir, "metrics.json"), result)
     with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -166,3 +166,37 @@ def test_per_dataset_means_group_qualified_class_names():
   means = train.per_dataset_means(rows)
   assert means == {"a": {"image_auroc": 0.75, "aupro": 0.5},
                    "b": {"image_auroc": 0.25, "aupro": 0.5}}
+
+
+def test_kmeans_pseudo_classes_recover_visually_distinct_classes(data_dir):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ccl_jax import step, weights
+  config = smoke_config(data_dir)
+  dataset = train._load_dataset(config, is_main=True)
+  encoder, _ = train.build_models(config)
+  encoder_variables = weights.encoder_variables(encoder, "none", seed=0, image_size=32)
+  sharding = NamedSharding(step.data_mesh(), P("data"))
+  indices = np.arange(len(dataset.train))
+  clusters, v_measure = train.pseudo_class_ids(
+      encoder, encoder_variables, dataset, indices, num_classes=2, seed=0,
+      global_batch_size=8, batch_sharding=sharding)
+  assert clusters.shape == indices.shape and set(clusters) == {0, 1}
+  # carpet (red weave) and washer (grey ring on slate) separate even with random features.
+  assert v_measure > 0.8
+  with pytest.raises(ValueError, match="num_pseudo_classes"):
+    train.pseudo_class_ids(encoder, encoder_variables, dataset, indices, num_classes=1, seed=0,
+                           global_batch_size=8, batch_sharding=sharding)
+
+
+def test_training_with_pseudo_classes_records_their_v_measure(data_dir, tmp_path):
+  config = smoke_config(data_dir, **{"dataset.class_labels": "kmeans",
+                                     "dataset.num_pseudo_classes": 3})
+  result = train.train_and_evaluate(config, str(tmp_path / "km"), stop_after_steps=2)
+  assert result["step"] == 2
+  _, meta = latest_state(str(tmp_path / "km"))
+  assert meta["pseudo_classes"]["num_clusters"] == 3
+  assert 0.0 <= meta["pseudo_classes"]["v_measure"] <= 1.0
+  bad = smoke_config(data_dir, **{"dataset.class_labels": "clusters"})
+  with pytest.raises(ValueError, match="class_labels"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))

@@ -39,7 +39,7 @@ Parameter names are a readable rename of the torch keys (see
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -121,6 +121,21 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.clip(x, 0, 6)
 
 
+def _conv_layer(features: int, kernel: int, stride: int, name: str, dtype: Any, *,
+                depthwise: bool = False):
+  """A padded conv whose parameters sit directly under `name` (`name/kernel`)."""
+
+  def apply(x: jax.Array) -> jax.Array:
+    pads = tuple(same_padding(n, kernel, stride) for n in x.shape[1:3])
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pads,
+                   use_bias=False, feature_group_count=x.shape[-1] if depthwise else 1,
+                   dtype=dtype,
+                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                   name=name)(x)
+
+  return apply
+
+
 def _bn(name: str, dtype: Any) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=True, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                       dtype=dtype, name=name)
@@ -153,21 +168,6 @@ class MBConv(nn.Module):
     return y
 
 
-def _conv_layer(features: int, kernel: int, stride: int, name: str, dtype: Any, *,
-                depthwise: bool = False):
-  """A padded conv whose parameters sit directly under `name` (`name/kernel`)."""
-
-  def apply(x: jax.Array) -> jax.Array:
-    pads = tuple(same_padding(n, kernel, stride) for n in x.shape[1:3])
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pads,
-                   use_bias=False, feature_group_count=x.shape[-1] if depthwise else 1,
-                   dtype=dtype,
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                   name=name)(x)
-
-  return apply
-
-
 class EfficientNetLite0(nn.Module):
   """EfficientNet-Lite0 with inference-mode BatchNorm (the frozen RD teacher).
 
@@ -178,7 +178,8 @@ class EfficientNetLite0(nn.Module):
   feature maps at each of the strides RD's decoder reconstructs (the ResNet
   layer1..layer3 counterparts): stage 4 (80 channels) also has stride 16 but stage 5
   refines it further at the same resolution, and the stride-32 stages are left out as
-  RD leaves out layer4. The computation stops after stage 5. With
+  RD leaves out layer4. (They are also the maps timm's EfficientNet `features_only`
+  reports at reductions 4, 8, 16.) The computation stops after stage 5. With
   `features_only=False` returns ImageNet logits [B, 1000] (head 1x1 conv + BN + ReLU6,
   global average pool, fully-connected layer; dropout is a no-op at inference).
   """
@@ -192,14 +193,13 @@ class EfficientNetLite0(nn.Module):
     x = _conv_layer(STEM_CHANNELS, 3, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
     x = relu6(_bn("stem_bn", self.dtype)(x))
     features = []
-    last_block = {}  # stage index -> index of its last block
-    for index, stage, _, _ in block_layout():
-      last_block[EFFICIENTNET_LITE0_STAGES.index(stage)] = index
-    for index, stage, in_channels, stride in block_layout():
-      x = MBConv(in_channels, stage.channels, stage.kernel, stride, stage.expansion,
-                 self.dtype, name=f"block{index}")(x)
-      stage_index = EFFICIENTNET_LITE0_STAGES.index(stage)
-      if index == last_block[stage_index] and stage_index in FEATURE_STAGES:
+    block, in_channels = 0, STEM_CHANNELS
+    for stage_index, stage in enumerate(EFFICIENTNET_LITE0_STAGES):
+      for i in range(stage.blocks):  # named as block_layout() lists them
+        x = MBConv(in_channels, stage.channels, stage.kernel, stage.stride if i == 0 else 1,
+                   stage.expansion, self.dtype, name=f"block{block}")(x)
+        block, in_channels = block + 1, stage.channels
+      if stage_index in FEATURE_STAGES:
         features.append(x)
         if features_only and stage_index == FEATURE_STAGES[-1]:
           return tuple(features)
@@ -214,8 +214,8 @@ def feature_channels() -> tuple[int, int, int]:
   return EFFICIENTNET_LITE0_CHANNELS
 
 
-__all__: Sequence[str] = (
+__all__ = [
     "EFFICIENTNET_LITE0_CHANNELS", "EFFICIENTNET_LITE0_MEAN", "EFFICIENTNET_LITE0_STD",
     "EFFICIENTNET_LITE0_STRIDES", "EfficientNetLite0", "MBConv", "block_layout",
     "feature_channels", "input_normalisation", "normalise_images", "same_padding",
-)
+]
