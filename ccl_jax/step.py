@@ -20,7 +20,9 @@ import optax
 from flax.training import train_state
 
 from ccl_jax import augment, losses, scoring
-from ccl_jax.models import ResNetEncoder, ReverseDistillation
+import flax.linen as nn
+
+from ccl_jax.models import ReverseDistillation, input_normalisation
 
 
 class TrainState(train_state.TrainState):
@@ -79,7 +81,7 @@ def make_optimizer(*, projector_learning_rate: float, learning_rate: float, b1: 
       }, label))
 
 
-def create_train_state(model: ReverseDistillation, encoder: ResNetEncoder, encoder_variables,
+def create_train_state(model: ReverseDistillation, encoder: nn.Module, encoder_variables,
                        tx: optax.GradientTransformation, image_size: int,
                        rng: jax.Array) -> TrainState:
   """Initial state (call under jit with replicated out_shardings to create it sharded)."""
@@ -91,13 +93,16 @@ def create_train_state(model: ReverseDistillation, encoder: ResNetEncoder, encod
                            batch_stats=variables["batch_stats"], tx=tx, rng=state_key)
 
 
-def encode(encoder: ResNetEncoder, encoder_variables, images: jax.Array):
-  """Frozen encoder features; no gradient reaches the encoder."""
-  return tuple(jax.lax.stop_gradient(f) for f in encoder.apply(encoder_variables, images))
+def encode(encoder: nn.Module, encoder_variables, images: jax.Array):
+  """Frozen encoder features of RGB images (uint8, or float in [0, 1]), normalised as the
+  encoder's weights expect; no gradient reaches the encoder."""
+  mean, std = input_normalisation(encoder)
+  features = encoder.apply(encoder_variables, augment.normalize(images, mean, std))
+  return tuple(jax.lax.stop_gradient(f) for f in features)
 
 
 def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
-              encoder: ResNetEncoder, settings: LossSettings):
+              encoder: nn.Module, settings: LossSettings):
   """Gradients of the total loss, the loss terms and the updated BatchNorm statistics
   for a batch {'image': uint8 [B,H,W,3], 'class_id': int32 [B]}."""
   step_key = jax.random.fold_in(state.rng, state.step)
@@ -109,11 +114,11 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
     # Both views through the encoder in one call: it is in inference mode, so stacking
     # them changes nothing but the launch count.
     views = jnp.concatenate([images01, augment.augment_batch(aug_key, images01)])
-    both = encode(encoder, encoder_variables, augment.normalize_imagenet(views))
+    both = encode(encoder, encoder_variables, views)
     features = tuple(f[:batch_size] for f in both)
     features_aug = tuple(f[batch_size:] for f in both)
   else:
-    features = encode(encoder, encoder_variables, augment.normalize_imagenet(images01))
+    features = encode(encoder, encoder_variables, images01)
     features_aug = None
   embed_augmented = settings.global_weight > 0 and settings.global_views == "both"
 
@@ -149,7 +154,7 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
 
 
 def train_step(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
-               encoder: ResNetEncoder, settings: LossSettings
+               encoder: nn.Module, settings: LossSettings
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a batch {'image': uint8 [B,H,W,3], 'class_id': int32 [B]}."""
   grads, terms, batch_stats = gradients(state, encoder_variables, batch, encoder=encoder,
@@ -161,10 +166,9 @@ def train_step(state: TrainState, encoder_variables, batch: dict[str, jax.Array]
 
 
 def predict(variables, encoder_variables, images: jax.Array, *, model: ReverseDistillation,
-            encoder: ResNetEncoder) -> dict[str, jax.Array]:
+            encoder: nn.Module) -> dict[str, jax.Array]:
   """Inference on uint8 images [B,H,W,3]: anomaly maps, image scores and per-image KD loss."""
-  features = encode(encoder, encoder_variables, augment.normalize_imagenet(
-      images.astype(jnp.float32) / 255.0))
+  features = encode(encoder, encoder_variables, images)
   reconstruction = model.apply(variables, features, train=False)
   maps = scoring.anomaly_map(features, reconstruction, images.shape[1:3])
   return {"anomaly_map": maps, "score": scoring.image_score(maps),
@@ -172,22 +176,21 @@ def predict(variables, encoder_variables, images: jax.Array, *, model: ReverseDi
 
 
 def embed(variables, encoder_variables, images: jax.Array, *,
-          encoder: ResNetEncoder) -> dict[str, jax.Array]:
+          encoder: nn.Module) -> dict[str, jax.Array]:
   """Image-level encoder embedding (spatial mean of the deepest feature map) of uint8 images;
   `variables` (the trained model's) is unused: the signature matches `predict`."""
   del variables
-  features = encode(encoder, encoder_variables, augment.normalize_imagenet(
-      images.astype(jnp.float32) / 255.0))
+  features = encode(encoder, encoder_variables, images)
   return {"embedding": jnp.mean(features[-1], axis=(1, 2))}
 
 
-def jit_train_step(encoder: ResNetEncoder, settings: LossSettings) -> Callable:
+def jit_train_step(encoder: nn.Module, settings: LossSettings) -> Callable:
   """The jitted step; the state argument is donated so its buffers are updated in place."""
   return jax.jit(functools.partial(train_step, encoder=encoder, settings=settings),
                  donate_argnums=0)
 
 
-def jit_predict(model: ReverseDistillation, encoder: ResNetEncoder) -> Callable:
+def jit_predict(model: ReverseDistillation, encoder: nn.Module) -> Callable:
   return jax.jit(functools.partial(predict, model=model, encoder=encoder))
 
 

