@@ -425,6 +425,7 @@ def write_results(workdir: str, result: dict[str, Any], dataset, outputs: dict[s
                   num_heatmaps_per_class: int) -> None:
   """metrics.json, results.md (printed too) and heatmaps/ of an evaluation."""
   table = metrics.format_table(result["metrics"])
+  os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "metrics.json"), result)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
