@@ -96,6 +96,18 @@ def _listing(title: str, items: list[str]) -> str:
   return f"  {title} ({len(items)}): {shown}{more}"
 
 
+def _raise_if_mismatched(source: str, what: str, missing: list[str], unexpected: list[str],
+                         mis_shaped: list[str]) -> None:
+  """One ValueError listing every key problem; nothing is converted partially."""
+  if unexpected or missing or mis_shaped:
+    lines = [f"{source} does not match {what}; nothing was converted:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", mis_shaped)):
+      if items:
+        lines.append(_listing(title, items))
+    raise ValueError("\n".join(lines))
+
+
 def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
              drop: tuple[str, ...], template: Any, source: str, what: str) -> Variables:
   """Renames `state` onto the template's variable tree; all-or-nothing.
@@ -151,13 +163,7 @@ def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
 
   missing = [f"{torch_name(p)} {_torch_shape(p, tuple(want[p].shape))}"
              for p in sorted(want, key=module_order) if p not in got and p not in seen]
-  if unexpected or missing or mis_shaped:
-    lines = [f"{source} does not match {what}; nothing was converted:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", mis_shaped)):
-      if items:
-        lines.append(_listing(title, items))
-    raise ValueError("\n".join(lines))
+  _raise_if_mismatched(source, what, missing, unexpected, mis_shaped)
   variables = flax.traverse_util.unflatten_dict(got)
   check_tree(variables, template, source)  # final guard: the exact tree the module builds
   return variables
@@ -404,14 +410,8 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, Any], *, features_only
   missing = [f"{torch_names.get(p, '/'.join(p))} {torch_shape(p)}"
              for p in sorted(want, key=lambda p: order.get(p, len(order)))
              if p not in got and p not in seen]
-  if unexpected or missing or mis_shaped:
-    what = "EfficientNet-Lite0" + (" (features only)" if features_only else "")
-    lines = [f"{source} does not match {what}; nothing was converted:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", mis_shaped)):
-      if items:
-        lines.append(_listing(title, items))
-    raise ValueError("\n".join(lines))
+  what = "EfficientNet-Lite0" + (" (features only)" if features_only else "")
+  _raise_if_mismatched(source, what, missing, unexpected, mis_shaped)
   variables = flax.traverse_util.unflatten_dict(got)
   check_tree(variables, template, source)
   return variables

@@ -16,18 +16,9 @@ from PIL import Image
 from ccl_jax import datasets as D
 from ccl_jax.datasets import builders as B
 from ccl_jax.datasets import layouts as L
+from tests.test_datasets import _incomplete_dirs, _prepared_dirs
 
 RNG = np.random.default_rng(0)
-
-
-def _prepared_dirs(data_dir):
-    return sorted(str(p.parent) for p in pathlib.Path(data_dir).rglob(
-        "dataset_info.json"))
-
-
-def _incomplete_dirs(data_dir):
-    return [p for p in pathlib.Path(data_dir).rglob("*")
-            if p.is_dir() and "incomplete" in p.name]
 
 
 def _save(path, array, fmt=None):
