@@ -7,6 +7,7 @@ import csv
 import json
 import pathlib
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -174,8 +175,16 @@ def make_btad_tree(root):
 
 def test_btad(tmp_path):
     root = make_btad_tree(tmp_path / "BTech_Dataset_transformed")
-    ds = D.load("btad", manual_dir=root, data_dir=tmp_path / "tfds",
-                image_size=None, verbose=False)
+    # all three classes: the (tiny) totals are checked against BTAD's
+    with pytest.warns(UserWarning) as record:
+        ds = D.load("btad", manual_dir=root, data_dir=tmp_path / "tfds",
+                    image_size=None, verbose=False)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2
+    assert messages[0].startswith("BTAD: test split has 9 images, expected "
+                                  "741")
+    assert messages[1].startswith("BTAD: train split has 6 images, "
+                                  "expected 1799")
     assert ds.class_names == ("01", "02", "03")
     assert len(ds.train) == 6 and len(ds.test) == 9
     _check_records(ds)
@@ -517,3 +526,121 @@ def test_mixture_global_class_ids(tmp_path):
         D.load_mixture([{"name": "btad", "classes": ["01"],
                          "manual_dir": btad}] * 2,
                        data_dir=data_dir, image_size=16, verbose=False)
+
+
+# ------------------------------------------- preparation at scale: workers,
+# progress, counts report and the check against the published totals
+
+
+def _split_files(data_dir):
+    """Relative path -> bytes of every prepared data file (not the info
+    files, which hold paths and timings)."""
+    data_dir = pathlib.Path(data_dir)
+    return {p.relative_to(data_dir).as_posix(): p.read_bytes()
+            for p in sorted(data_dir.rglob("*array_record*"))}
+
+
+def test_parallel_preparation_is_byte_identical(tmp_path):
+    from ccl_jax.datasets import synthetic
+    raw = synthetic.generate(tmp_path / "raw", seed=1, image_size=64,
+                             num_train=6, num_test_good=3, num_test_defect=5)
+    records, files = {}, {}
+    for workers in (1, 4):
+        data_dir = tmp_path / f"tfds{workers}"
+        ds = D.load("synthetic", classes=["washer"], manual_dir=raw,
+                    data_dir=data_dir, image_size=48, verbose=False,
+                    num_workers=workers)
+        records[workers] = [_all(ds.train), _all(ds.test)]
+        files[workers] = _split_files(data_dir)
+    assert files[1] and files[1].keys() == files[4].keys()
+    for k in files[1]:
+        assert files[1][k] == files[4][k], k
+    for split1, split4 in zip(records[1], records[4]):
+        assert len(split1) == len(split4) == len(split1) and split1
+        for r1, r4 in zip(split1, split4):
+            assert r1.keys() == r4.keys()
+            for key in r1:
+                np.testing.assert_array_equal(r1[key], r4[key])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers"):
+            D.load("synthetic", classes=["washer"], manual_dir=raw,
+                   data_dir=tmp_path / "bad", image_size=48, verbose=False,
+                   num_workers=bad)
+
+
+def test_load_reports_counts_and_progress(tmp_path, capsys, monkeypatch):
+    root = make_btad_tree(tmp_path / "btad")
+    data_dir = tmp_path / "tfds"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a subset: nothing to compare
+        D.load("btad", classes=["02", "01"], manual_dir=root,
+               data_dir=data_dir, image_size=16, num_workers=2)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    head = next(i for i, l in enumerate(lines) if "images per class" in l)
+    assert "BTAD (16px)" in lines[head]
+    assert lines[head + 1].split() == ["class", "train", "test", "good",
+                                       "anomalous"]
+    assert lines[head + 2].split() == ["02", "2", "3", "1", "2"]
+    assert lines[head + 3].split() == ["01", "2", "3", "1", "2"]
+    assert lines[head + 5].split() == ["total", "4", "6", "2", "4"]
+    assert "btad/02_16 test" in err and "btad/01_16 train" in err  # bars
+    assert "Generating" not in err  # TFDS's own bars are replaced by ours
+    # reopening (nothing to prepare) prints the same table, no bars
+    D.load("btad", classes=["02", "01"], data_dir=data_dir, image_size=16)
+    out2, err2 = capsys.readouterr()
+    assert out2.splitlines()[-6:] == lines[head:head + 6]
+    assert "preparing" not in out2 and "btad/02_16" not in err2
+    D.load("btad", classes=["01"], data_dir=data_dir, image_size=16,
+           verbose=False)
+    assert capsys.readouterr() == ("", "")
+    # all classes, totals as "published": a confirmation, no warning
+    from ccl_jax.datasets import report
+    monkeypatch.setitem(report.KNOWN_TOTALS, "btad", (
+        "BTAD", L.BTAD_CLASSES, {"train": 6, "test": 9}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.load("btad", manual_dir=root, data_dir=data_dir, image_size=16)
+    out = capsys.readouterr().out
+    assert "preparing btad/03_16 (1/1)" in out
+    assert out.splitlines()[-1] == ("[ccl_jax.datasets] the totals match "
+                                    "the published ones (train 6, test 9)")
+
+
+def test_check_totals():
+    mvtec = {c: {"train": 3629 // 15, "test": 1725 // 15}
+             for c in D.MVTEC_AD_CLASSES}
+    mvtec["bottle"] = {"train": 3629 - 14 * (3629 // 15),
+                       "test": 1725 - 14 * (1725 // 15)}
+    assert D.check_totals("mvtec_ad", mvtec) == []
+    mvtec["zipper"] = {"train": 3629 // 15 - 2, "test": 1725 // 15,
+                       "test_good": 3}  # extra keys are ignored
+    (msg,) = D.check_totals("mvtec_ad", mvtec)
+    assert msg.startswith("MVTec AD: train split has 3627 images, "
+                          "expected 3629")
+    # a subset of the classes, unknown totals: nothing to compare
+    del mvtec["zipper"]
+    assert D.check_totals("mvtec_ad", mvtec) == []
+    assert D.check_totals("manta", {"a": {"train": 1, "test": 1}}) == []
+    assert D.check_totals("synthetic", {"a": {"train": 1, "test": 1}}) == []
+    visa = {c: {"train": 0, "test": 0} for c in L.VISA_CLASSES}
+    visa["pcb1"] = {"train": 8659, "test": 2161}
+    (msg,) = D.check_totals("visa", visa)
+    assert "VisA: test split has 2161 images, expected 2162" in msg
+    real = {c: {"train": 0, "test": 0} for c in L.REAL_IAD_CLASSES}
+    real["toy_brick"] = {"train": 36465, "test": 114585}
+    assert D.check_totals("real_iad", real) == []
+    assert D.check_totals("real_iad", real, {"resolution": "512"}) == []
+    real["toy_brick"] = {"train": 36465 // 5, "test": 114585 // 5}
+    assert len(D.check_totals("real_iad", real)) == 2
+    assert D.check_totals("real_iad", real, {"views": "C1"}) == []
+    btad = {"01": {"train": 400, "test": 70}, "02": {"train": 399,
+            "test": 230}, "03": {"train": 1000, "test": 441}}
+    assert D.check_totals("btad", btad) == []
+    assert set(D.KNOWN_TOTALS) == {"mvtec_ad", "visa", "btad", "real_iad"}
+    from ccl_jax.datasets.report import expected_totals
+    assert expected_totals("btad", ["03", "01", "02"]) == {"train": 1799,
+                                                           "test": 741}
+    assert expected_totals("btad", ["03", "01"]) is None
+    assert expected_totals("real_iad", L.REAL_IAD_CLASSES) == {
+        "train": 36465, "test": 114585}

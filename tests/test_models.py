@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax.models import ENCODERS, ResNetEncoder, ReverseDistillation, encoder_spec
+from ccl_jax.models import (ENCODERS, ResNetEncoder, ReverseDistillation, build_encoder,
+                            encoder_spec)
 from ccl_jax.models.resnet import deconv2x2
 
 EXPECTED = {  # channels of layer1..3 and of the bottleneck, for 256x256 inputs
@@ -13,12 +14,13 @@ EXPECTED = {  # channels of layer1..3 and of the bottleneck, for 256x256 inputs
     "resnet34": ((64, 128, 256), 512),
     "resnet50": ((256, 512, 1024), 2048),
     "wide_resnet50_2": ((256, 512, 1024), 2048),
+    "efficientnet_lite0": ((24, 40, 112), 224),  # decoder built from the stage channels
 }
 
 
 def _shapes(name, size=256):
   spec = encoder_spec(name)
-  encoder = ResNetEncoder(spec)
+  encoder = build_encoder(name)
   images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   enc_vars = jax.eval_shape(encoder.init, jax.random.key(0), images)
   features = jax.eval_shape(encoder.apply, enc_vars, images)

@@ -16,11 +16,13 @@ from ccl_jax.datasets.layouts import realiad_view
 from ccl_jax.datasets.loader import (
     BUILDERS, AnomalyDataset, RecordSource, load, load_mixture)
 from ccl_jax.datasets.mvtec_layout import DatasetError, Sample, scan_classes
+from ccl_jax.datasets.report import KNOWN_TOTALS, check_totals
 
 __all__ = [
     "AnomalyBuilderConfig", "AnomalyDataset", "AnomalyDetectionBuilder",
-    "BUILDERS", "Btad", "DatasetError", "MVTEC_AD_CLASSES", "Manta",
+    "BUILDERS", "Btad", "DatasetError", "KNOWN_TOTALS", "MVTEC_AD_CLASSES",
+    "Manta",
     "MvtecAd", "RealIad", "RecordSource", "Sample", "SyntheticAd", "Visa",
     "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
-    "synthetic",
+    "check_totals", "synthetic",
 ]

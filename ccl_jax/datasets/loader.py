@@ -18,19 +18,22 @@ them into :class:`RecordSource` objects with random access. Records::
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import operator
 import pathlib
 import time
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
-from ccl_jax.datasets import synthetic
+from ccl_jax.datasets import report, synthetic
 from ccl_jax.datasets.builders import (
     AnomalyDetectionBuilder, Btad, Manta, MvtecAd, RealIad, SyntheticAd, Visa,
-    _check_image_size)
+    _check_image_size, check_num_workers)
 from ccl_jax.datasets.mvtec_layout import (
     DatasetError, check_manual_dir, fingerprint)
 
@@ -197,8 +200,20 @@ def _check_source_matches(builder, manual_dir: pathlib.Path | None):
             "data_dir.", [(builder.data_dir, "stale prepared dataset")])
 
 
+@contextlib.contextmanager
+def _tfds_progress_bars(enable: bool):
+    """TFDS's own progress bars on or off, restored afterwards."""
+    was = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(enable)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was)
+
+
 def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
-         verbose: bool = True, **options) -> AnomalyDataset:
+         verbose: bool = True, num_workers: int | None = None,
+         **options) -> AnomalyDataset:
     """Prepares (if needed) and opens an anomaly-detection dataset.
 
     Args:
@@ -216,7 +231,14 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
         ``<class>_<size>[_<option><value>...]``).
       image_size: side S of the square images, or None to keep the original
         size (records may then differ in size).
-      verbose: print one line per class being prepared.
+      verbose: print one line and show a progress bar per class being
+        prepared, then a table of the images per class and split. (Where
+        all classes of MVTec AD, VisA, BTAD or Real-IAD are selected, the
+        totals are compared with the published ones and a mismatch is
+        warned about, whatever ``verbose``: see ``report.check_totals``.)
+      num_workers: threads decoding / resizing / encoding the images of a
+        class while preparing it (None: min(8, CPU count); 1: sequential).
+        The prepared data does not depend on it.
       **options: the dataset's reading options (``BUILDERS[name].OPTIONS``),
         e.g. ``load('real_iad', ..., resolution='512', views='C1')`` or
         ``load('manta', ..., views='stacked')``; each option value gets its
@@ -229,6 +251,7 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
     class_names = _select_classes(builder_cls, classes, manual_dir or None)
     image_size = _check_image_size(image_size)
     data_dir = pathlib.Path(data_dir).expanduser().absolute()
+    num_workers = check_num_workers(num_workers)
 
     builders = [builder_cls(config=builder_cls.config_for(c, image_size,
                                                           **options),
@@ -261,10 +284,14 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
                 print(f"[ccl_jax.datasets] preparing {b.name}/"
                       f"{b.builder_config.name} ({k + 1}/{len(missing)}) from "
                       f"{manual_path}", flush=True)
-            b._prevalidated = True  # pylint: disable=protected-access
-            b.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    manual_dir=str(manual_path), try_download_gcs=False))
+            # pylint: disable=protected-access
+            b._prevalidated = True
+            b._num_workers = num_workers
+            b._progress = verbose
+            with _tfds_progress_bars(False):  # ours name class and total
+                b.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        manual_dir=str(manual_path), try_download_gcs=False))
             if verbose:
                 print(f"[ccl_jax.datasets] prepared {b.data_dir} in "
                       f"{time.time() - t0:.1f}s", flush=True)
@@ -274,14 +301,46 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
         sources = b.as_data_source()
         train_parts.append((sources["train"], gid))
         test_parts.append((sources["test"], gid))
+    _report(name, builders, train_parts, test_parts, verbose)
     train, test = RecordSource(train_parts), RecordSource(test_parts)
     return AnomalyDataset(class_names=class_names, train=train, test=test,
                           train_class_ids=train.class_ids(),
                           test_class_ids=test.class_ids())
 
 
+def _report(name, builders, train_parts, test_parts, verbose: bool):
+    """Prints the images per class and split; warns where all classes of a
+    dataset with published totals are selected and the totals differ."""
+    rows = {}
+    for b, (train_src, _), (test_src, _) in zip(builders, train_parts,
+                                                test_parts):
+        stored = b.info.metadata.get("counts") or {}
+        test_counts = stored.get("test") or {}
+        rows[b.builder_config.class_name] = {
+            "train": len(train_src), "test": len(test_src),
+            # recorded while preparing (None: prepared by an older version)
+            "test_good": test_counts.get("good"),
+            "test_anomalous": test_counts.get("anomalous")}
+    if verbose and builders:
+        cfg = builders[0].builder_config
+        size = f"{cfg.image_size}px" if cfg.image_size else "original size"
+        opts = "".join(f", {k}={v}" for k, v in cfg.options)
+        print(report.format_counts(f"{builders[0].TITLE} ({size}{opts})",
+                                   rows), flush=True)
+    options = dict(builders[0].builder_config.options) if builders else {}
+    problems = report.check_totals(name, rows, options)
+    expected = report.expected_totals(name, rows, options)
+    if verbose and expected and not problems:
+        print("[ccl_jax.datasets] the totals match the published ones ("
+              + ", ".join(f"{k} {v}" for k, v in expected.items()) + ")",
+              flush=True)
+    for message in problems:
+        warnings.warn(message, stacklevel=3)
+
+
 def load_mixture(parts: Sequence[dict], *, data_dir, image_size,
-                 verbose: bool = True) -> AnomalyDataset:
+                 verbose: bool = True, num_workers: int | None = None
+                 ) -> AnomalyDataset:
     """Several datasets as one, in a single global class-id space.
 
     Args:
@@ -290,8 +349,8 @@ def load_mixture(parts: Sequence[dict], *, data_dir, image_size,
         dataset's reading options, e.g.
         ``[{"name": "mvtec_ad", "manual_dir": m},
         {"name": "visa", "classes": ["pcb1", "pcb2"], "manual_dir": v}]``.
-      data_dir, image_size, verbose: as for :func:`load` (one image size for
-        all, so that records can be batched together).
+      data_dir, image_size, verbose, num_workers: as for :func:`load` (one
+        image size for all, so that records can be batched together).
 
     Returns:
       An :class:`AnomalyDataset` whose ``class_names`` are qualified
@@ -310,6 +369,7 @@ def load_mixture(parts: Sequence[dict], *, data_dir, image_size,
             raise DatasetError(f"load_mixture: part {k} has no 'name'",
                                [(str(spec), "no name")])
         name = spec.pop("name")
+        spec.setdefault("num_workers", num_workers)
         ds = load(name, data_dir=data_dir, image_size=image_size,
                   verbose=verbose, **spec)
         offset = len(names)
