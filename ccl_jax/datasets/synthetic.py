@@ -261,14 +261,19 @@ def _carpet(rng, size):
                   _sensor_noise(rng, size))
 
 
-def _carpet_hole(rng, sc):
+def _dark_hole(rng, sc, radius_range, irregularity, fray, colour, depth_shading):
+    """A hole: an irregular blob replaced by a dark colour, darker towards its centre."""
     c = _random_point(rng)
-    r = rng.uniform(0.05, 0.1)
-    cov = _blob(rng, sc.u, sc.v, *c, r, 0.35, fray=0.12, size=sc.size)
+    r = rng.uniform(*radius_range)
+    cov = _blob(rng, sc.u, sc.v, *c, r, irregularity, fray=fray, size=sc.size)
     depth = np.clip(1 - np.hypot(sc.u - c[0], sc.v - c[1]) / r, 0, 1)
-    dark = np.float32([0.07, 0.05, 0.05]) * (1 - 0.5 * depth)[..., None]
+    dark = np.float32(colour) * (1 - depth_shading * depth)[..., None]
     out = sc.clean * (1 - cov[..., None]) + (dark + sc.noise) * cov[..., None]
     return out, cov > 0.3
+
+
+def _carpet_hole(rng, sc):
+    return _dark_hole(rng, sc, (0.05, 0.1), 0.35, 0.12, [0.07, 0.05, 0.05], 0.5)
 
 
 def _carpet_stain(rng, sc):
@@ -393,13 +398,7 @@ def _wood_scratch(rng, sc):
 
 
 def _wood_hole(rng, sc):
-    c = _random_point(rng)
-    r = rng.uniform(0.035, 0.065)
-    cov = _blob(rng, sc.u, sc.v, *c, r, 0.2, size=sc.size)
-    depth = np.clip(1 - np.hypot(sc.u - c[0], sc.v - c[1]) / r, 0, 1)
-    dark = np.float32([0.2, 0.12, 0.07]) * (1 - 0.6 * depth)[..., None]
-    out = sc.clean * (1 - cov[..., None]) + (dark + sc.noise) * cov[..., None]
-    return out, cov > 0.3
+    return _dark_hole(rng, sc, (0.035, 0.065), 0.2, 0.0, [0.2, 0.12, 0.07], 0.6)
 
 
 def _wood_color(rng, sc):
