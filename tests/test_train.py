@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -77,8 +78,8 @@ def test_interrupted_run_resumes_to_identical_parameters(full_run, data_dir, tmp
   assert result["step"] == 18
   (state_a, meta_a), (state_b, meta_b) = latest_state(workdir), latest_state(resumed)
   assert int(state_a["step"]) == int(state_b["step"]) == 18
-  leaves_a = [np.asarray(x) for x in _leaves(state_a["params"])]
-  leaves_b = [np.asarray(x) for x in _leaves(state_b["params"])]
+  leaves_a = [np.asarray(x) for x in jax.tree_util.tree_leaves(state_a["params"])]
+  leaves_b = [np.asarray(x) for x in jax.tree_util.tree_leaves(state_b["params"])]
   for a, b in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert meta_a["best_step"] == meta_b["best_step"]
@@ -87,11 +88,6 @@ def test_interrupted_run_resumes_to_identical_parameters(full_run, data_dir, tmp
   # A finished run is not trained again by a rerun.
   again = train.train_and_evaluate(smoke_config(data_dir), resumed)
   assert again["step"] == 18
-
-
-def _leaves(tree):
-  import jax
-  return jax.tree_util.tree_leaves(tree)
 
 
 def test_ccl_and_rd_baseline_differ_only_in_the_two_loss_weights():
@@ -135,7 +131,6 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
 
 
 def test_batch_size_not_divisible_by_devices_is_rejected(data_dir, tmp_path, monkeypatch):
-  import jax
   monkeypatch.setattr(jax, "device_count", lambda: 3)
   with pytest.raises(ValueError, match="divisible by the number of devices"):
     train.train_and_evaluate(smoke_config(data_dir), str(tmp_path))
@@ -169,7 +164,6 @@ def test_per_dataset_means_group_qualified_class_names():
 
 
 def test_kmeans_pseudo_classes_recover_visually_distinct_classes(data_dir):
-  import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from ccl_jax import step, weights
   config = smoke_config(data_dir)
