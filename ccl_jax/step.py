@@ -104,7 +104,11 @@ def encode(encoder: nn.Module, encoder_variables, images: jax.Array):
 def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
               encoder: nn.Module, settings: LossSettings):
   """Gradients of the total loss, the loss terms and the updated BatchNorm statistics
-  for a batch {'image': uint8 [B,H,W,3], 'class_id': int32 [B]}."""
+  for a batch {'image': uint8 [B,H,W,3], 'class_id': int32 [B]}.
+
+  An optional 'image_aug' (float [B,H,W,3] in [0, 1]) replaces the on-device augmentation
+  with a given second view: parity tests and benchmarks feed both frameworks the same one.
+  """
   step_key = jax.random.fold_in(state.rng, state.step)
   aug_key, noise_key, negative_key = jax.random.split(step_key, 3)
   images01 = batch["image"].astype(jnp.float32) / 255.0
@@ -113,7 +117,10 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
   if settings.uses_augmented_view:
     # Both views through the encoder in one call: it is in inference mode, so stacking
     # them changes nothing but the launch count.
-    views = jnp.concatenate([images01, augment.augment_batch(aug_key, images01)])
+    augmented = batch.get("image_aug")
+    if augmented is None:
+      augmented = augment.augment_batch(aug_key, images01)
+    views = jnp.concatenate([images01, augmented.astype(jnp.float32)])
     both = encode(encoder, encoder_variables, views)
     features = tuple(f[:batch_size] for f in both)
     features_aug = tuple(f[batch_size:] for f in both)
