@@ -1,0 +1,478 @@
+"""Class-wise decision thresholds from normal held-out images, and decision metrics.
+
+A ranking metric (AUROC, AP) needs no threshold, but a deployed detector must
+say "anomalous" or "normal", and in a multi-class model one global threshold
+is poor because score scales differ between classes (HierCore abstract,
+/work/shared/papers/hiercore_abstract.txt). Here each group of
+``ccl_jax.grouping`` gets its own threshold, estimated only from the scores of
+NORMAL held-out training images routed to it. Anomalous images and test images
+are never used: the estimators only see the scores passed to them, and the
+callers pass held-out normal training scores.
+
+Rules (``RULES``; n = number of normal scores, s_(1) <= ... <= s_(n) sorted):
+
+* ``quantile`` (default, ``alpha`` = 0.05): the split-conformal order
+  statistic s_(k) with k = ceil((n + 1)(1 - alpha)); if k > n, s_(n) (the
+  max). For a new normal image exchangeable with the held-out ones,
+  P(score > s_(k)) <= 1 - k / (n + 1) <= alpha, whatever the score
+  distribution. This is the small-sample correction: the plain empirical
+  (1 - alpha) quantile (``np.quantile``) sits below s_(k) and its expected
+  false-alarm rate exceeds alpha for small n. When n < 1 / alpha - 1 (n < 19
+  at alpha = 0.05) no order statistic can guarantee alpha and the rule gives
+  the max, whose guarantee is 1 / (n + 1).
+* ``mean_std`` (``k`` = 3.0): mean + k * std with the sample std (ddof = 1);
+  needs n >= 2. Assumes roughly Gaussian scores; image scores are maxima of
+  anomaly maps, i.e. right-skewed, so the implied false-alarm rate is
+  unreliable, and with 5-30 images the std itself is noisy.
+* ``max``: s_(n). Zero false alarms on the held-out set; its expected
+  false-alarm rate is 1 / (n + 1), but it keeps rising with n and follows any
+  single outlier in the held-out normals.
+
+Default: ``quantile`` with alpha = 0.05. Held-out sets are small (often 5-30
+images per class); there the rule equals ``max`` up to n = 18, which is the
+best a distribution-free rule can do, and from n = 19 on it stops chasing the
+single largest normal score and targets a stated false-alarm rate with a
+finite-sample guarantee instead of a Gaussian assumption. ``mean_std`` is
+kept for comparison only.
+
+Small groups: the agnostic threshold (rule applied to all normal scores
+pooled) is always computed. A group with fewer normal scores than the rule
+needs (0 for every rule, 1 for ``mean_std``) takes the agnostic threshold;
+``Thresholds.num_normal`` records each group's count so this is visible.
+
+Decisions: an image is flagged anomalous iff ``score > threshold`` (strict).
+A score equal to the threshold is normal, so the held-out normal image that
+defines a ``max`` or ``quantile`` threshold is not itself a false alarm, which
+is what the conformal bound above assumes. (``ccl_jax.metrics`` sweeps
+thresholds with ``>=``; that only matters for ranking curves, not here.)
+
+Decision metrics, per true class and pooled: with TP/FP/FN/TN counted at the
+per-image thresholds, precision = TP / (TP + FP), recall = TP / (TP + FN),
+F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). No value
+is ever NaN: an empty denominator means no error could be made, so precision
+(nothing flagged), recall (no anomalous image), F1 (neither) are 1.0 and the
+false-alarm rate (no normal image) is 0.0. These agree with F1 = 2PR/(P + R)
+in every case. Each class also reports its counts so such cases can be seen.
+The mean and spread (population std, min, max) are taken over the classes
+that have test images.
+
+``save_decision``/``load_decision`` persist groups + thresholds + a meta
+dict as one JSON file, written atomically (temp file in the same directory,
+fsync, ``os.replace``) so a crash never leaves a half-written file, and
+validated key by key on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ccl_jax.grouping import Groups
+
+RULES = ("quantile", "mean_std", "max")
+DEFAULT_RULE = "quantile"
+# Each rule's parameters and their defaults; nothing else is accepted.
+RULE_DEFAULTS: dict[str, dict[str, float]] = {
+    "quantile": {"alpha": 0.05},
+    "mean_std": {"k": 3.0},
+    "max": {},
+}
+# Fewest normal scores each rule is defined for.
+_MIN_SCORES = {"quantile": 1, "mean_std": 2, "max": 1}
+# (n + 1)(1 - alpha) is often an integer in exact arithmetic (n = 39,
+# alpha = 0.05); float rounding must not push ceil() one order statistic up.
+_CEIL_SLACK = 1e-9
+
+DECISION_FILE = "decision.json"
+DECISION_FORMAT_VERSION = 1
+_DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
+_RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate")
+
+
+# ----------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------
+
+
+def _resolve_params(rule: str, params: dict[str, Any]) -> dict[str, float]:
+  """The rule's full parameter dict (defaults filled in), validated."""
+  if rule not in RULES:
+    raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+  unknown = sorted(set(params) - set(RULE_DEFAULTS[rule]))
+  if unknown:
+    raise ValueError(
+        f"rule {rule!r} takes parameters {sorted(RULE_DEFAULTS[rule])}; got unknown {unknown}")
+  resolved = {**RULE_DEFAULTS[rule], **params}
+  for name, value in resolved.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+      raise ValueError(f"rule {rule!r} parameter {name!r} must be a number; got {value!r}")
+    resolved[name] = float(value)
+  if rule == "quantile" and not 0.0 < resolved["alpha"] < 1.0:
+    raise ValueError(f"rule 'quantile' needs alpha in (0, 1); got {resolved['alpha']}")
+  if rule == "mean_std" and not (math.isfinite(resolved["k"]) and resolved["k"] >= 0.0):
+    raise ValueError(f"rule 'mean_std' needs a finite k >= 0; got {resolved['k']}")
+  return resolved
+
+
+def _as_scores(name: str, scores: Any) -> np.ndarray:
+  array = np.asarray(scores)
+  if array.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D array [N]; got shape {array.shape}")
+  if array.dtype.kind not in "iuf":
+    raise ValueError(f"{name} must hold real numbers; got dtype {array.dtype}")
+  array = array.astype(np.float64)
+  if not np.isfinite(array).all():
+    raise ValueError(f"{name} contains NaN or Inf; scores must be finite")
+  return array
+
+
+def _apply_rule(scores: np.ndarray, rule: str, params: dict[str, float]) -> float:
+  n = scores.size
+  if rule == "max":
+    return float(scores.max())
+  if rule == "mean_std":
+    return float(scores.mean() + params["k"] * scores.std(ddof=1))
+  k = math.ceil((n + 1) * (1.0 - params["alpha"]) - _CEIL_SLACK)
+  # np.sort copies, so the caller's array is never reordered.
+  return float(np.sort(scores)[min(k, n) - 1])
+
+
+def threshold_from_normal_scores(scores: np.ndarray, *, rule: str = DEFAULT_RULE,
+                                 **rule_params: float) -> float:
+  """One threshold from the scores of normal held-out images.
+
+  Args:
+    scores: [n] image scores of NORMAL held-out images only.
+    rule: one of `RULES` (see the module docstring).
+    **rule_params: ``alpha`` for ``quantile``, ``k`` for ``mean_std``.
+
+  Returns:
+    The threshold; an image is anomalous iff its score is strictly above it.
+  """
+  params = _resolve_params(rule, rule_params)
+  scores = _as_scores("scores", scores)
+  if scores.size < _MIN_SCORES[rule]:
+    raise ValueError(
+        f"rule {rule!r} needs at least {_MIN_SCORES[rule]} normal scores; got {scores.size}")
+  return _apply_rule(scores, rule, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """Per-group and class-agnostic thresholds.
+
+  Attributes:
+    per_group: [G] float64; group g's threshold (the agnostic one where the
+      group had too few normal scores, see `num_normal`).
+    agnostic: the rule applied to all normal scores pooled.
+    rule: the rule's name, one of `RULES`.
+    params: the rule's parameters, defaults filled in.
+    num_normal: [G] number of normal scores each group's estimate used; empty
+      when unknown (constructed by hand).
+  """
+
+  per_group: np.ndarray
+  agnostic: float
+  rule: str
+  params: dict
+  num_normal: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    per_group = np.asarray(self.per_group)
+    if per_group.ndim != 1 or per_group.size == 0 or per_group.dtype.kind not in "iuf":
+      raise ValueError(
+          f"Thresholds.per_group must be a non-empty 1-D real array [G]; got shape "
+          f"{per_group.shape}, dtype {per_group.dtype}")
+    per_group = per_group.astype(np.float64)
+    if not np.isfinite(per_group).all():
+      raise ValueError("Thresholds.per_group contains NaN or Inf")
+    if (isinstance(self.agnostic, bool) or not isinstance(self.agnostic, (int, float, np.number))
+        or not math.isfinite(self.agnostic)):
+      raise ValueError(f"Thresholds.agnostic must be a finite number; got {self.agnostic!r}")
+    if not isinstance(self.params, dict):
+      raise ValueError(f"Thresholds.params must be a dict; got {self.params!r}")
+    params = _resolve_params(self.rule, self.params)
+    num_normal = tuple(self.num_normal)
+    if num_normal and (len(num_normal) != per_group.size or not all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0
+        for c in num_normal)):
+      raise ValueError(
+          f"Thresholds.num_normal must be empty or {per_group.size} counts >= 0; "
+          f"got {num_normal!r}")
+    per_group.flags.writeable = False
+    object.__setattr__(self, "per_group", per_group)
+    object.__setattr__(self, "agnostic", float(self.agnostic))
+    object.__setattr__(self, "params", params)
+    object.__setattr__(self, "num_normal", tuple(int(c) for c in num_normal))
+
+  # The generated __eq__ would compare arrays with `==` and fail on truth value.
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, Thresholds):
+      return NotImplemented
+    return (np.array_equal(self.per_group, other.per_group) and self.agnostic == other.agnostic
+            and self.rule == other.rule and self.params == other.params
+            and self.num_normal == other.num_normal)
+
+  def per_image(self, group_ids: np.ndarray) -> np.ndarray:
+    """[M] float64 threshold of each image from its routed group index."""
+    group_ids = _as_group_ids("group_ids", group_ids, self.per_group.size)
+    return self.per_group[group_ids]
+
+  def to_json(self) -> dict:
+    return {"per_group": self.per_group.tolist(), "agnostic": self.agnostic,
+            "rule": self.rule, "params": dict(self.params), "num_normal": list(self.num_normal)}
+
+  @classmethod
+  def from_json(cls, d: dict) -> Thresholds:
+    """Inverse of `to_json`; raises ValueError naming the offending key."""
+    if not isinstance(d, dict):
+      raise ValueError(f"thresholds must be a JSON object; got {type(d).__name__}")
+    keys = ("per_group", "agnostic", "rule", "params", "num_normal")
+    for key in keys:
+      if key not in d:
+        raise ValueError(f"missing key {key!r} (expected keys {', '.join(keys)})")
+    per_group, rule, params, num_normal = d["per_group"], d["rule"], d["params"], d["num_normal"]
+    if not isinstance(per_group, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in per_group):
+      raise ValueError(f"key 'per_group' must be a list of numbers; got {per_group!r}")
+    if not isinstance(rule, str):
+      raise ValueError(f"key 'rule' must be a string, one of {RULES}; got {rule!r}")
+    if not isinstance(params, dict):
+      raise ValueError(f"key 'params' must be an object; got {params!r}")
+    if not isinstance(num_normal, list):
+      raise ValueError(f"key 'num_normal' must be a list of counts; got {num_normal!r}")
+    try:
+      return cls(np.asarray(per_group, np.float64), d["agnostic"], rule, params,
+                 tuple(num_normal))
+    except ValueError as err:
+      raise ValueError(f"invalid thresholds: {err}") from None
+
+
+def _as_group_ids(name: str, ids: Any, num_groups: int) -> np.ndarray:
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+    raise ValueError(
+        f"{name} must be a 1-D integer array [N]; got shape {ids.shape}, dtype {ids.dtype}")
+  ids = ids.astype(np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= num_groups):
+    raise ValueError(
+        f"{name} must lie in [0, {num_groups}); got values in [{ids.min()}, {ids.max()}]")
+  return ids
+
+
+def estimate_thresholds(normal_scores: np.ndarray, group_ids: np.ndarray, num_groups: int, *,
+                        rule: str = DEFAULT_RULE, **rule_params: float) -> Thresholds:
+  """Per-group and agnostic thresholds from NORMAL held-out training images.
+
+  Args:
+    normal_scores: [N] scores of normal held-out training images (never test
+      images, never anomalous ones).
+    group_ids: [N] group index of each image (``grouping.route``, or the
+      class id when labels are used).
+    num_groups: G, the number of groups.
+    rule: one of `RULES`.
+    **rule_params: the rule's parameters.
+
+  Returns:
+    `Thresholds`; groups with too few scores for the rule get the agnostic
+    threshold (see the module docstring).
+  """
+  params = _resolve_params(rule, rule_params)
+  if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) \
+      or num_groups < 1:
+    raise ValueError(f"num_groups must be an integer >= 1; got {num_groups!r}")
+  scores = _as_scores("normal_scores", normal_scores)
+  group_ids = _as_group_ids("group_ids", group_ids, int(num_groups))
+  if group_ids.shape != scores.shape:
+    raise ValueError(
+        f"group_ids must have the same shape as normal_scores {scores.shape}; "
+        f"got {group_ids.shape}")
+  if scores.size < _MIN_SCORES[rule]:
+    raise ValueError(
+        f"rule {rule!r} needs at least {_MIN_SCORES[rule]} normal scores in total; "
+        f"got {scores.size}")
+  agnostic = _apply_rule(scores, rule, params)
+  counts = np.bincount(group_ids, minlength=num_groups)
+  per_group = np.array([
+      _apply_rule(scores[group_ids == g], rule, params) if counts[g] >= _MIN_SCORES[rule]
+      else agnostic for g in range(num_groups)])
+  return Thresholds(per_group, agnostic, rule, params, tuple(int(c) for c in counts))
+
+
+# ----------------------------------------------------------------------------
+# Decision metrics
+# ----------------------------------------------------------------------------
+
+
+def _ratio(numerator: int, denominator: int, empty: float) -> float:
+  return numerator / denominator if denominator else empty
+
+
+def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray) -> dict:
+  tp = int(np.count_nonzero(flagged & is_anomalous))
+  fp = int(np.count_nonzero(flagged & ~is_anomalous))
+  fn = int(np.count_nonzero(~flagged & is_anomalous))
+  tn = int(np.count_nonzero(~flagged & ~is_anomalous))
+  return {
+      "precision": _ratio(tp, tp + fp, 1.0),
+      "recall": _ratio(tp, tp + fn, 1.0),
+      "f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+      "false_alarm_rate": _ratio(fp, fp + tn, 0.0),
+      "threshold_mean": float(thresholds.mean()),
+      "n_normal": fp + tn, "n_anomalous": tp + fn,
+      "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+  }
+
+
+def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_image: np.ndarray,
+                     class_ids: np.ndarray, class_names: Sequence[str]) -> dict:
+  """Precision, recall, F1 and false-alarm rate at given per-image thresholds.
+
+  Args:
+    scores: [N] image scores of the evaluated (test) images.
+    labels: [N] 1 = anomalous, 0 = normal (bool or 0/1).
+    thresholds_per_image: [N] threshold applied to each image (e.g.
+      ``Thresholds.per_image(route(...))``, or the agnostic one everywhere).
+    class_ids: [N] true class index of each image in [0, C), for reporting.
+    class_names: the C class names.
+
+  Returns:
+    ``{'per_class': {name: row}, 'mean': {metric: float},
+    'spread': {metric: {'std', 'min', 'max'}}, 'overall': row}`` where a row
+    holds precision, recall, f1, false_alarm_rate, threshold_mean, n_normal,
+    n_anomalous and the counts tp, fp, fn, tn; mean and spread cover the four
+    rates over the classes that have images (classes without images are left
+    out of per_class). ``overall`` pools all images. Image i is flagged iff
+    ``scores[i] > thresholds_per_image[i]``.
+  """
+  scores = _as_scores("scores", scores)
+  n = scores.size
+  if n == 0:
+    raise ValueError("scores is empty; need at least one image")
+  labels = np.asarray(labels)
+  if labels.shape != (n,) or labels.dtype.kind not in "biuf" or not np.isin(labels, (0, 1)).all():
+    raise ValueError(f"labels must be [N] = ({n},) of 0/1 or bool; got shape {labels.shape}")
+  thresholds = _as_scores("thresholds_per_image", thresholds_per_image)
+  if thresholds.shape != (n,):
+    raise ValueError(
+        f"thresholds_per_image must have shape [N] = ({n},); got {thresholds.shape}")
+  if isinstance(class_names, str):
+    raise ValueError("class_names must be a sequence of strings, not one string")
+  class_names = tuple(class_names)
+  if not class_names or len(set(class_names)) != len(class_names):
+    raise ValueError(f"class_names must be non-empty and distinct; got {class_names!r}")
+  class_ids = _as_group_ids("class_ids", class_ids, len(class_names))
+  if class_ids.shape != (n,):
+    raise ValueError(f"class_ids must have shape [N] = ({n},); got {class_ids.shape}")
+
+  is_anomalous = labels.astype(bool)
+  flagged = scores > thresholds
+  per_class = {}
+  for c, name in enumerate(class_names):
+    member = class_ids == c
+    if member.any():
+      per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member])
+  table = {m: np.array([row[m] for row in per_class.values()]) for m in _RATE_METRICS}
+  return {
+      "per_class": per_class,
+      "mean": {m: float(v.mean()) for m, v in table.items()},
+      "spread": {m: {"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+                 for m, v in table.items()},
+      "overall": _rates(is_anomalous, flagged, thresholds),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Persistence
+# ----------------------------------------------------------------------------
+
+
+def save_decision(workdir: str, groups: Groups, thresholds: Thresholds, meta: dict) -> str:
+  """Writes ``workdir/decision.json`` atomically; returns its path.
+
+  Args:
+    workdir: directory (created if missing).
+    groups: the routing groups.
+    thresholds: thresholds with one entry per group.
+    meta: JSON-serialisable dict with string keys (model kind, embedding
+      dim, rule, ...); NaN/Inf are rejected because JSON cannot hold them.
+  """
+  if not isinstance(groups, Groups) or not isinstance(thresholds, Thresholds):
+    raise ValueError("groups must be a grouping.Groups and thresholds a Thresholds")
+  if thresholds.per_group.size != groups.num_groups:
+    raise ValueError(
+        f"thresholds has {thresholds.per_group.size} per-group values but groups has "
+        f"{groups.num_groups} groups; they must match")
+  if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+    raise ValueError(f"meta must be a dict with string keys; got {meta!r}")
+  document = {"format_version": DECISION_FORMAT_VERSION, "groups": groups.to_json(),
+              "thresholds": thresholds.to_json(), "meta": meta}
+  try:
+    text = json.dumps(document, allow_nan=False, indent=1)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"meta is not JSON-serialisable without NaN/Inf: {err}") from None
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, DECISION_FILE)
+  # The temp file lives next to the target so os.replace stays on one
+  # filesystem and is atomic.
+  fd, tmp_path = tempfile.mkstemp(prefix=f".{DECISION_FILE}.", suffix=".tmp", dir=workdir)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return path
+
+
+def load_decision(workdir: str) -> tuple[Groups, Thresholds, dict]:
+  """Reads ``workdir/decision.json``; every error names the file and the key.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file is not valid JSON, or a key is missing or invalid.
+  """
+  path = os.path.join(workdir, DECISION_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"no decision file at {path}; write one with thresholds.save_decision")
+  try:
+    with open(path, encoding="utf-8") as f:
+      document = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from None
+  if not isinstance(document, dict):
+    raise ValueError(f"{path}: top level must be a JSON object; got {type(document).__name__}")
+  for key in _DECISION_KEYS:
+    if key not in document:
+      raise ValueError(f"{path}: missing key {key!r} (expected keys {', '.join(_DECISION_KEYS)})")
+  if document["format_version"] != DECISION_FORMAT_VERSION:
+    raise ValueError(
+        f"{path}: key 'format_version' is {document['format_version']!r}; this code reads "
+        f"version {DECISION_FORMAT_VERSION}")
+  try:
+    groups = Groups.from_json(document["groups"])
+  except ValueError as err:
+    raise ValueError(f"{path}: key 'groups': {err}") from None
+  try:
+    thresholds = Thresholds.from_json(document["thresholds"])
+  except ValueError as err:
+    raise ValueError(f"{path}: key 'thresholds': {err}") from None
+  if not isinstance(document["meta"], dict):
+    raise ValueError(f"{path}: key 'meta' must be a JSON object; got {document['meta']!r}")
+  if thresholds.per_group.size != groups.num_groups:
+    raise ValueError(
+        f"{path}: key 'thresholds.per_group' has {thresholds.per_group.size} values but "
+        f"'groups.names' has {groups.num_groups}; they must match")
+  return groups, thresholds, document["meta"]
