@@ -21,7 +21,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from ccl_jax import step, train
+from ccl_jax import inference, step, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs to compare.")
@@ -41,7 +41,7 @@ def neck_embedding(variables, encoder_variables, images, *, model, encoder):
 def embeddings_of(trained: train.TrainedModel, dataset) -> np.ndarray:
   fn = jax.jit(functools.partial(neck_embedding, model=trained.model, encoder=trained.encoder))
   batch_size = trained.config.eval_batch_size or trained.config.batch_size
-  return train.run_inference(
+  return inference.run_inference(
       fn, trained.variables, trained.encoder_variables, dataset.test,
       np.arange(len(dataset.test)), outputs=("embedding",), global_batch_size=batch_size,
       batch_sharding=NamedSharding(step.data_mesh(), P("data")))["embedding"]

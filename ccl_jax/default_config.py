@@ -48,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.clip_norm = 5.0
 
+  config.decision = ml_collections.ConfigDict()  # thresholds: see ccl_jax/decisions.py
+  config.decision.rule = "quantile"    # quantile | mean_std | max (ccl_jax/thresholds.py)
+  config.decision.rule_params = {"alpha": 0.05}  # quantile: alpha; mean_std: k
+  config.decision.num_groups = 0       # groups without class labels; 0 = chosen automatically
+  config.decision.max_groups = 20      # the automatic choice's upper bound
+
   config.image_size = 256
   config.batch_size = 16
   config.eval_batch_size = 0           # 0 = batch_size

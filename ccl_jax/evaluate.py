@@ -24,7 +24,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ccl_jax import step, train, weights
+from ccl_jax import inference, step, train, weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (for --variables).",
@@ -64,7 +64,7 @@ def evaluate_variables(config, workdir: str, variables_path: str) -> dict:
       encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
       NamedSharding(mesh, P()))
   variables = load_model_variables(variables_path, model, encoder, config.image_size)
-  summary, outputs = train.evaluate_test_set(
+  summary, outputs = inference.evaluate_test_set(
       step.jit_predict(model, encoder), variables, encoder_variables, dataset,
       global_batch_size=config.eval_batch_size or config.batch_size,
       batch_sharding=NamedSharding(mesh, P("data")))
@@ -79,7 +79,7 @@ def evaluate_workdir(workdir: str) -> dict:
   """Metrics of a training run's best checkpoint, written into its `eval/` folder."""
   trained = train.load_trained(workdir)
   dataset = train.load_dataset(trained.config, jax.process_index() == 0)
-  summary, outputs = train.evaluate_test_set(
+  summary, outputs = inference.evaluate_test_set(
       step.jit_predict(trained.model, trained.encoder), trained.variables,
       trained.encoder_variables, dataset,
       global_batch_size=trained.config.eval_batch_size or trained.config.batch_size,

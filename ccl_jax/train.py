@@ -33,7 +33,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ccl_jax import datasets, input_pipeline, metrics, step, visualize, weights
+from ccl_jax import (datasets, decisions, inference, input_pipeline, metrics, step, thresholds,
+                     visualize, weights)
 import flax.linen as nn
 
 from ccl_jax.models import ReverseDistillation, build_encoder, encoder_spec
@@ -65,90 +66,10 @@ def loss_settings(config: ml_collections.ConfigDict) -> step.LossSettings:
       global_views=config.loss.global_views)
 
 
-class _Gather:
-  """Collects per-image outputs of padded eval batches into arrays indexed by position."""
-
-  def __init__(self, num_items: int):
-    self.num_items = num_items
-    self.fields: dict[str, np.ndarray] = {}
-    self.seen = np.zeros(num_items, bool)
-
-  def add(self, index: np.ndarray, valid: np.ndarray, values: dict[str, np.ndarray]) -> None:
-    index = index[valid]
-    if np.any(self.seen[index]):
-      raise RuntimeError("An evaluation image was produced twice; the eval stream is broken.")
-    self.seen[index] = True
-    for name, value in values.items():
-      if name not in self.fields:
-        self.fields[name] = np.zeros((self.num_items,) + value.shape[1:], value.dtype)
-      self.fields[name][index] = value[valid]
-
-  def result(self) -> dict[str, np.ndarray]:
-    if not np.all(self.seen):
-      raise RuntimeError(f"{np.sum(~self.seen)} evaluation images were never produced.")
-    return self.fields
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """The full value of a (possibly multi-host) global array on every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def run_inference(fn, variables, encoder_variables, source, indices: np.ndarray, *,
-                  outputs: tuple[str, ...], batch_fields: tuple[str, ...] = (),
-                  global_batch_size: int, batch_sharding,
-                  worker_count: int = 0) -> dict[str, np.ndarray]:
-  """Runs `fn(variables, encoder_variables, images)` on every image of `indices` exactly
-  once (padded, masked last batch) and returns the named `outputs` of `fn` and
-  `batch_fields` of the input batches as per-position arrays."""
-  gather = _Gather(len(indices))
-  for local in input_pipeline.eval_batches(
-      source, indices, global_batch_size=global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=worker_count):
-    batch = input_pipeline.to_global_array(local, batch_sharding)
-    out = fn(variables, encoder_variables, batch["image"])
-    values = {name: _host(out[name]) for name in outputs}
-    values.update({name: _host(batch[name]) for name in batch_fields})
-    gather.add(_host(batch["index"]), _host(batch["valid"]), values)
-  return gather.result()
-
-
-def evaluate_test_set(predict_fn, variables, encoder_variables, dataset, *,
-                      global_batch_size: int, batch_sharding,
-                      worker_count: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
-  """Metrics per class and mean over the whole test split, plus the raw outputs."""
-  indices = np.arange(len(dataset.test))
-  outputs = run_inference(predict_fn, variables, encoder_variables, dataset.test, indices,
-                          outputs=("anomaly_map", "score"), batch_fields=("mask", "label"),
-                          global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-                          worker_count=worker_count)
-  per_class = {}
-  for class_id, name in enumerate(dataset.class_names):
-    rows = dataset.test_class_ids == class_id
-    per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
-                       "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
-  summary = metrics.summarize(per_class)
-  if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
-    summary["per_dataset"] = per_dataset_means(summary["per_class"])
-  return summary, outputs
-
-
-def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-  """Mean of each metric over the classes of each dataset ('dataset/class' names)."""
-  groups: dict[str, list[dict[str, float]]] = {}
-  for name, row in per_class.items():
-    groups.setdefault(name.split("/")[0], []).append(row)
-  return {prefix: {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
-          for prefix, rows in groups.items()}
-
-
 def validation_loss(predict_fn, variables, encoder_variables, dataset, indices, *,
                     global_batch_size: int, batch_sharding) -> float:
   """Mean KD loss (the RD objective, inference mode) on held-out normal training images."""
-  outputs = run_inference(predict_fn, variables, encoder_variables, dataset.train, indices,
+  outputs = inference.run_inference(predict_fn, variables, encoder_variables, dataset.train, indices,
                           outputs=("kd",), global_batch_size=global_batch_size,
                           batch_sharding=batch_sharding)
   return float(np.mean(outputs["kd"]))
@@ -188,7 +109,7 @@ def pseudo_class_ids(encoder, encoder_variables, dataset, indices: np.ndarray, *
     raise ValueError(f"dataset.num_pseudo_classes={num_classes} must be between 2 and the "
                      f"number of training images ({len(indices)}).")
   embed_fn = jax.jit(functools.partial(step.embed, encoder=encoder))
-  embeddings = run_inference(embed_fn, None, encoder_variables, dataset.train, indices,
+  embeddings = inference.run_inference(embed_fn, None, encoder_variables, dataset.train, indices,
                              outputs=("embedding",), global_batch_size=global_batch_size,
                              batch_sharding=batch_sharding)["embedding"]
   clusters = sklearn.cluster.KMeans(num_classes, n_init=10, random_state=seed).fit_predict(
@@ -290,8 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f"devices ({jax.device_count()}).")
 
   dataset = load_dataset(config, is_main)
-  train_indices, val_indices = input_pipeline.holdout_split(
-      dataset.train_class_ids, config.validation_fraction, config.seed)
+  train_indices, val_indices = holdout_split(config, dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   logging.info("Classes: %s | train %d (+%d validation) | test %d | %d steps/epoch",
@@ -356,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         meta["epochs_without_improvement"] += 1
     if config.eval_every_epochs and epoch % config.eval_every_epochs == 0 and epoch < (
         config.num_epochs):
-      summary, _ = evaluate_test_set(predict, step.variables_of(state), encoder_variables,
+      summary, _ = inference.evaluate_test_set(predict, step.variables_of(state), encoder_variables,
                                      dataset, global_batch_size=eval_batch_size,
                                      batch_sharding=batch_sharding)
       record["test_mean"] = summary["mean"]
@@ -409,22 +329,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.evaluate_checkpoint == "best" and best.latest_step() is not None:
     final, _ = _restore(best, state, best.latest_step())
     logging.info("Evaluating the best-validation checkpoint (step %d).", int(final.step))
-  summary, outputs = evaluate_test_set(predict, step.variables_of(final), encoder_variables,
-                                       dataset, global_batch_size=eval_batch_size,
-                                       batch_sharding=batch_sharding,
-                                       worker_count=config.worker_count)
-  result = {"metrics": summary, "evaluated_step": int(final.step), "step": step_number,
-            "history": meta["history"], "classes": list(dataset.class_names),
-            "pseudo_classes": meta.get("pseudo_classes")}
+  model_kind = "ccl" if loss_settings(config).uses_augmented_view else "rd"
+  result, outputs = fit_and_evaluate_decisions(
+      config, workdir, model_kind, decisions.group_agnostic(predict),
+      step.variables_of(final), encoder, encoder_variables, dataset, train_indices,
+      val_indices, batch_sharding=batch_sharding)
+  result.update({"evaluated_step": int(final.step), "step": step_number,
+                 "history": meta["history"], "pseudo_classes": meta.get("pseudo_classes")})
   if is_main:
     write_results(workdir, result, dataset, outputs, config.num_heatmaps_per_class)
   return result
+
+
+def holdout_split(config: ml_collections.ConfigDict, dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Training and held-out normal images. The hold-out (validation loss, thresholds) is
+  stratified by class only when class labels are used at training."""
+  labels_at_training = config.dataset.class_labels == "true"
+  split_ids = (dataset.train_class_ids if labels_at_training
+               else np.zeros_like(dataset.train_class_ids))
+  return input_pipeline.holdout_split(split_ids, config.validation_fraction, config.seed)
+
+
+def fit_and_evaluate_decisions(config: ml_collections.ConfigDict, workdir: str,
+                               model_kind: str, score_fn, variables, encoder,
+                               encoder_variables, dataset, train_indices: np.ndarray,
+                               holdout_indices: np.ndarray, *, batch_sharding,
+                               groups=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Groups and class-wise thresholds (decision.json), then the test-set evaluation with
+  threshold-free metrics and decisions (evaluation labels as at training)."""
+  labels_at_training = config.dataset.class_labels == "true"
+  global_batch_size = config.eval_batch_size or config.batch_size
+  if not len(holdout_indices):
+    logging.warning("validation_fraction=0: no held-out normal images, so no thresholds and "
+                    "no decision.json; `python -m ccl_jax.predict` needs them.")
+    summary, outputs = inference.evaluate_test_set(
+        score_fn, variables, encoder_variables, dataset, global_batch_size=global_batch_size,
+        batch_sharding=batch_sharding, worker_count=config.worker_count,
+        per_image_inputs={"group_id": np.zeros(len(dataset.test), np.int32)})
+    return {"metrics": summary, "classes": list(dataset.class_names)}, outputs
+  groups, estimated, decision_meta = decisions.fit_decision(
+      score_fn, variables, encoder, encoder_variables, dataset, train_indices, holdout_indices,
+      labels_at_training=labels_at_training, num_groups=config.decision.num_groups,
+      max_groups=config.decision.max_groups, rule=config.decision.rule,
+      rule_params=dict(config.decision.rule_params), seed=config.seed,
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding, groups=groups)
+  if jax.process_index() == 0:
+    thresholds.save_decision(workdir, groups, estimated, dict(decision_meta, model=model_kind))
+  result, outputs = decisions.evaluate_decisions(
+      score_fn, variables, encoder, encoder_variables, dataset, groups, estimated,
+      labels_at_evaluation=labels_at_training, global_batch_size=global_batch_size,
+      batch_sharding=batch_sharding)
+  result["classes"] = list(dataset.class_names)
+  return result, outputs
 
 
 def write_results(workdir: str, result: dict[str, Any], dataset, outputs: dict[str, np.ndarray],
                   num_heatmaps_per_class: int) -> None:
   """metrics.json, results.md (printed too) and heatmaps/ of an evaluation."""
   table = metrics.format_table(result["metrics"])
+  if "classwise" in result:
+    table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
+              "false-alarm rate):\n\n" + decisions.format_decision_table(result))
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "metrics.json"), result)
   with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccl_jax import datasets, train
+from ccl_jax import datasets, inference, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -158,7 +158,7 @@ def test_dataset_mixture_has_one_class_space_and_per_dataset_metrics(data_dir, t
 def test_per_dataset_means_group_qualified_class_names():
   rows = {"a/x": {"image_auroc": 0.5, "aupro": 1.0}, "a/y": {"image_auroc": 1.0, "aupro": 0.0},
           "b/z": {"image_auroc": 0.25, "aupro": 0.5}}
-  means = train.per_dataset_means(rows)
+  means = inference.per_dataset_means(rows)
   assert means == {"a": {"image_auroc": 0.75, "aupro": 0.5},
                    "b": {"image_auroc": 0.25, "aupro": 0.5}}
 

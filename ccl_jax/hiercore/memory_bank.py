@@ -1,0 +1,308 @@
+"""HierCore's hierarchical memory bank: group centroids above, one patch coreset per group.
+
+Designed from HierCore's abstract (arXiv, Aug 2025), which names only "a hierarchical memory
+bank" that works "even without class labels" and yields "class-wise decision criteria". The
+two levels here:
+
+* Upper level: groups of training images (true classes, or clusters of the image-level
+  embedding when labels are absent) with their centroids. They belong to
+  `ccl_jax.grouping`; this module only receives each training image's group id and the
+  number of groups, and at test time each image's routed group id.
+* Lower level: per group, a greedy k-center coreset of the PatchCore patch features of that
+  group's training images (`coreset.py`), so a test patch is compared only with normal
+  patches of the group its image was routed to. Per-group scores are what per-group
+  thresholds (`ccl_jax.thresholds`) are estimated from.
+
+Bank size: `coreset_fraction` keeps ceil(fraction * patches of the group) points per group
+(PatchCore's 1 %-25 % rule, per group), `coreset_size` a fixed number per group (capped at
+the group's patch count). Coresets of different size are stored padded to one
+[G, M, C] array with `counts` [G]; `valid` masks the padding.
+
+Building streams the training images once, in group order, through
+`input_pipeline.eval_batches` (padded, masked last batch; multi-host safe as in
+`inference.run_inference`); each group's patches go to its `StreamingCoreset` in chunks of
+`chunk_images` images. As groups arrive one after another, a group's last partial chunk is
+reduced as soon as the next group starts, so host memory is bounded by the bank plus one
+chunk and one batch of patches.
+
+Scoring (`score`, jittable): the anomaly of a patch is its Euclidean distance to the nearest
+patch of its image's group coreset (PatchCore). The memory axis is processed in chunks of
+`memory_chunk` entries with a running minimum, so the largest intermediates are the
+distances [B, h*w, memory_chunk] and the gathered memory [B, memory_chunk, C], never
+[B*h*w, M]. Squared distances are |x|^2 - 2 x.y + |y|^2 (one matmul per chunk, at HIGHEST
+precision so TF32 does not perturb near-zero distances), clamped at 0 before the root.
+Padding rows of a group (beyond counts[g]) are masked to +inf. The patch-distance map is
+upsampled (bilinear, align_corners=True) and blurred (Gaussian sigma 4) to the image size
+with the operators of `ccl_jax.scoring`, as RD's maps are; the image score is the maximum of that
+map (`scoring.image_score`), so both models' scores are defined alike. PatchCore's image-score
+reweighting (by the density around the nearest memory patch) is not used: the abstract does
+not mention it and the thresholds are estimated per group from these scores directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ccl_jax import inference, input_pipeline, scoring
+from ccl_jax.hiercore.coreset import DEFAULT_PROJECTION_DIM, StreamingCoreset
+
+FORMAT_VERSION = 1
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("features", "counts"),
+                   meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class MemoryBank:
+  """Per-group patch coresets, padded: `features` [G, M, C] float32, `counts` [G] int32
+  (group g's coreset is features[g, :counts[g]]). A pytree: pass it to jitted `score` as an
+  argument (`jax.device_put` it once to keep it on the device)."""
+  features: np.ndarray | jax.Array
+  counts: np.ndarray | jax.Array
+
+  @property
+  def num_groups(self) -> int:
+    return self.features.shape[0]
+
+  @property
+  def feature_dim(self) -> int:
+    return self.features.shape[2]
+
+  @property
+  def valid(self) -> np.ndarray:
+    """[G, M] bool: which rows of `features` are real coreset points."""
+    return np.arange(self.features.shape[1])[None, :] < np.asarray(self.counts)[:, None]
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the stored (padded) features."""
+    return int(np.prod(self.features.shape)) * 4
+
+  def group(self, g: int) -> np.ndarray:
+    """Group g's coreset [counts[g], C]."""
+    return np.asarray(self.features[g, :int(self.counts[g])])
+
+  def save(self, path: str) -> str:
+    """Writes an .npz atomically (temporary file in the same directory, then rename);
+    returns the path."""
+    path = os.path.abspath(os.path.expanduser(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_memory_bank_", suffix=".npz")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, features=np.asarray(self.features, np.float32),
+                 counts=np.asarray(self.counts, np.int32),
+                 format_version=np.int32(FORMAT_VERSION))
+      os.replace(tmp, path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+    return path
+
+  @classmethod
+  def load(cls, path: str) -> MemoryBank:
+    """Reads a file written by `save`; a missing, unreadable or inconsistent file is an
+    error naming it and what is wrong."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"No HierCore memory bank at {path!r}.")
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        arrays = {key: np.asarray(data[key]) for key in data.files}
+    except Exception as e:  # zipfile/numpy raise several unrelated types on corrupt input
+      raise ValueError(f"HierCore memory bank {path!r} is not a readable .npz file "
+                       f"({type(e).__name__}: {e}).") from e
+    missing = sorted({"features", "counts", "format_version"} - set(arrays))
+    if missing:
+      raise ValueError(f"HierCore memory bank {path!r} lacks the keys {missing} "
+                       f"(has {sorted(arrays)}).")
+    if int(arrays["format_version"]) != FORMAT_VERSION:
+      raise ValueError(f"HierCore memory bank {path!r} has format version "
+                       f"{int(arrays['format_version'])}; this code reads {FORMAT_VERSION}.")
+    try:
+      return cls.create(arrays["features"], arrays["counts"])
+    except ValueError as e:
+      raise ValueError(f"HierCore memory bank {path!r} is inconsistent: {e}") from e
+
+  @classmethod
+  def create(cls, features: np.ndarray, counts: np.ndarray) -> MemoryBank:
+    """A validated bank of host arrays (float32 features, int32 counts)."""
+    features = np.asarray(features)
+    counts = np.asarray(counts)
+    if features.ndim != 3 or not np.issubdtype(features.dtype, np.floating):
+      raise ValueError(f"features must be a float [G, M, C] array, got {features.dtype} "
+                       f"{features.shape}.")
+    if counts.shape != features.shape[:1] or not np.issubdtype(counts.dtype, np.integer):
+      raise ValueError(f"counts must be an int [G] array with G = {features.shape[0]}, got "
+                       f"{counts.dtype} {counts.shape}.")
+    if np.any(counts < 1) or np.any(counts > features.shape[1]):
+      raise ValueError(f"every group needs 1 to {features.shape[1]} coreset points; counts "
+                       f"are {counts.tolist()}.")
+    if not np.all(np.isfinite(features)):
+      raise ValueError("features contain non-finite values.")
+    return cls(features.astype(np.float32), counts.astype(np.int32))
+
+
+def coreset_sizes(patches_per_group: np.ndarray, *, coreset_fraction: float | None = None,
+                  coreset_size: int | None = None) -> np.ndarray:
+  """Coreset size per group [G] from its patch count: ceil(fraction * patches) or
+  min(coreset_size, patches); exactly one of the two must be given."""
+  patches_per_group = np.asarray(patches_per_group, np.int64)
+  if (coreset_fraction is None) == (coreset_size is None):
+    raise ValueError("Give exactly one of coreset_fraction and coreset_size.")
+  if coreset_fraction is not None:
+    if not 0.0 < coreset_fraction <= 1.0:
+      raise ValueError(f"coreset_fraction must be in (0, 1], got {coreset_fraction}.")
+    return np.maximum(1, np.ceil(coreset_fraction * patches_per_group)).astype(np.int64)
+  if coreset_size < 1:
+    raise ValueError(f"coreset_size must be positive, got {coreset_size}.")
+  return np.minimum(coreset_size, patches_per_group)
+
+
+def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
+                      indices: Sequence[int], group_ids: Sequence[int], num_groups: int, *,
+                      coreset_fraction: float | None = None, coreset_size: int | None = None,
+                      chunk_images: int = 64, global_batch_size: int, batch_sharding,
+                      projection_dim: int | None = DEFAULT_PROJECTION_DIM, seed: int = 0,
+                      worker_count: int = 0, progress: bool = True) -> MemoryBank:
+  """The memory bank of the training images `source[indices]`.
+
+  Args:
+    patch_fn: uint8 images [B, S, S, 3] -> patch features [B, h, w, C] (`make_patch_fn`).
+    source, indices: training records (see `input_pipeline`) and the positions to use.
+    group_ids: [len(indices)] group of each image, in [0, num_groups); every group needs at
+      least one image.
+    coreset_fraction / coreset_size: per-group coreset size (exactly one; `coreset_sizes`).
+    chunk_images: images per merge-and-reduce step (bounds memory; larger is closer to the
+      exact greedy coreset, see `coreset.py`).
+    global_batch_size, batch_sharding, worker_count: as `inference.run_inference`.
+    projection_dim, seed: the greedy selection's random projection (`coreset.py`).
+    progress: show a tqdm bar (on process 0).
+  """
+  indices = np.asarray(indices)
+  group_ids = np.asarray(group_ids)
+  if indices.ndim != 1 or group_ids.shape != indices.shape:
+    raise ValueError(f"indices {indices.shape} and group_ids {group_ids.shape} must be 1-D "
+                     "of the same length.")
+  if group_ids.size and (group_ids.min() < 0 or group_ids.max() >= num_groups):
+    raise ValueError(f"group_ids must lie in [0, {num_groups}), got "
+                     f"[{group_ids.min()}, {group_ids.max()}].")
+  images_per_group = np.bincount(group_ids, minlength=num_groups)
+  if np.any(images_per_group == 0):
+    raise ValueError(f"Groups {np.flatnonzero(images_per_group == 0).tolist()} have no "
+                     "training images; every group needs at least one.")
+  if chunk_images < 1:
+    raise ValueError(f"chunk_images must be positive, got {chunk_images}.")
+  image_shape = np.shape(source[int(indices[0])]["image"])
+  patch_shape = jax.eval_shape(patch_fn, jax.ShapeDtypeStruct((1,) + image_shape, jnp.uint8))
+  _, height, width, channels = patch_shape.shape
+  patches_per_image = height * width
+  sizes = coreset_sizes(images_per_group * patches_per_image,
+                        coreset_fraction=coreset_fraction, coreset_size=coreset_size)
+  max_size = int(sizes.max())
+  streams = [StreamingCoreset(int(sizes[g]), chunk_images * patches_per_image, channels,
+                              max_samples=max_size, projection_dim=projection_dim, seed=seed)
+             for g in range(num_groups)]
+  # Group order: the stream feeds one group at a time, so only one group holds pending
+  # patches (plus a batch's overlap) and each chunk is a contiguous run of one group.
+  order = np.argsort(group_ids, kind="stable")
+  ordered_groups = group_ids[order]
+  seen = np.zeros(indices.size, bool)
+  finished = 0  # groups [0, finished) have been fully streamed
+  batches = input_pipeline.eval_batches(
+      source, indices[order], global_batch_size=global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=worker_count)
+  total = input_pipeline.num_eval_batches(indices.size, global_batch_size)
+  for local in tqdm.tqdm(batches, total=total, desc="HierCore memory bank", unit="batch",
+                         disable=not progress or jax.process_index() != 0):
+    batch = input_pipeline.to_global_array(local, batch_sharding)
+    features = inference.host_value(patch_fn(batch["image"]))
+    position, valid = inference.host_value(batch["index"]), inference.host_value(batch["valid"])
+    position, features = position[valid], features[valid]
+    if np.any(seen[position]):
+      raise RuntimeError("A training image was produced twice; the eval stream is broken.")
+    seen[position] = True
+    for g in np.unique(ordered_groups[position]):
+      rows = ordered_groups[position] == g
+      streams[g].add(features[rows].reshape(-1, channels))
+    # Positions arrive in group order: groups before this batch's last one are complete, so
+    # their last partial chunk is reduced now rather than held until the end.
+    last = int(ordered_groups[position.max()]) if position.size else finished
+    for g in range(finished, last):
+      streams[g].result()
+    finished = max(finished, last)
+  if not np.all(seen):
+    raise RuntimeError(f"{np.sum(~seen)} training images were never produced.")
+  bank = np.zeros((num_groups, max_size, channels), np.float32)
+  counts = np.zeros(num_groups, np.int32)
+  for g, stream in enumerate(streams):
+    coreset = stream.result()
+    bank[g, :coreset.shape[0]] = coreset
+    counts[g] = coreset.shape[0]
+  return MemoryBank.create(bank, counts)
+
+
+@functools.lru_cache(maxsize=32)
+def _map_operator(size_in: int, size_out: int, blur: bool) -> np.ndarray:
+  op = scoring.upsample_matrix(size_in, size_out)
+  if blur:
+    op = scoring.blur_matrix(size_out) @ op
+  return op.astype(np.float32)
+
+
+def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
+                      memory_chunk: int = 1024) -> jax.Array:
+  """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
+  coreset, scanning the memory axis in chunks of `memory_chunk`. Jittable."""
+  batch, height, width, channels = patch_features.shape
+  features = jnp.asarray(bank.features, jnp.float32)
+  counts = jnp.asarray(bank.counts)
+  if features.shape[2] != channels:
+    raise ValueError(f"patch features have {channels} channels, the memory bank "
+                     f"{features.shape[2]}.")
+  size = features.shape[1]
+  chunk = min(memory_chunk, size)
+  queries = patch_features.reshape(batch, height * width, channels).astype(jnp.float32)
+  query_norms = jnp.sum(jnp.square(queries), axis=-1)
+  group_ids = jnp.asarray(group_ids, jnp.int32)
+
+  def step(running, k):
+    # The last chunk is shifted back to stay in range; rows seen twice do not change a min.
+    start = jnp.minimum(k * chunk, size - chunk)
+    memory = jax.lax.dynamic_slice_in_dim(features, start, chunk, axis=1)[group_ids]
+    slots = start + jnp.arange(chunk)
+    valid = slots[None, :] < counts[group_ids][:, None]  # [B, chunk]
+    squared = (query_norms[:, :, None] + jnp.sum(jnp.square(memory), axis=-1)[:, None, :]
+               - 2.0 * jnp.einsum("bpc,bmc->bpm", queries, memory,
+                                  precision=jax.lax.Precision.HIGHEST))
+    squared = jnp.where(valid[:, None, :], squared, jnp.inf)
+    return jnp.minimum(running, jnp.min(squared, axis=-1)), None
+
+  running = jnp.full((batch, height * width), jnp.inf, jnp.float32)
+  running, _ = jax.lax.scan(step, running, jnp.arange(math.ceil(size / chunk)))
+  return jnp.sqrt(jnp.maximum(running, 0.0)).reshape(batch, height, width)
+
+
+def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
+          image_size: int | Sequence[int], memory_chunk: int = 1024,
+          blur: bool = True) -> dict[str, jax.Array]:
+  """{'anomaly_map': [B, H, W], 'score': [B]} of patch features [B, h, w, C] against the
+  coresets of `group_ids` [B] (module docstring). Jittable; `image_size`, `memory_chunk` and
+  `blur` are static."""
+  distances = nearest_distances(bank, patch_features, group_ids, memory_chunk=memory_chunk)
+  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+  op_h = _map_operator(distances.shape[1], int(height), blur)
+  op_w = _map_operator(distances.shape[2], int(width), blur)
+  maps = jnp.einsum("Hh,bhw,Ww->bHW", op_h, distances, op_w,
+                    precision=jax.lax.Precision.HIGHEST)
+  return {"anomaly_map": maps, "score": scoring.image_score(maps)}
