@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.num_pseudo_classes = 30  # K for 'kmeans' (the paper's best of 15/30/60)
 
   config.model = ml_collections.ConfigDict()
+  # reverse_distillation (CCL, or RD with both contrastive weights 0) | hiercore (memory
+  # bank, no training; uses model.encoder, model.encoder_weights and the hiercore block)
+  config.model.kind = "reverse_distillation"
   config.model.encoder = "wide_resnet50_2"  # resnet18 | resnet34 | resnet50 | wide_resnet50_2
   config.model.encoder_weights = "none"     # Flax msgpack file of the encoder, or 'none'
   config.model.projector = "auto"           # auto: on iff a contrastive weight is > 0
@@ -47,6 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.5
   config.optimizer.b2 = 0.999
   config.optimizer.clip_norm = 5.0
+
+  config.hiercore = ml_collections.ConfigDict()  # see ccl_jax/hiercore/
+  config.hiercore.coreset_fraction = 0.1  # share of each group's patches kept
+  config.hiercore.feature_dim = 0       # patch feature channels; 0 = all (no pooling)
+  config.hiercore.projection_dim = 128  # random projection for the k-center search; 0 = off
+  config.hiercore.chunk_images = 64     # images per streaming coreset reduction
 
   config.decision = ml_collections.ConfigDict()  # thresholds: see ccl_jax/decisions.py
   config.decision.rule = "quantile"    # quantile | mean_std | max (ccl_jax/thresholds.py)

@@ -33,8 +33,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ccl_jax import (datasets, decisions, inference, input_pipeline, metrics, step, thresholds,
-                     visualize, weights)
+from ccl_jax import (datasets, decisions, hiercore, inference, input_pipeline, metrics, step,
+                     thresholds, visualize, weights)
 import flax.linen as nn
 
 from ccl_jax.models import ReverseDistillation, build_encoder, encoder_spec
@@ -149,10 +149,8 @@ def _restore(manager: ocp.CheckpointManager, target: step.TrainState,
 
 def _initial_state(config: ml_collections.ConfigDict, replicated: NamedSharding):
   """Models, frozen encoder variables and the initial train state, created replicated."""
-  encoder, model = build_models(config)
-  encoder_variables = jax.device_put(weights.encoder_variables(
-      encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
-      replicated)
+  _, model = build_models(config)
+  encoder, encoder_variables = _frozen_encoder(config, replicated)
   tx = step.make_optimizer(
       projector_learning_rate=config.optimizer.projector_learning_rate,
       learning_rate=config.optimizer.learning_rate, b1=config.optimizer.b1,
@@ -175,11 +173,7 @@ class TrainedModel(NamedTuple):
 def load_trained(workdir: str, checkpoint: str = "best") -> TrainedModel:
   """A trained model from a workdir (its config.json and checkpoints/<checkpoint>)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} not found: {workdir!r} is not a ccl_jax workdir.")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = _load_config(workdir)
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints", checkpoint))
   if manager.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}; expected 'best' or "
@@ -191,6 +185,54 @@ def load_trained(workdir: str, checkpoint: str = "best") -> TrainedModel:
                       int(state.step))
 
 
+class ScoringModel(NamedTuple):
+  """Any trained model in the form the decision layer uses (`ccl_jax.decisions`)."""
+  config: ml_collections.ConfigDict
+  kind: str                # 'ccl' | 'rd' | 'hiercore'
+  score_fn: Any            # fn(variables, encoder_variables, images, group_id)
+  variables: Any           # model variables, or the HierCore memory bank
+  encoder: nn.Module
+  encoder_variables: Any
+
+
+def load_scoring_model(workdir: str) -> ScoringModel:
+  """A CCL/RD training run's best checkpoint or a HierCore memory bank, from its workdir."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = _load_config(workdir)
+  if config.model.get("kind", "reverse_distillation") != "hiercore":
+    trained = load_trained(workdir)
+    kind = "ccl" if loss_settings(trained.config).uses_augmented_view else "rd"
+    return ScoringModel(trained.config, kind, decisions.group_agnostic(
+        step.jit_predict(trained.model, trained.encoder)), trained.variables,
+                        trained.encoder, trained.encoder_variables)
+  path = os.path.join(workdir, MEMORY_BANK_FILE)
+  bank = hiercore.MemoryBank.load(path)
+  replicated = NamedSharding(step.data_mesh(), P())
+  encoder, encoder_variables = _frozen_encoder(config, replicated)
+  return ScoringModel(config, "hiercore", _hiercore_score_fn(config, encoder),
+                      jax.device_put(bank, replicated), encoder, encoder_variables)
+
+
+def _hiercore_score_fn(config: ml_collections.ConfigDict, encoder: nn.Module):
+  return jax.jit(functools.partial(hiercore.predict, encoder=encoder,
+                                   feature_dim=config.hiercore.feature_dim or None))
+
+
+def _frozen_encoder(config: ml_collections.ConfigDict, replicated: NamedSharding):
+  encoder = build_encoder(config.model.encoder, jnp.dtype(config.model.dtype))
+  return encoder, jax.device_put(weights.encoder_variables(
+      encoder, config.model.encoder_weights, seed=config.seed, image_size=config.image_size),
+      replicated)
+
+
+def _load_config(workdir: str) -> ml_collections.ConfigDict:
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: {workdir!r} is not a ccl_jax workdir.")
+  with open(config_path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains RD + CCL on `config`, evaluates the selected checkpoint, writes the workdir.
@@ -199,6 +241,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   by tests of resumption; a rerun of the same command continues from the checkpoint.
   Returns the metrics summary (None for the metrics when stopped early).
   """
+  if config.model.kind == "hiercore":
+    return fit_hiercore(config, workdir)
+  if config.model.kind != "reverse_distillation":
+    raise ValueError(f"model.kind must be 'reverse_distillation' or 'hiercore', got "
+                     f"{config.model.kind!r}.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -339,6 +386,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     write_results(workdir, result, dataset, outputs, config.num_heatmaps_per_class)
   return result
+
+
+def fit_hiercore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """HierCore: groups, per-group patch coresets, thresholds and the test evaluation.
+
+  Writes memory_bank.npz, decision.json, metrics.json, results.md and heatmaps/.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  dataset = load_dataset(config, is_main)
+  train_indices, holdout_indices = holdout_split(config, dataset)
+  mesh = step.data_mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  global_batch_size = config.eval_batch_size or config.batch_size
+  encoder, encoder_variables = _frozen_encoder(config, replicated)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  labels_at_training = config.dataset.class_labels == "true"
+  embeddings = decisions.embeddings_of(encoder, encoder_variables, dataset.train, train_indices,
+                                       global_batch_size=global_batch_size,
+                                       batch_sharding=batch_sharding)
+  train_class_ids = dataset.train_class_ids[train_indices] if labels_at_training else None
+  groups = decisions.fit_training_groups(
+      embeddings, train_class_ids, dataset.class_names, num_groups=config.decision.num_groups,
+      max_groups=config.decision.max_groups, seed=config.seed)
+  train_groups = decisions.evaluation_groups(groups, embeddings, train_class_ids,
+                                             dataset.class_names)
+  logging.info("HierCore: %d groups (%s).", groups.num_groups,
+               "class labels" if groups.from_labels else "clusters")
+  feature_dim = config.hiercore.feature_dim or None
+  started = time.perf_counter()
+  bank = hiercore.build_memory_bank(
+      hiercore.make_patch_fn(encoder, encoder_variables, feature_dim=feature_dim),
+      dataset.train, train_indices, train_groups, groups.num_groups,
+      coreset_fraction=config.hiercore.coreset_fraction,
+      chunk_images=config.hiercore.chunk_images, global_batch_size=global_batch_size,
+      batch_sharding=batch_sharding, projection_dim=config.hiercore.projection_dim or None,
+      seed=config.seed, worker_count=config.worker_count, progress=is_main)
+  build_seconds = time.perf_counter() - started
+  if is_main:
+    bank.save(os.path.join(workdir, MEMORY_BANK_FILE))
+  result, outputs = fit_and_evaluate_decisions(
+      config, workdir, "hiercore", _hiercore_score_fn(config, encoder),
+      jax.device_put(bank, replicated), encoder,
+      encoder_variables, dataset, train_indices, holdout_indices,
+      batch_sharding=batch_sharding, groups=groups)
+  result["memory_bank"] = {"patches_per_group": bank.counts.tolist(),
+                           "mib": bank.nbytes / 2**20, "build_seconds": build_seconds}
+  if is_main:
+    write_results(workdir, result, dataset, outputs, config.num_heatmaps_per_class)
+  return result
+
+
+MEMORY_BANK_FILE = "memory_bank.npz"
 
 
 def holdout_split(config: ml_collections.ConfigDict, dataset) -> tuple[np.ndarray, np.ndarray]:

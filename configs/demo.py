@@ -10,6 +10,7 @@ P-AUROC 95.5, AUPRO 89.6 (the rd variant: 91.1 / 96.1 / 90.9; random_encoder: 51
 
 Variants (`configs/demo.py:<variant>`):
   rd              the same run as the RD joint baseline (both contrastive weights 0).
+  hiercore        HierCore on the same data and encoder (a memory bank, no training).
   random_encoder  the same run with a randomly initialised encoder.
   smoke           2 classes, 32x32, 2 epochs: the end-to-end tests' config (~1 min on a CPU).
 """
@@ -39,6 +40,9 @@ def get_config(arg: str | None = None):
     return config
   if arg == "rd":
     return as_rd_baseline(config)
+  if arg == "hiercore":
+    config.model.kind = "hiercore"
+    return config
   if arg == "random_encoder":
     config.model.encoder_weights = "none"
     return config
@@ -50,5 +54,5 @@ def get_config(arg: str | None = None):
     config.num_heatmaps_per_class = 1
     config.log_every_steps = 1
     return config
-  raise ValueError(f"Unknown variant {arg!r} of configs/demo.py; expected rd, random_encoder "
-                   "or smoke.")
+  raise ValueError(f"Unknown variant {arg!r} of configs/demo.py; expected rd, hiercore, "
+                   "random_encoder or smoke.")

@@ -16,10 +16,10 @@ from ccl_jax.hiercore.coreset import (DEFAULT_PROJECTION_DIM, StreamingCoreset,
                                       covering_radius, greedy_coreset, projection_matrix)
 from ccl_jax.hiercore.features import PATCH_SCALES, make_patch_fn, patch_features
 from ccl_jax.hiercore.memory_bank import (MemoryBank, build_memory_bank, coreset_sizes,
-                                          nearest_distances, score)
+                                          nearest_distances, predict, score)
 
 __all__ = [
     "DEFAULT_PROJECTION_DIM", "MemoryBank", "PATCH_SCALES", "StreamingCoreset",
     "build_memory_bank", "coreset_sizes", "covering_radius", "greedy_coreset",
-    "make_patch_fn", "nearest_distances", "patch_features", "projection_matrix", "score",
+    "make_patch_fn", "nearest_distances", "patch_features", "predict", "projection_matrix", "score",
 ]

@@ -54,6 +54,7 @@ import tqdm
 
 from ccl_jax import inference, input_pipeline, scoring
 from ccl_jax.hiercore.coreset import DEFAULT_PROJECTION_DIM, StreamingCoreset
+from ccl_jax.hiercore.features import patch_features
 
 FORMAT_VERSION = 1
 
@@ -306,3 +307,13 @@ def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
   maps = jnp.einsum("Hh,bhw,Ww->bHW", op_h, distances, op_w,
                     precision=jax.lax.Precision.HIGHEST)
   return {"anomaly_map": maps, "score": scoring.image_score(maps)}
+
+
+def predict(bank: MemoryBank, encoder_variables, images: jax.Array, group_id: jax.Array, *,
+            encoder, feature_dim: int | None = None,
+            memory_chunk: int = 1024) -> dict[str, jax.Array]:
+  """Anomaly maps and scores of uint8 images [B, H, W, 3] routed to `group_id` [B]; the
+  score-function signature of `ccl_jax.decisions` (the bank takes the variables' place)."""
+  features = patch_features(encoder, encoder_variables, images, feature_dim=feature_dim)
+  return score(bank, features, group_id, image_size=images.shape[1:3],
+               memory_chunk=memory_chunk)

@@ -1,0 +1,300 @@
+r"""Anomaly decisions for new images with a trained model and its decision file.
+
+  python -m ccl_jax.predict --workdir ~/runs/demo --images ~/photos --output preds.csv \
+      --overlay_dir ~/photos_overlays
+
+--images (repeatable) is a folder (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff,
+sorted), an image file, or a .txt file listing image paths one per line (blank lines and
+lines starting with '#' skipped; relative paths are relative to the list's folder).
+Images are converted to RGB (grey replicated, an alpha channel dropped) and resized to the model's image size by
+the dataset pipeline's own function, so they are what the model saw in training.
+
+Each image is embedded, routed to the nearest group of the workdir's decision.json (or put
+in --class_name's group), scored, and called 'anomalous' when its score is above the
+threshold: its group's (--threshold classwise, the default) or the single class-agnostic
+one (--threshold agnostic). The output (.csv or .json, chosen by extension, written
+atomically) has one row per input image, in input order, with the columns of `COLUMNS`:
+
+  path          the image file
+  class         the group's name (a class name when the groups came from labels)
+  class_source  'given' (--class_name) or 'routed' (nearest group centroid)
+  score         image anomaly score (the maximum of the anomaly map)
+  threshold     the threshold the score was compared with
+  decision      'anomalous' (score > threshold), 'normal', or 'error'
+  overlay       the overlay PNG ('' without --overlay_dir)
+  error         why the image could not be read ('' otherwise)
+
+An unreadable image stops the run with an error naming it; with --skip_unreadable it gets
+a row with decision 'error' and the reason instead (score and threshold empty).
+
+Overlays (--overlay_dir; <index>_<stem>.png, index = the row's 0-based position, so names
+never collide): the image at its original size with the anomaly map (bilinearly resized to
+it) blended at 50% opacity. The colour scale is fixed relative to the threshold used, not
+to the image's own range, so overlays are comparable across images: map value 0 is the
+blue end, 2 x threshold (and above) the red end, so the threshold itself sits at the middle
+of the scale, between cyan and yellow. Warm pixels are above the threshold; since the image
+score is the map's maximum, an image is anomalous exactly when some pixel is warm.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from ccl_jax import grouping, scorers, thresholds, visualize
+from ccl_jax.datasets import builders, mvtec_layout
+
+COLUMNS = ("path", "class", "class_source", "score", "threshold", "decision", "overlay",
+           "error")
+OUTPUT_FORMATS = (".csv", ".json")
+OVERLAY_OPACITY = 0.5
+
+class UnreadableImageError(ValueError):
+  """An input image that cannot be decoded."""
+
+  def __init__(self, path: str, reason: str):
+    self.path, self.reason = path, reason
+    super().__init__(f"Cannot read image {path}: {reason}. Fix or remove it, or pass "
+                     "--skip_unreadable to list it in the output as an 'error' row.")
+
+
+def list_images(specs: Sequence[str]) -> list[str]:
+  """Image paths of --images entries (folders, image files, .txt lists), in order."""
+  paths: list[str] = []
+  for spec in specs:
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+      found = sorted(str(p) for p in path.rglob("*")
+                     if p.is_file() and p.suffix.lower() in mvtec_layout.IMAGE_EXTENSIONS)
+      if not found:
+        raise FileNotFoundError(f"--images {spec}: no {'/'.join(mvtec_layout.IMAGE_EXTENSIONS)}"
+                                " files in this folder or below.")
+      paths += found
+    elif path.suffix.lower() == ".txt" and path.is_file():
+      listed = [line.strip() for line in path.read_text().splitlines()]
+      listed = [line for line in listed if line and not line.startswith("#")]
+      if not listed:
+        raise ValueError(f"--images {spec}: the list names no images.")
+      paths += [str(path.parent / pathlib.Path(p).expanduser()) for p in listed]
+    elif path.is_file():
+      paths.append(str(path))
+    else:
+      raise FileNotFoundError(f"--images {spec}: no such file or folder.")
+  return paths
+
+
+@dataclasses.dataclass
+class _Loaded:
+  path: str
+  image: np.ndarray | None = None     # [S, S, 3] uint8, the model's input
+  original: np.ndarray | None = None  # [H, W, 3] uint8, for the overlay
+  error: str = ""
+
+
+def _load(path: str, image_size: int, keep_original: bool) -> _Loaded:
+  sample = mvtec_layout.Sample("test", pathlib.Path(path), None, 0, "good",
+                               os.path.basename(path))
+  try:
+    # The dataset's own conversion and resize, so inputs match what training saw; its PNG
+    # output is lossless.
+    image_png, _ = builders.encode_sample(sample, image_size)
+    with Image.open(io.BytesIO(image_png)) as im:
+      image = np.asarray(im, np.uint8)
+    original = None
+    if keep_original:
+      with Image.open(path) as im:
+        original = np.asarray(im.convert("RGB"), np.uint8)
+  except Exception as e:  # noqa: BLE001 - PIL raises many unrelated types on bad files
+    return _Loaded(path, error=f"{type(e).__name__}: {e}")
+  return _Loaded(path, image, original)
+
+
+def _batches(paths: Sequence[str], image_size: int, batch_size: int,
+             keep_original: bool) -> Iterator[list[_Loaded]]:
+  """Loaded images in input order, `batch_size` at a time (decoded by a thread pool ahead
+  of the model)."""
+  batch = []
+  for loaded in mvtec_layout.ordered_map(lambda p: _load(p, image_size, keep_original), paths):
+    batch.append(loaded)
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+  """[H, W, 3] uint8: `image` with `anomaly_map` (any size) coloured on [0, 2 x threshold]
+  and blended at OVERLAY_OPACITY."""
+  height, width = image.shape[:2]
+  resized = np.asarray(Image.fromarray(anomaly_map.astype(np.float32))
+                       .resize((width, height), Image.Resampling.BILINEAR))
+  colours = visualize.colorize(resized, 0.0, 2.0 * threshold)
+  return np.round((1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colours).astype(np.uint8)
+
+
+def _score(scorer: scorers.Scorer, groups: grouping.Groups, images: np.ndarray,
+           forced: int | None) -> list[tuple[int, float, np.ndarray]]:
+  """(group, score, anomaly map) of each image: routed, or all in group `forced`."""
+  if forced is None:
+    group_ids = grouping.route(groups, scorer.embed(images))
+  else:
+    group_ids = np.full(len(images), forced, np.int32)
+  outputs = scorer.score(images, group_ids)
+  return list(zip(group_ids, outputs["score"], outputs["anomaly_map"]))
+
+
+def predict_images(scorer: scorers.Scorer, groups: grouping.Groups,
+                   decision_thresholds: thresholds.Thresholds, paths: Sequence[str], *,
+                   class_name: str | None = None, threshold_mode: str = "classwise",
+                   overlay_dir: str | None = None,
+                   skip_unreadable: bool = False) -> list[dict[str, Any]]:
+  """One row (a dict over COLUMNS) per path, in order; see the module docstring."""
+  if threshold_mode not in ("classwise", "agnostic"):
+    raise ValueError(
+        f"threshold_mode must be 'classwise' or 'agnostic', got {threshold_mode!r}.")
+  forced = None
+  if class_name is not None:
+    if not groups.from_labels:
+      raise ValueError(
+          f"--class_name {class_name!r}: this decision file's groups were found by "
+          f"clustering ({', '.join(groups.names)}), not given by class labels, so there are "
+          "no class names to choose from; leave --class_name out to route each image.")
+    forced = groups.index_of(class_name)
+  if overlay_dir:
+    os.makedirs(overlay_dir, exist_ok=True)
+  rows: list[dict[str, Any]] = []
+  for batch in _batches(paths, scorer.image_size, scorer.batch_size, bool(overlay_dir)):
+    for item in batch:
+      if item.error and not skip_unreadable:
+        raise UnreadableImageError(item.path, item.error)
+    readable = [item for item in batch if not item.error]
+    results = iter(_score(scorer, groups, np.stack([item.image for item in readable]), forced)
+                   if readable else [])
+    for item in batch:
+      row = dict.fromkeys(COLUMNS, "")
+      row["path"] = item.path
+      if item.error:
+        row.update({"class": class_name or "", "class_source": "given" if forced is not None
+                    else "", "score": None, "threshold": None, "decision": "error",
+                    "error": item.error})
+        rows.append(row)
+        continue
+      group, score, anomaly_map = next(results)
+      score = float(score)
+      threshold = float(decision_thresholds.agnostic if threshold_mode == "agnostic"
+                        else decision_thresholds.per_group[group])
+      row.update({"class": groups.names[group],
+                  "class_source": "routed" if forced is None else "given",
+                  "score": score, "threshold": threshold,
+                  "decision": "anomalous" if score > threshold else "normal"})
+      if overlay_dir:
+        stem = os.path.splitext(os.path.basename(item.path))[0]
+        row["overlay"] = os.path.join(overlay_dir, f"{len(rows):05d}_{stem}.png")
+        Image.fromarray(overlay(item.original, anomaly_map, threshold)).save(row["overlay"])
+      rows.append(row)
+  return rows
+
+
+def check_output_path(path: str) -> str:
+  """The output's format ('.csv' or '.json') from its extension."""
+  extension = os.path.splitext(path)[1].lower()
+  if extension not in OUTPUT_FORMATS:
+    raise ValueError(f"--output {path!r}: unknown format {extension or '(no extension)'!r}; "
+                     f"use a file name ending in {' or '.join(OUTPUT_FORMATS)}.")
+  return extension
+
+
+def write_output(path: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
+  """CSV (a header of COLUMNS, missing values empty) or JSON ({**meta, 'predictions':
+  rows}, missing values null), replacing `path` atomically."""
+  extension = check_output_path(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
+                                   newline="") as f:
+    try:
+      if extension == ".csv":
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+      else:
+        json.dump({**meta, "predictions": list(rows)}, f, indent=2)
+    except BaseException:
+      f.close()
+      os.unlink(f.name)
+      raise
+  os.replace(f.name, path)
+
+
+def load_decision(workdir: str) -> tuple[grouping.Groups, thresholds.Thresholds, dict]:
+  """The workdir's decision file, with instructions when it does not exist."""
+  path = os.path.join(workdir, thresholds.DECISION_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path} not found. It holds the groups and thresholds that turn scores into "
+        "decisions and is written at the end of training (python -m ccl_jax.main) and of "
+        "HierCore fitting; finish (or rerun) that run with this workdir to create it.")
+  return thresholds.load_decision(workdir)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags. Defined when it runs, not on import: ccl_jax.main and
+  ccl_jax.evaluate define --workdir too, and tests import them into one process."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "Training (or HierCore) run with a decision.json.",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("images", None, "Image folder (recursive), image file or .txt "
+                            "list of image paths; repeat for several.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Output file, .csv or .json.", flag_values=fv)
+  flags.DEFINE_string("class_name", None, "Class of every image (skips routing); only for "
+                      "decision files whose groups are classes.", flag_values=fv)
+  flags.DEFINE_string("overlay_dir", None, "Write an anomaly-map overlay PNG per image here.",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch_size", 16, "Images per model call.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum("threshold", "classwise", ["classwise", "agnostic"], "Per-group "
+                    "thresholds or the single class-agnostic one.", flag_values=fv)
+  flags.DEFINE_bool("skip_unreadable", False, "List unreadable images as 'error' rows "
+                    "instead of stopping.", flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "images", "output"], flag_values=fv)
+
+
+def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
+  """The program on parsed flags: writes the output and returns its rows."""
+  check_output_path(flag_values.output)
+  workdir = os.path.abspath(os.path.expanduser(flag_values.workdir))
+  groups, decision_thresholds, _ = load_decision(workdir)
+  paths = list_images(flag_values.images)
+  scorer = scorers.load_scorer(workdir, batch_size=flag_values.batch_size)
+  rows = predict_images(scorer, groups, decision_thresholds, paths,
+                        class_name=flag_values.class_name,
+                        threshold_mode=flag_values.threshold,
+                        overlay_dir=flag_values.overlay_dir,
+                        skip_unreadable=flag_values.skip_unreadable)
+  write_output(flag_values.output, rows, {"workdir": workdir, "model_kind": scorer.kind,
+                                          "threshold_mode": flag_values.threshold})
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  rows = run(flags.FLAGS)
+  counts = {d: sum(r["decision"] == d for r in rows) for d in ("anomalous", "normal", "error")}
+  print(f"{len(rows)} images: {counts['anomalous']} anomalous, {counts['normal']} normal, "
+        f"{counts['error']} unreadable -> {flags.FLAGS.output}", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
