@@ -1,0 +1,123 @@
+"""Decisions for every model: routing at evaluation, thresholds from held-out normal images
+only, HierCore end to end and the four label scenarios (synthetic smoke data)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ccl_jax import decisions, grouping, inference, scenarios, step, thresholds, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo  # noqa: E402  (configs/ is not an installed package)
+
+
+def _blobs(seed=0):
+  rng = np.random.default_rng(seed)
+  centres = np.eye(3, 8) * 10
+  class_ids = np.repeat(np.arange(3), 10)
+  return centres[class_ids] + rng.normal(size=(30, 8)), class_ids
+
+
+def test_evaluation_groups_from_labels_use_the_given_class():
+  embeddings, class_ids = _blobs()
+  groups, _ = grouping.fit_groups(embeddings, labels=class_ids, class_names=["a", "b", "c"])
+  # Swap the labels of two classes: a given label wins over the nearest centroid.
+  given = np.array([1, 0, 2])[class_ids]
+  assert np.array_equal(decisions.evaluation_groups(groups, embeddings, given, ["a", "b", "c"]),
+                        given)
+  assert np.array_equal(decisions.evaluation_groups(groups, embeddings, None, ["a", "b", "c"]),
+                        class_ids)
+
+
+def test_evaluation_groups_for_clusters_keep_a_given_class_together():
+  embeddings, class_ids = _blobs()
+  groups, assignment = grouping.fit_groups(embeddings, num_groups=3, seed=0)
+  moved = embeddings.copy()
+  moved[0] = embeddings[15]  # one class-0 image that looks like class 1
+  routed = decisions.evaluation_groups(groups, moved, None, ["a", "b", "c"])
+  assert routed[0] == assignment[15]
+  kept = decisions.evaluation_groups(groups, moved, class_ids, ["a", "b", "c"])
+  assert kept[0] == assignment[1]  # the majority group of its class
+  assert np.array_equal(kept[1:], assignment[1:])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def _smoke(data_dir, **model):
+  config = demo.get_config("smoke")
+  config.dataset.data_dir = data_dir
+  config.validation_fraction = 0.25
+  config.num_heatmaps_per_class = 0
+  for key, value in model.items():
+    config.model[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def hiercore_scenarios(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("scenarios"))
+  rows = scenarios.run_scenarios(_smoke(data_dir, kind="hiercore"), workdir)
+  return workdir, rows
+
+
+def test_thresholds_come_from_the_held_out_normal_images_only(hiercore_scenarios):
+  workdir, _ = hiercore_scenarios
+  run_dir = os.path.join(workdir, "labels_at_training")
+  scoring = train.load_scoring_model(run_dir)
+  dataset = train.load_dataset(scoring.config, True)
+  train_indices, holdout = train.holdout_split(scoring.config, dataset)
+  assert len(holdout) and not set(holdout) & set(train_indices)
+  groups, estimated, meta = thresholds.load_decision(run_dir)
+  assert groups.names == ("carpet", "washer") and meta["model"] == "hiercore"
+  assert meta["num_holdout_images"] == len(holdout)
+  holdout_groups = dataset.train_class_ids[holdout]
+  scores = inference.run_inference(
+      scoring.score_fn, scoring.variables, scoring.encoder_variables, dataset.train, holdout,
+      outputs=("score",), per_image_inputs={"group_id": holdout_groups}, global_batch_size=8,
+      batch_sharding=NamedSharding(step.data_mesh(), P("data")))["score"]
+  for g in range(2):
+    expected = thresholds.threshold_from_normal_scores(scores[holdout_groups == g])
+    assert estimated.per_group[g] == pytest.approx(expected, rel=1e-5)
+  assert estimated.agnostic == pytest.approx(
+      thresholds.threshold_from_normal_scores(scores), rel=1e-5)
+
+
+def test_four_scenarios_report_metrics_and_decisions(hiercore_scenarios):
+  workdir, rows = hiercore_scenarios
+  assert set(rows) == {f"{t}/{e}_at_evaluation" for t in scenarios.TRAINING_SCENARIOS
+                       for e in ("labels", "no_labels")}
+  with open(os.path.join(workdir, "scenarios.json")) as f:
+    saved = json.load(f)
+  assert set(saved) == set(rows)
+  for row in saved.values():
+    assert row["model"] == "hiercore"
+    assert 0.5 < row["metrics"]["mean"]["image_auroc"] <= 1.0
+    for kind in ("classwise", "agnostic"):
+      assert set(row[kind]["per_class"]) == {"carpet", "washer"}
+      for name, values in row[kind]["per_class"].items():
+        assert values["n_normal"] + values["n_anomalous"] == 22, name
+        assert 0.0 <= values["false_alarm_rate"] <= 1.0
+  labelled = saved["labels_at_training/labels_at_evaluation"]
+  assert labelled["routing"]["accuracy"] == 1.0
+  table = open(os.path.join(workdir, "scenarios.md")).read()
+  assert table.count("| hiercore |") == 4
+
+
+def test_ccl_training_writes_a_decision_file_with_its_groups(data_dir, tmp_path):
+  config = _smoke(data_dir)
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  groups, estimated, meta = thresholds.load_decision(str(tmp_path))
+  assert meta["model"] == "ccl" and groups.from_labels
+  assert estimated.per_group.shape == (2,)
+  with open(tmp_path / "metrics.json") as f:
+    saved = json.load(f)
+  assert set(saved["classwise"]["per_class"]) == {"carpet", "washer"}
+  assert "Decisions at the estimated thresholds" in (tmp_path / "results.md").read_text()
