@@ -6,8 +6,9 @@ r"""Anomaly decisions for new images with a trained model and its decision file.
 --images (repeatable) is a folder (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff,
 sorted), an image file, or a .txt file listing image paths one per line (blank lines and
 lines starting with '#' skipped; relative paths are relative to the list's folder).
-Images are converted to RGB (grey replicated, an alpha channel dropped) and resized to the model's image size by
-the dataset pipeline's own function, so they are what the model saw in training.
+Images are converted to RGB (grey replicated, an alpha channel dropped) and resized to the
+model's image size by the dataset pipeline's own function (ccl_jax.datasets.builders.
+encode_sample: bilinear, antialiased), so they look like what the model saw in training.
 
 Each image is embedded, routed to the nearest group of the workdir's decision.json (or put
 in --class_name's group), scored, and called 'anomalous' when its score is above the
