@@ -27,9 +27,6 @@ from ml_collections import config_flags
 from ccl_jax import decisions, step, thresholds, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file of the model.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per training "
-                    "scenario).")
 
 TRAINING_SCENARIOS = {"labels_at_training": "true", "no_labels_at_training": "kmeans"}
 
@@ -94,6 +91,16 @@ def main(argv):
   run_scenarios(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  """Defined when the program runs, not on import: ccl_jax.main and ccl_jax.evaluate define
+  the same names, and tests import all of them into one process."""
+  config_flags.DEFINE_config_file("config", None, "Config file of the model.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per training "
+                      "scenario).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

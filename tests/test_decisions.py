@@ -2,7 +2,6 @@
 only, HierCore end to end and the four label scenarios (synthetic smoke data)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,9 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ccl_jax import decisions, grouping, inference, scenarios, step, thresholds, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import demo  # noqa: E402  (configs/ is not an installed package)
+from tests.conftest import smoke_config
 
 
 def _blobs(seed=0):
@@ -45,25 +42,17 @@ def test_evaluation_groups_for_clusters_keep_a_given_class_together():
   assert np.array_equal(kept[1:], assignment[1:])
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
-
-
 def _smoke(data_dir, **model):
-  config = demo.get_config("smoke")
-  config.dataset.data_dir = data_dir
-  config.validation_fraction = 0.25
-  config.num_heatmaps_per_class = 0
+  config = smoke_config(data_dir, validation_fraction=0.25, num_heatmaps_per_class=0)
   for key, value in model.items():
     config.model[key] = value
   return config
 
 
 @pytest.fixture(scope="module")
-def hiercore_scenarios(data_dir, tmp_path_factory):
+def hiercore_scenarios(smoke_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("scenarios"))
-  rows = scenarios.run_scenarios(_smoke(data_dir, kind="hiercore"), workdir)
+  rows = scenarios.run_scenarios(_smoke(smoke_data_dir, kind="hiercore"), workdir)
   return workdir, rows
 
 
@@ -110,14 +99,13 @@ def test_four_scenarios_report_metrics_and_decisions(hiercore_scenarios):
   assert table.count("| hiercore |") == 4
 
 
-def test_ccl_training_writes_a_decision_file_with_its_groups(data_dir, tmp_path):
-  config = _smoke(data_dir)
-  config.num_epochs = 1
-  train.train_and_evaluate(config, str(tmp_path))
-  groups, estimated, meta = thresholds.load_decision(str(tmp_path))
+def test_ccl_training_writes_a_decision_file_with_its_groups(trained_smoke_run):
+  _, workdir = trained_smoke_run
+  groups, estimated, meta = thresholds.load_decision(workdir)
   assert meta["model"] == "ccl" and groups.from_labels
   assert estimated.per_group.shape == (2,)
-  with open(tmp_path / "metrics.json") as f:
+  with open(os.path.join(workdir, "metrics.json")) as f:
     saved = json.load(f)
   assert set(saved["classwise"]["per_class"]) == {"carpet", "washer"}
-  assert "Decisions at the estimated thresholds" in (tmp_path / "results.md").read_text()
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert "Decisions at the estimated thresholds" in f.read()

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -16,23 +15,17 @@ from PIL import Image
 
 from ccl_jax import grouping, hiercore, predict, scorers, step, thresholds, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import demo  # noqa: E402  (configs/ is not an installed package)
-
 BATCH_SIZE = 3  # does not divide the 7 input images: the last batch is padded
 ORIGINAL_SIZE = (48, 40)  # (width, height) of the input files: not the model's 32 x 32
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
+def fitted(trained_smoke_run, tmp_path_factory):
   """A trained smoke model with a decision.json, its scorer and 7 input images."""
   root = tmp_path_factory.mktemp("predict")
-  config = demo.get_config("smoke")
-  config.dataset.data_dir = str(root / "data")
-  config.num_epochs = 1  # any trained model will do; this halves the training time
-  workdir = str(root / "run")
-  train.train_and_evaluate(config, workdir)
+  config, trained_dir = trained_smoke_run
+  workdir = str(root / "run")  # a copy: this fixture rewrites its decision.json
+  shutil.copytree(trained_dir, workdir)
   dataset = train.load_dataset(config, True)
   scorer = scorers.load_scorer(workdir, batch_size=BATCH_SIZE)
 

@@ -14,23 +14,12 @@ from ccl_jax import datasets, inference, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import demo, mvtec_ad  # noqa: E402  (configs/ is not an installed package)
+from tests.conftest import smoke_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
-
-
-def smoke_config(data_dir, **overrides):
-  config = demo.get_config("smoke")
-  config.dataset.data_dir = data_dir
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+def data_dir(smoke_data_dir):
+  return smoke_data_dir
 
 
 def latest_state(workdir):

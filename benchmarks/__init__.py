@@ -1,0 +1,1 @@
+"""Benchmarks of ccl_jax (and the PyTorch reference they compare against)."""

@@ -1,0 +1,216 @@
+"""Parity of ccl_jax's training step with the PyTorch reference (benchmarks.torch_reference).
+
+Both frameworks get identical weights (torch state dict -> ccl_jax.convert), the same batch
+and the same augmented view (`batch['image_aug']`), feature noise off and all other-class
+negatives, for resnet18 and wide_resnet50_2 at 64 px, batch 4, 2 classes, with whole-map
+(window None) and 3x3 local matching.
+
+* Loss terms agree to 1e-4 relative in float32 (the production path) and in float64.
+* Gradients are compared in float64 in both frameworks, 1e-3 relative per parameter tensor
+  (||g_jax - g_torch|| / ||g_torch||, tensors mapped by name through ccl_jax.convert). Why
+  not float32: at 64 px the maps are tiny (the neck output is 2x2), so the gradient is a
+  discontinuous function of the forward values at every ReLU kink, and a single decoder
+  output whose pre-activation lies within float32 rounding of 0 moves whole gradient
+  tensors by ~1%. Measured: float32 JAX vs float64 differed by 1.3e-2 through exactly one
+  flipped ReLU at the decoder output, while float64 JAX vs float64 torch agree to ~1e-5.
+  float64 removes the kinks' lottery and still checks every formula and every name.
+* The projector's conv biases feed InstanceNorm, which removes any per-channel constant, so
+  their true gradient is exactly 0; their computed values are rounding noise, which a
+  relative error would only amplify. For them the test asserts instead that both frameworks'
+  gradients are below 1e-9 of the global gradient norm.
+* One full optimiser step (clip to 5.0, Adam with the two learning rates): the parameter
+  updates agree to 1e-2 relative per tensor. Adam's first step is lr * g / (|g| + 1e-8),
+  ~lr * sign(g): an element whose gradient is tiny moves by up to lr whatever its size, so
+  per-element gradient differences far below the 1e-3 tensor-level gradient tolerance show
+  up amplified in the update (measured 7e-4 to 9e-4 for resnet18 at gradient errors of
+  4e-6); 1e-2 still fails for any wrong learning rate, beta, clip or group assignment
+  (those change whole tensors' updates by >= 2x or flip their signs). The zero-gradient
+  biases must not move (|update| < 1e-6 lr). BatchNorm running means
+  agree to 1e-5; running variances agree after undoing Bessel's correction, which PyTorch
+  applies to the running variance and Flax does not (see `_expected_flax_var`).
+
+Runtime: the default selection (resnet18: float32 losses, float64 window-3 step) takes about
+80 s on 2 CPU cores, almost all XLA compilation. The whole-map resnet18 case and every
+wide_resnet50_2 case are marked slow (`pytest -m slow tests/test_torch_parity.py`).
+wide_resnet50_2's float64 gradients currently differ from PyTorch's by 1.3e-2 in the
+decoder (KD alone is enough; the losses agree to 2e-8); that case is a strict xfail until
+the cause is found.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks.torch_reference import (build_trainer, jax_gradients, jax_params_tree,  # noqa: E402
+                                        jax_variables)
+from ccl_jax import step  # noqa: E402
+from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec  # noqa: E402
+
+IMAGE_SIZE = 64
+CLASS_IDS = np.array([0, 1, 0, 1])
+MOMENTUM = 0.1  # PyTorch's BatchNorm momentum (Flax's 0.9)
+
+
+def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (len(CLASS_IDS), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+  augmented = rng.random((len(CLASS_IDS), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+  return images, augmented
+
+
+def _torch_inputs(images, augmented, dtype):
+  # The same float32 arithmetic as ccl_jax.step.gradients: uint8 / 255 in float32.
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+  x_aug = torch.from_numpy(augmented).permute(0, 3, 1, 2).contiguous()
+  return x.to(dtype), x_aug.to(dtype), torch.from_numpy(CLASS_IDS).long()
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  return {"/".join(k): np.asarray(v, np.float64)
+          for k, v in flax.traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def _relative(a, b) -> float:
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _jax_gradients(trainer, encoder_name, window, images, augmented, dtype):
+  """ccl_jax's jitted `step.gradients` on the trainer's weights, computed in `dtype`."""
+  spec = encoder_spec(encoder_name)
+  model = ReverseDistillation(spec, use_projector=True, neck_width_per_group=64,
+                              decoder_width_per_group=spec.width_per_group, dtype=dtype)
+  encoder = ResNetEncoder(spec, dtype=dtype)
+  encoder_variables, variables = jax_variables(trainer)
+  cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+  tx = step.make_optimizer(projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5,
+                           b2=0.999, clip_norm=5.0)
+  state = step.TrainState.create(apply_fn=model.apply, params=cast(variables["params"]),
+                                 batch_stats=cast(variables["batch_stats"]), tx=tx,
+                                 rng=jax.random.key(0))
+  settings = step.LossSettings(window=window, local_negatives="all", temperature=0.1)
+  batch = {"image": jnp.asarray(images), "class_id": jnp.asarray(CLASS_IDS, jnp.int32),
+           "image_aug": jnp.asarray(augmented)}
+  grads, terms, batch_stats = jax.jit(functools.partial(
+      step.gradients, encoder=encoder, settings=settings))(state, cast(encoder_variables), batch)
+  return state, grads, terms, batch_stats
+
+
+def _check_terms(torch_terms, jax_terms):
+  for name in ("kd", "local", "global_", "total"):
+    t, j = float(torch_terms[name].detach()), float(getattr(jax_terms, name))
+    assert abs(j - t) <= 1e-4 * abs(t), (name, j, t)
+
+
+def _bn_counts(model) -> dict[str, tuple[int, int]]:
+  """Forward hooks: per BatchNorm of the neck and decoder, (elements per channel, updates)."""
+  counts: dict[str, tuple[int, int]] = {}
+  for prefix in ("mff_oce", "net_s"):
+    for name, module in getattr(model, prefix).named_modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        def hook(_, inputs, __, key=f"{prefix}.{name}"):
+          n = inputs[0].numel() // inputs[0].shape[1]
+          counts[key] = (n, counts.get(key, (n, 0))[1] + 1)
+        module.register_forward_hook(hook)
+  return counts
+
+
+def _expected_flax_var(torch_var, n, updates):
+  """Flax's running variance from PyTorch's, both starting at 1.
+
+  Each PyTorch update blends in the unbiased batch variance (x n/(n-1)), Flax's the biased
+  one; with the same n for every update the part added since the start scales uniformly.
+  """
+  decay = (1 - MOMENTUM) ** updates
+  return decay + (torch_var - decay) * (n - 1) / n
+
+
+_WIDE = pytest.param("wide_resnet50_2", marks=pytest.mark.slow)  # ~70 s of XLA compile each
+_WIDE_GRADIENTS = pytest.param("wide_resnet50_2", marks=[pytest.mark.slow, pytest.mark.xfail(
+    strict=True, reason="unresolved: float64 decoder gradients differ by 1.3e-2 relative "
+    "(KD alone; losses agree to 2e-8), see issue #6 report")])
+
+
+@pytest.mark.parametrize("encoder_name", ["resnet18", _WIDE])
+def test_float32_losses_match(encoder_name):
+  images, augmented = _batch()
+  trainer = build_trainer(encoder_name, image_size=IMAGE_SIZE, window=3)
+  with torch.no_grad():
+    torch_terms = trainer.loss_terms(*_torch_inputs(images, augmented, torch.float32))
+  _, _, jax_terms, _ = _jax_gradients(trainer, encoder_name, 3, images, augmented,
+                                      jnp.float32)
+  _check_terms(torch_terms, jax_terms)
+  assert float(jax_terms.local) > 0 and float(jax_terms.global_) > 0
+
+
+@pytest.mark.parametrize("encoder_name", ["resnet18", _WIDE_GRADIENTS])
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 3])
+def test_gradients_and_one_step_match(encoder_name, window):
+  images, augmented = _batch()
+  trainer = build_trainer(encoder_name, image_size=IMAGE_SIZE, window=window)
+  with jax.enable_x64(True):
+    state, grads, jax_terms, jax_batch_stats = _jax_gradients(
+        trainer, encoder_name, window, images, augmented, jnp.float64)
+    new_state = state.apply_gradients(grads=grads, batch_stats=jax_batch_stats)
+    jax_grads = _flat(grads)
+    jax_update = _flat(jax.tree.map(lambda a, b: a - b, new_state.params, state.params))
+    jax_stats = _flat(jax_batch_stats)
+
+  model = trainer.model.double()
+  counts = _bn_counts(model)
+  inputs = _torch_inputs(images, augmented, torch.float64)
+  before = {k: p.detach().clone() for k, p in model.named_parameters()}
+  buffers = {k: b.clone() for k, b in model.named_buffers()}
+  torch_terms = trainer.loss_terms(*inputs)
+  _check_terms(torch_terms, jax_terms)
+  model.zero_grad()
+  torch_terms["total"].backward()
+  torch_grads = _flat(jax_gradients(model))
+  # train_step recomputes the same gradients from the same state: undo this forward's
+  # BatchNorm statistics updates so that the step starts where the JAX one did.
+  with torch.no_grad():
+    for k, b in model.named_buffers():
+      b.copy_(buffers[k])
+  counts.clear()
+  trainer.train_step(*inputs)
+  torch_update = _flat(jax_params_tree(model, {
+      k: (p.detach() - before[k]).numpy() for k, p in model.named_parameters()
+      if not k.startswith("net_t.")}))
+
+  assert set(jax_grads) == set(torch_grads)
+  global_norm = np.sqrt(sum(np.sum(g ** 2) for g in torch_grads.values()))
+  worst_gradient = worst_update = 0.0
+  for name, g in torch_grads.items():
+    lr = 1e-3 if name.startswith("projector/") else 5e-3
+    if name.startswith("projector/") and name.endswith("/bias"):  # conv -> InstanceNorm
+      assert np.linalg.norm(g) < 1e-9 * global_norm, name
+      assert np.linalg.norm(jax_grads[name]) < 1e-9 * global_norm, name
+      assert np.abs(jax_update[name]).max() < 1e-6 * lr, name
+      assert np.abs(torch_update[name]).max() < 1e-6 * lr, name
+      continue
+    worst_gradient = max(worst_gradient, _relative(jax_grads[name], g))
+    worst_update = max(worst_update, _relative(jax_update[name], torch_update[name]))
+    assert _relative(jax_grads[name], g) < 1e-3, (name, _relative(jax_grads[name], g))
+    assert _relative(jax_update[name], torch_update[name]) < 1e-2, name
+  print(f"{encoder_name} window={window}: max relative gradient error {worst_gradient:.1e}, "
+        f"update error {worst_update:.1e}")
+
+  _, torch_variables = jax_variables(trainer)
+  torch_stats = _flat(torch_variables["batch_stats"])
+  assert set(jax_stats) == set(torch_stats)
+  for name, value in torch_stats.items():
+    module = name.rsplit("/", 1)[0]
+    torch_name = ("mff_oce." + module[len("neck/"):] if module.startswith("neck/")
+                  else "net_s." + module[len("decoder/"):]).replace("/", ".")
+    if name.endswith("/mean"):
+      assert np.abs(jax_stats[name] - value).max() < 1e-5 * max(1.0, np.abs(value).max()), name
+    else:
+      n, updates = counts[torch_name]
+      expected = _expected_flax_var(value, n, updates)
+      assert np.abs(jax_stats[name] - expected).max() < 1e-5 * np.abs(expected).max(), name
