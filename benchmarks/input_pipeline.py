@@ -1,0 +1,85 @@
+r"""Does the input pipeline keep up with the training step? Both measured in one run.
+
+  python -m benchmarks.input_pipeline                       # the demo (synthetic, 96 px)
+  python -m benchmarks.input_pipeline --config configs/demo.py --batches 100
+
+Times the training stream alone (`input_pipeline.train_batches`: class-mixed epoch order,
+decoding, batching; nothing else running) and then the jitted training step of the same
+config on a batch already in memory, and prints images/s of each and their ratio. The
+pipeline should deliver several times what the step consumes, so the step never waits.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ccl_jax import input_pipeline, step, train
+
+
+def load_config(path: str):
+  """`configs/<name>.py[:variant]` as ccl_jax.main reads it."""
+  module_path, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("benchmark_config", module_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def pipeline_images_per_second(config, dataset, train_indices, batches: int) -> float:
+  stream = input_pipeline.train_batches(
+      dataset.train, train_indices, dataset.train_class_ids[train_indices],
+      global_batch_size=config.batch_size, seed=config.seed, worker_count=config.worker_count)
+  next(stream)  # start-up (threads, first reads) is not steady state
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(stream)
+  return batches * config.batch_size / (time.perf_counter() - start)
+
+
+def step_images_per_second(config, dataset, train_indices, repeats: int) -> float:
+  mesh = step.data_mesh()
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  encoder, _, encoder_variables, state = train._initial_state(config, replicated)  # pylint: disable=protected-access
+  train_step = step.jit_train_step(encoder, train.loss_settings(config))
+  stream = input_pipeline.train_batches(
+      dataset.train, train_indices, dataset.train_class_ids[train_indices],
+      global_batch_size=config.batch_size, seed=config.seed)
+  batch = input_pipeline.to_global_array(next(stream), batch_sharding)
+  state, metrics = train_step(state, encoder_variables, batch)  # compile
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = train_step(state, encoder_variables, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return config.batch_size / statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/demo.py")
+  parser.add_argument("--batches", type=int, default=60)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  config = load_config(args.config)
+  dataset = train.load_dataset(config, True)
+  train_indices, _ = train.holdout_split(config, dataset)
+  pipeline = pipeline_images_per_second(config, dataset, train_indices, args.batches)
+  consumed = step_images_per_second(config, dataset, train_indices, args.repeats)
+  print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; config "
+        f"{args.config} ({config.model.encoder}, {config.image_size} px, batch "
+        f"{config.batch_size})")
+  print(f"input pipeline alone: {pipeline:8.1f} images/s")
+  print(f"training step:        {consumed:8.1f} images/s")
+  print(f"pipeline / step:      {pipeline / consumed:8.1f}x")
+
+
+if __name__ == "__main__":
+  main()
