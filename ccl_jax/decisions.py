@@ -47,10 +47,16 @@ def group_agnostic(predict_fn: Callable) -> Callable:
 def embeddings_of(encoder, encoder_variables, source, indices: np.ndarray, *,
                   global_batch_size: int, batch_sharding) -> np.ndarray:
   """Routing embeddings [N, D] of `source[indices]` (the same for every model)."""
-  embed_fn = jax.jit(functools.partial(step.embed, encoder=encoder))
   return inference.run_inference(
-      embed_fn, None, encoder_variables, source, indices, outputs=("embedding",),
+      _jitted_embed(encoder), None, encoder_variables, source, indices, outputs=("embedding",),
       global_batch_size=global_batch_size, batch_sharding=batch_sharding)["embedding"]
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_embed(encoder):
+  # One jitted function per encoder, so the train, hold-out and test passes share its
+  # compilation instead of each tracing a fresh partial.
+  return jax.jit(functools.partial(step.embed, encoder=encoder))
 
 
 def evaluation_groups(groups: grouping.Groups, embeddings: np.ndarray,

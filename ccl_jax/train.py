@@ -108,10 +108,9 @@ def pseudo_class_ids(encoder, encoder_variables, dataset, indices: np.ndarray, *
   if num_classes < 2 or num_classes > len(indices):
     raise ValueError(f"dataset.num_pseudo_classes={num_classes} must be between 2 and the "
                      f"number of training images ({len(indices)}).")
-  embed_fn = jax.jit(functools.partial(step.embed, encoder=encoder))
-  embeddings = inference.run_inference(embed_fn, None, encoder_variables, dataset.train, indices,
-                             outputs=("embedding",), global_batch_size=global_batch_size,
-                             batch_sharding=batch_sharding)["embedding"]
+  embeddings = decisions.embeddings_of(encoder, encoder_variables, dataset.train, indices,
+                                       global_batch_size=global_batch_size,
+                                       batch_sharding=batch_sharding)
   clusters = sklearn.cluster.KMeans(num_classes, n_init=10, random_state=seed).fit_predict(
       embeddings.astype(np.float64))
   v_measure = sklearn.metrics.v_measure_score(dataset.train_class_ids[indices], clusters)
