@@ -88,6 +88,27 @@ def test_deconv_matches_pytorch_conv_transpose_semantics():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_deconv_values_and_gradients_equal_lax_conv_transpose():
+  """The matmul form is the same function as flax's ConvTranspose (lax.conv_transpose)."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(2, 2, 6, 4)), jnp.float32)
+  layer = deconv2x2(6, name="d", dtype=jnp.float32)
+  target = jnp.asarray(rng.normal(size=(2, 6, 10, 6)), jnp.float32)
+
+  def loss(layer_fn, k, inputs):
+    return jnp.sum(layer_fn(k, inputs) * target)
+
+  ours = lambda k, inputs: layer.apply({"params": {"kernel": k}}, inputs)
+  reference = lambda k, inputs: jax.lax.conv_transpose(
+      inputs, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      transpose_kernel=True)
+  np.testing.assert_allclose(ours(kernel, x), reference(kernel, x), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss, argnums=(1, 2))(ours, kernel, x),
+                       jax.grad(loss, argnums=(1, 2))(reference, kernel, x)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_encoder_and_bad_image_shape_are_clear_errors():
   with pytest.raises(ValueError, match="resnet18"):
     encoder_spec("resnet101")
