@@ -1,6 +1,6 @@
 r"""ccl_jax against the PyTorch reference: training step, inference, local loss, FLOP/s, memory.
 
-  python -m benchmarks.train_step                     # everything (about 40 min on 2 CPU cores)
+  python -m benchmarks.train_step                     # everything (about 70 min on 2 CPU cores)
   python -m benchmarks.train_step --settings small --repeats 3   # a quick look
 
 Runs the same command on a CPU or a GPU (PyTorch on CUDA when available). Settings:

@@ -87,7 +87,7 @@ class Deconv2x2(nn.Module):
   (2i+a, 2j+b) is input pixel (i, j) times the kernel tap (a, b). An einsum followed by a
   depth-to-space reshape computes exactly that, and its gradients are plain matmuls too.
   The same layer as `lax.conv_transpose` has a weight gradient that XLA:CPU lowers to a
-  direct convolution 10x to 60x slower than the matmul (`python -m benchmarks.deconv`).
+  direct convolution 9x to 59x slower than the matmul (`python -m benchmarks.deconv`).
 
   The kernel is [2, 2, out, in], the layout of flax's ConvTranspose with
   transpose_kernel=True, so a torch weight [in, out, kh, kw] maps to it by a plain
