@@ -7,7 +7,7 @@ import pytest
 
 from ccl_jax.models import (ENCODERS, ResNetEncoder, ReverseDistillation, build_encoder,
                             encoder_spec)
-from ccl_jax.models.resnet import deconv2x2
+from ccl_jax.models.resnet import Deconv2x2
 
 EXPECTED = {  # channels of layer1..3 and of the bottleneck, for 256x256 inputs
     "resnet18": ((64, 128, 256), 512),
@@ -78,7 +78,7 @@ def test_deconv_matches_pytorch_conv_transpose_semantics():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 3, 4, 5)).astype(np.float32)
   w_torch = rng.normal(size=(5, 6, 2, 2)).astype(np.float32)  # [in, out, kh, kw]
-  layer = deconv2x2(6, name="d", dtype=jnp.float32)
+  layer = Deconv2x2(6, jnp.float32, name="d")
   variables = {"params": {"kernel": jnp.asarray(w_torch.transpose(2, 3, 1, 0))}}
   got = np.asarray(layer.apply(variables, jnp.asarray(x)))
   want = np.zeros((1, 6, 8, 6), np.float32)
@@ -93,7 +93,7 @@ def test_deconv_values_and_gradients_equal_lax_conv_transpose():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(2, 2, 6, 4)), jnp.float32)
-  layer = deconv2x2(6, name="d", dtype=jnp.float32)
+  layer = Deconv2x2(6, jnp.float32, name="d")
   target = jnp.asarray(rng.normal(size=(2, 6, 10, 6)), jnp.float32)
 
   def loss(layer_fn, k, inputs):

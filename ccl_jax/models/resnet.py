@@ -107,10 +107,6 @@ class Deconv2x2(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, self.features)
 
 
-def deconv2x2(features: int, *, name: str, dtype: Any) -> Deconv2x2:
-  return Deconv2x2(features, dtype=dtype, name=name)
-
-
 def batch_norm(train: bool, *, name: str, dtype: Any, scale_init=nn.initializers.ones):
   # PyTorch defaults: eps 1e-5, running statistics updated with momentum 0.1.
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
@@ -118,7 +114,7 @@ def batch_norm(train: bool, *, name: str, dtype: Any, scale_init=nn.initializers
 
 
 class Shortcut(nn.Module):
-  """torchvision's `downsample` (conv1x1 + BN) or RD's `upsample` (deconv2x2 + BN) branch."""
+  """torchvision's `downsample` (conv1x1 + BN) or RD's `upsample` (Deconv2x2 + BN) branch."""
   features: int
   stride: int = 1
   transpose: bool = False
@@ -127,14 +123,14 @@ class Shortcut(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.transpose:
-      x = deconv2x2(self.features, name="0", dtype=self.dtype)(x)
+      x = Deconv2x2(self.features, self.dtype, name="0")(x)
     else:
       x = conv(self.features, 1, self.stride, name="0", dtype=self.dtype)(x)
     return batch_norm(train, name="1", dtype=self.dtype)(x)
 
 
 class BasicBlock(nn.Module):
-  """ResNet BasicBlock; with `transpose` the stride-2 conv becomes RD's deconv2x2 upsampling."""
+  """ResNet BasicBlock; with `transpose` the stride-2 conv becomes RD's Deconv2x2 upsampling."""
   planes: int
   stride: int = 1
   shortcut: bool = False
@@ -144,7 +140,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.transpose and self.stride == 2:
-      y = deconv2x2(self.planes, name="conv1", dtype=self.dtype)(x)
+      y = Deconv2x2(self.planes, self.dtype, name="conv1")(x)
     else:
       y = conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
     y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
@@ -172,7 +168,7 @@ class Bottleneck(nn.Module):
     y = conv(width, 1, name="conv1", dtype=self.dtype)(x)
     y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
     if self.transpose and self.stride == 2:
-      y = deconv2x2(width, name="conv2", dtype=self.dtype)(y)
+      y = Deconv2x2(width, self.dtype, name="conv2")(y)
     else:
       y = conv(width, 3, self.stride, name="conv2", dtype=self.dtype)(y)
     y = nn.relu(batch_norm(train, name="bn2", dtype=self.dtype)(y))
