@@ -30,6 +30,15 @@ def jax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def torch_forward(layer: torch.nn.Conv2d, x: torch.Tensor) -> None:
+  with torch.no_grad():
+    layer(x)
+
+
+def torch_backward(layer: torch.nn.Conv2d, x: torch.Tensor) -> None:
+  torch.autograd.grad((layer(x) ** 2).sum(), [x, layer.weight])
+
+
 def main():
   print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), PyTorch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
@@ -47,16 +56,10 @@ def main():
     with torch.no_grad():
       layer.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-
-    def torch_forward():
-      with torch.no_grad():
-        layer(xt)
-
-    def torch_backward():
-      torch.autograd.grad((layer(xt) ** 2).sum(), [xt, layer.weight])
-
-    times = [median_ms(forward, xj, kj, repeats=3), median_ms(torch_forward, repeats=3),
-             median_ms(backward, xj, kj, repeats=3), median_ms(torch_backward, repeats=3)]
+    times = [median_ms(forward, xj, kj, repeats=3),
+             median_ms(torch_forward, layer, xt, repeats=3),
+             median_ms(backward, xj, kj, repeats=3),
+             median_ms(torch_backward, layer, xt, repeats=3)]
     print(f"| {where} | {batch}x{side}x{side}, {cin}->{cout} | {times[0]:.1f} | {times[1]:.1f} "
           f"| {times[0] / times[1]:.2f} | {times[2]:.1f} | {times[3]:.1f} | "
           f"{times[2] / times[3]:.2f} |", flush=True)
