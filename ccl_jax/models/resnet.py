@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ccl_jax.models import conv as conv_lib
+
 # Three feature maps, highest resolution first (the encoder's layer1..layer3 order).
 FeatureMaps = tuple[jax.Array, ...]
 
@@ -77,7 +79,8 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any,
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-                 kernel_init=kernel_init, name=name)
+                 kernel_init=kernel_init, conv_general_dilated=conv_lib.conv_general_dilated,
+                 name=name)
 
 
 class Deconv2x2(nn.Module):
