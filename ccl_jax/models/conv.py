@@ -19,10 +19,10 @@ takes it as `conv_general_dilated=`) that computes the same function. On the CPU
 
 The weight gradient of a k x k conv with stride s and padding p = k // 2 is
   dw[dy, dx, c, o] = sum_{n,i,j} x[n, s*i + dy - p, s*j + dx - p, c] * g[n, i, j, o]
-(x zero outside the map). Stacking the k column shifts of the input along channels gives a
-"band" [N, H, Wo, k*C]; each kernel row dy is then one matmul of the band's rows with the
-output gradient over all N*Ho*Wo positions. Rather than copying row slices of the band, the
-(smaller) output gradient is shifted so that it lines up with whole band rows.
+(x zero outside the map): for each kernel tap, one matmul of a column-shifted copy of the
+input (a "band" of the map) with the output gradient over all N*Ho*Wo positions. Rather
+than copying row slices of the input as well, the output gradient is shifted so that it
+lines up with whole input rows.
 """
 from __future__ import annotations
 
@@ -108,22 +108,23 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, precision: Any) -> j
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_with_band_weight_gradient(x: jax.Array, kernel: jax.Array, stride: int, precision: Any) -> jax.Array:
+def _conv_with_band_weight_gradient(x: jax.Array, kernel: jax.Array, stride: int,
+                                    precision: Any) -> jax.Array:
   return _xla_conv(x, kernel, stride, precision)
 
 
-def _conv_fwd(x, kernel, stride, precision):
+def _band_fwd(x, kernel, stride, precision):
   return _xla_conv(x, kernel, stride, precision), (x, kernel)
 
 
-def _conv_bwd(stride, precision, residuals, output_grad):
+def _band_bwd(stride, precision, residuals, output_grad):
   x, kernel = residuals
   (input_grad,) = jax.linear_transpose(
       lambda x_: _xla_conv(x_, kernel, stride, precision), x)(output_grad)
   return input_grad, weight_gradient(x, output_grad, kernel.shape[0], stride, precision)
 
 
-_conv_with_band_weight_gradient.defvjp(_conv_fwd, _conv_bwd)
+_conv_with_band_weight_gradient.defvjp(_band_fwd, _band_bwd)
 
 
 def weight_gradient(x: jax.Array, output_grad: jax.Array, kernel_size: int, stride: int,
@@ -132,23 +133,22 @@ def weight_gradient(x: jax.Array, output_grad: jax.Array, kernel_size: int, stri
   matmuls; returns the kernel's [k, k, C_in, C_out] layout in `x`'s dtype."""
   k, s, pad = kernel_size, stride, kernel_size // 2
   ho, wo = output_grad.shape[1:3]
-  cin, cout = x.shape[-1], output_grad.shape[-1]
   padded = jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (0, 0)))
-  # Column shifts stacked on channels: band[n, r, j, dx*C + c] = padded[n, r, s*j + dx, c].
-  band = jnp.concatenate(
-      [padded[:, :, dx:dx + s * (wo - 1) + 1:s] for dx in range(k)], axis=-1)
   contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
-  rows = []
-  for dy in range(k):
-    # Kernel row dy meets input row r = s*i + dy - pad for output row i. Taking the band's
-    # rows of r's residue mod s, row m of them is r = residue + s*m, i.e. i = m - shift.
-    residue, shift = (dy - pad) % s, (dy - pad) // s
-    band_rows = band[:, residue::s]
-    # Output gradient moved by `shift` rows and cut or zero-filled to the band's row count
-    # (lax.pad crops where the padding is negative): rows outside are the zero padding.
-    aligned_grad = lax.pad(output_grad, jnp.zeros((), output_grad.dtype),
-                           ((0, 0, 0), (shift, band_rows.shape[1] - ho - shift, 0),
-                            (0, 0, 0), (0, 0, 0)))
-    rows.append(lax.dot_general(band_rows, aligned_grad, contract, precision=precision,
-                                preferred_element_type=jnp.float32))
-  return jnp.stack(rows).reshape(k, k, cin, cout).astype(x.dtype)
+  taps = [[None] * k for _ in range(k)]
+  # One column shift at a time (not all k stacked) keeps the temporary to one input's size.
+  for dx in range(k):
+    columns = padded[:, :, dx:dx + s * (wo - 1) + 1:s]  # [N, H, Wo, C]
+    for dy in range(k):
+      # Kernel row dy meets input row r = s*i + dy - pad for output row i. Among the rows
+      # of r's residue mod s, row m is r = residue + s*m, i.e. it meets i = m - shift.
+      residue, shift = (dy - pad) % s, (dy - pad) // s
+      rows = columns[:, residue::s]
+      # The output gradient moved by `shift` rows and cut or zero-filled to `rows`' count
+      # (lax.pad crops where the padding is negative): rows outside are the zero padding.
+      aligned_grad = lax.pad(output_grad, jnp.zeros((), output_grad.dtype),
+                             ((0, 0, 0), (shift, rows.shape[1] - ho - shift, 0),
+                              (0, 0, 0), (0, 0, 0)))
+      taps[dy][dx] = lax.dot_general(rows, aligned_grad, contract, precision=precision,
+                                     preferred_element_type=jnp.float32)
+  return jnp.stack([jnp.stack(row) for row in taps]).astype(x.dtype)
