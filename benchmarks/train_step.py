@@ -457,17 +457,20 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {allocator} | {i['jax']['maps_per_s']:.1f} | "
                      f"{i['torch_eager']['maps_per_s']:.1f} | "
                      f"{i['jax']['maps_per_s'] / i['torch_eager']['maps_per_s']:.2f} |")
-  lines += ["", "Local loss: ccl_jax step time and the share the local loss adds to it:", "",
-            "| setting | allocator | no local ms | window 1 | window 3 | window 5 | whole map |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+  local_loss_rows = []
   for allocator, run in result["runs"].items():
     for name, section in run["settings"].items():
       if "local_loss" in section:
         ll = section["local_loss"]
         cells = [f"{1e3 * ll[k]['median_s']:.0f} ms ({100 * ll[k]['added_fraction']:+.1f}%)"
                  for k in ("window_1", "window_3", "window_5", "window_whole")]
-        lines.append(f"| {name} | {allocator} | {1e3 * ll['no_local']['median_s']:.0f} | "
-                     + " | ".join(cells) + " |")
+        local_loss_rows.append(f"| {name} | {allocator} | "
+                               f"{1e3 * ll['no_local']['median_s']:.0f} | " + " | ".join(cells)
+                               + " |")
+  if local_loss_rows:  # not measured with --skip_local_loss
+    lines += ["", "Local loss: ccl_jax step time and the share the local loss adds to it:", "",
+              "| setting | allocator | no local ms | window 1 | window 3 | window 5 | whole map |",
+              "|---|---|---:|---:|---:|---:|---:|", *local_loss_rows]
   lines += ["", "Achieved FLOP/s of the training step against each framework's measured "
             "float32 matmul peak:", "",
             "| setting | allocator | JAX GFLOP/step | JAX GFLOP/s (% peak) | PyTorch GFLOP/step "
