@@ -35,8 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 # Below this many weight-gradient FLOPs a 3x3 conv keeps XLA's own gradient: on small maps
-# the band's copy costs more than the direct convolution loses (measured crossover between
-# 1.2 and 9.7 GFLOP on the 2-core CPU, see benchmarks/results/conv_layers_cpu.md).
+# the band's copies cost more than the direct convolution loses. On the 2-core CPU the band
+# lost at 1.2 GFLOP (32x32 and smaller maps) and won from 9.7 GFLOP (64x64 maps) in scratch
+# runs; benchmarks/results/conv_layers_cpu.md times the model's layers above the threshold.
 BAND_MIN_FLOPS = 4e9
 
 Lowering = Literal["xla", "matmul", "band"]
