@@ -4,9 +4,9 @@ r"""The built-in demo: CCL on the synthetic 7-class dataset (generated on first 
 
 The data is synthetic (procedural textures and objects with exact defect masks, see
 ccl_jax/datasets/synthetic.py), so the figures say the pipeline works, not how CCL does on
-real parts. Measured on a 2-core CPU (2026-11-24, commit 3501b4c): 4 min 47 s in all; mean
-I-AUROC 89.5, P-AUROC 95.6, AUPRO 89.6 (the rd variant: 90.8 / 96.2 / 90.4; random_encoder:
-50.6 / 79.3 / 47.4); see README.md.
+real parts. Measured on a 2-core CPU (2026-11-24): 4 min 47 s to 5 min 46 s in all; mean
+I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6 (the rd variant, on commit 3501b4c: 90.8 / 96.2 /
+90.4; random_encoder: 50.6 / 79.3 / 47.4); see README.md.
 
 Variants (`configs/demo.py:<variant>`):
   rd              the same run as the RD joint baseline (both contrastive weights 0).
