@@ -35,16 +35,16 @@ SHAPES = (("small: decoder layer3", 16, 64, 64, 32, 3, 1),
           ("paper: neck shortcut", 16, 3072, 2048, 16, 1, 2))
 
 
-def lax_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  pad = kernel.shape[0] // 2
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def same_conv(conv_general_dilated):
+  """(x, kernel, stride) -> NHWC conv with padding kernel // 2, computed by the given lowering."""
+  def conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    pad = kernel.shape[0] // 2
+    return conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return conv
 
 
-def ccl_jax_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  pad = kernel.shape[0] // 2
-  return conv_lib.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+LOWERINGS = (same_conv(jax.lax.conv_general_dilated), same_conv(conv_lib.conv_general_dilated))
 
 
 def jax_backward(conv, stride: int):
@@ -80,10 +80,10 @@ def main():
       layer.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     forward = [median_ms(jax.jit(conv, static_argnums=2), xj, kj, stride, repeats=3)
-               for conv in (lax_conv, ccl_jax_conv)]
+               for conv in LOWERINGS]
     forward.append(median_ms(torch_forward, layer, xt, repeats=3))
     backward = [median_ms(jax_backward(conv, stride), xj, kj, repeats=3)
-                for conv in (lax_conv, ccl_jax_conv)]
+                for conv in LOWERINGS]
     backward.append(median_ms(torch_backward, layer, xt, repeats=3))
     cells = [f"{t:.1f}" for t in forward] + [f"{forward[1] / forward[2]:.2f}"]
     cells += [f"{t:.1f}" for t in backward] + [f"{backward[1] / backward[2]:.2f}"]

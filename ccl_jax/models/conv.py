@@ -1,10 +1,10 @@
 """Convolutions written as matrix products where XLA:CPU's own lowering is slow.
 
-XLA's CPU backend runs a 1x1 convolution 1x to 3x slower than the same matmul, and lowers the
+XLA's CPU backend runs a 1x1 convolution up to 3x slower than the same matmul, and lowers the
 weight gradient of any convolution to a direct convolution over the batch and spatial axes,
-2x to 7x slower than matmuls for RD's 1x1 convs and for 3x3 convs on large maps
-(`python -m benchmarks.conv_layers`): at the paper setting the projector's 64x64 convs alone
-spent seconds a step there.
+much slower than matmuls for RD's 1x1 convs and for 3x3 convs on large maps (forward +
+backward 1.5x to 4x the matmul form's time, `python -m benchmarks.conv_layers`): at the
+paper setting the projector's 64x64 convs alone spent seconds a step there.
 
 `conv_general_dilated` below is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv`
 takes it as `conv_general_dilated=`) that computes the same function. On the CPU backend
