@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax import step, weights
+from ccl_jax import step, weights, xla_options
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, build_encoder
 
 SETTINGS = {
@@ -385,7 +385,7 @@ def machine() -> dict[str, Any]:
   return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind),
           "torch": torch.__version__, "torch_device": torch_device(),
-          "date": time.strftime("%Y-%m-%d")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": time.strftime("%Y-%m-%d")}
 
 
 def run_all(args) -> dict[str, Any]:
@@ -427,7 +427,8 @@ def _passthrough(args, everything: bool) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
   m = result["machine"]
   lines = [f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['platform']}; JAX {m['jax']} "
-           f"({m['jax_device']}), PyTorch {m['torch']} ({m['torch_device']}); {m['date']}.", ""]
+           f"({m['jax_device']}), PyTorch {m['torch']} ({m['torch_device']}); {m['date']}.",
+           f"XLA_FLAGS: {m.get('xla_flags') or '(none)'}", ""]
   best_torch = {}
   lines += ["Training step (median of the interleaved repeats; ratio = JAX time / PyTorch "
             "time):", "",
@@ -527,6 +528,8 @@ def main():
   unknown = set(args.settings.split(",")) - set(SETTINGS)
   if unknown:
     parser.error(f"--settings: unknown {sorted(unknown)}; expected some of {sorted(SETTINGS)}.")
+  # As ccl_jax.main does by default; the worker processes inherit it through XLA_FLAGS.
+  xla_options.use_cpu_low_memory_schedule(True)
   if args.memory_worker:
     print(json.dumps(memory_worker(args.memory_worker, args.settings)))
     return

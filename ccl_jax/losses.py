@@ -93,6 +93,33 @@ def _check_window(window: int | None) -> None:
     raise ValueError(f"window must be None (whole map) or a positive odd int, got {window!r}.")
 
 
+# Largest similarity block the whole-map search materialises at once (64 MiB of float32):
+# the full [B, HW, HW] matrix is 1 GiB at the paper setting's 64x64 scale, and it would be
+# live next to every activation the backward pass keeps.
+WHOLE_MAP_BLOCK_ELEMENTS = 2**24
+
+
+def _whole_map_argmax(query: jax.Array, keys: jax.Array,
+                      block_elements: int = WHOLE_MAP_BLOCK_ELEMENTS) -> jax.Array:
+  """argmax_q <query[b, p], keys[b, q]> for [B, P, C] arrays, over blocks of query rows.
+
+  Each block's operands pass through an optimization barrier together with the previous
+  block's result: XLA would otherwise merge the blocks' matmuls (they share `keys`) or run
+  them side by side, and hold every block's similarities at once. A Python loop rather
+  than lax.map, because XLA's cost analysis counts a loop body once and the benchmarks'
+  FLOP/s figures come from it.
+  """
+  b, p, _ = query.shape
+  rows = max(1, min(p, block_elements // (b * keys.shape[1])))
+  best = [jnp.zeros((b, 0), jnp.int32)]
+  for start in range(0, p, rows):
+    block, block_keys, _ = jax.lax.optimization_barrier(
+        (query[:, start:start + rows], keys, best[-1]))
+    similarity = jnp.einsum("bpc,bqc->bpq", block, block_keys)
+    best.append(jnp.argmax(similarity, axis=-1).astype(jnp.int32))
+  return jnp.concatenate(best, axis=1)
+
+
 def match_positions(query: jax.Array, keys: jax.Array, window: int | None) -> jax.Array:
   """For each query position, the flat index (y * W + x) of the most similar key position.
 
@@ -110,8 +137,7 @@ def match_positions(query: jax.Array, keys: jax.Array, window: int | None) -> ja
   q = jax.lax.stop_gradient(_normalize(query))
   k = jax.lax.stop_gradient(_normalize(keys))
   if window is None:
-    similarity = jnp.einsum("bpc,bqc->bpq", q.reshape(b, h * w, c), k.reshape(b, h * w, c))
-    return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
+    return _whole_map_argmax(q.reshape(b, h * w, c), k.reshape(b, h * w, c))
 
   r = window // 2
   k_padded = jnp.pad(k, ((0, 0), (r, r), (r, r), (0, 0)))

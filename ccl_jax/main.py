@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import train
+from ccl_jax import train, xla_options
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
@@ -37,6 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  xla_options.use_cpu_low_memory_schedule(FLAGS.config.xla_cpu_low_memory_schedule)
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),

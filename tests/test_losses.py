@@ -189,6 +189,23 @@ def test_windowed_matching_never_builds_the_dense_similarity():
   assert "1024x1024" in dense
 
 
+@pytest.mark.parametrize("block_elements", [1, 2 * 20 * 3, 2 * 20 * 7, 2**24])
+def test_whole_map_search_in_blocks_equals_dense_argmax(block_elements):
+  rng = np.random.default_rng(8)
+  query, keys = _features(rng, 2, 4, 5, 6), _features(rng, 2, 4, 5, 6)
+  q, k = (jnp.asarray(x).reshape(2, 20, 6) for x in (query, keys))
+  dense = np.argmax(np.einsum("bpc,bqc->bpq", q, k), axis=-1)
+  np.testing.assert_array_equal(losses._whole_map_argmax(q, k, block_elements), dense)
+
+
+def test_whole_map_search_never_builds_a_block_above_its_budget():
+  x = jnp.zeros((16, 64, 64, 8))  # [16, 4096, 4096] = 2**28 similarities in one block
+  hlo = jax.jit(lambda a, b: losses.match_positions(a, b, None)).lower(x, x).as_text()
+  assert "16x4096x4096" not in hlo
+  rows = losses.WHOLE_MAP_BLOCK_ELEMENTS // (16 * 4096)
+  assert f"16x{rows}x4096" in hlo
+
+
 def test_window_larger_than_map_equals_whole_map():
   rng = np.random.default_rng(7)
   a, b = _features(rng, 2, 4, 5, 3), _features(rng, 2, 4, 5, 3)
