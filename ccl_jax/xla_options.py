@@ -4,7 +4,7 @@ XLA:CPU orders independent operations for concurrency by default, which keeps ma
 activations live at once (and, in the whole-map positive search, every block of the
 similarity matrix). Its memory-minimising schedule runs the same kernels in another order:
 XLA's buffer plan for the paper setting's training step falls from 10.2 to 6.8 GiB, at the
-same speed on a 2-core CPU (`python -m benchmarks.train_step`). The option only exists as a
+same speed on a 2-core CPU (`python -m benchmarks.cpu_schedule`). The option only exists as a
 process flag: jit's per-function `compiler_options` accept it but this XLA's CPU compiler
 does not act on it there.
 """
