@@ -103,21 +103,16 @@ def _whole_map_argmax(query: jax.Array, keys: jax.Array,
                       block_elements: int = WHOLE_MAP_BLOCK_ELEMENTS) -> jax.Array:
   """argmax_q <query[b, p], keys[b, q]> for [B, P, C] arrays, over blocks of query rows.
 
-  Each block's operands pass through an optimization barrier together with the previous
-  block's result: XLA would otherwise merge the blocks' matmuls (they share `keys`) or run
-  them side by side, and hold every block's similarities at once. A Python loop rather
-  than lax.map, because XLA's cost analysis counts a loop body once and the benchmarks'
-  FLOP/s figures come from it.
+  The blocks save memory where XLA runs them one after another: on the CPU that takes its
+  memory-minimising schedule (`ccl_jax.xla_options`); its concurrent default holds every
+  block at once. A Python loop rather than lax.map, because XLA's cost analysis counts a
+  loop body once and the benchmarks' FLOP/s figures come from it.
   """
   b, p, _ = query.shape
   rows = max(1, min(p, block_elements // (b * keys.shape[1])))
-  best = [jnp.zeros((b, 0), jnp.int32)]
-  for start in range(0, p, rows):
-    block, block_keys, _ = jax.lax.optimization_barrier(
-        (query[:, start:start + rows], keys, best[-1]))
-    similarity = jnp.einsum("bpc,bqc->bpq", block, block_keys)
-    best.append(jnp.argmax(similarity, axis=-1).astype(jnp.int32))
-  return jnp.concatenate(best, axis=1)
+  return jnp.concatenate([
+      jnp.argmax(jnp.einsum("bpc,bqc->bpq", query[:, start:start + rows], keys), axis=-1)
+      for start in range(0, p, rows)], axis=1).astype(jnp.int32)
 
 
 def match_positions(query: jax.Array, keys: jax.Array, window: int | None) -> jax.Array:
