@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import os
 
-from jax._src import xla_bridge
-
 _CPU_SCHEDULER_OPTION = "xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def _backends_started() -> bool:
+  # JAX has no public query for this; its private one is looked up defensively, and where a
+  # JAX version lacks it the flag is set and simply has no effect on a started backend.
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
 
 
 def use_cpu_low_memory_schedule(enabled: bool) -> None:
@@ -26,7 +35,7 @@ def use_cpu_low_memory_schedule(enabled: bool) -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if not enabled or _CPU_SCHEDULER_OPTION in flags:
     return
-  if xla_bridge.backends_are_initialized():
+  if _backends_started():
     raise RuntimeError(
         "use_cpu_low_memory_schedule must be called before JAX initialises its backends "
         f"(before any computation or jax.devices()); or set XLA_FLAGS=--{_CPU_SCHEDULER_OPTION}"
