@@ -20,9 +20,9 @@ import sys
 import time
 
 from benchmarks.train_step import RESULTS, SETTINGS
+from ccl_jax.xla_options import CPU_SCHEDULER_OPTION
 
-SCHEDULES = {"low_memory": "false", "concurrent": "true"}  # ..._concurrency_optimized_scheduler=
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler="
+SCHEDULES = {"low_memory": "false", "concurrent": "true"}  # CPU_SCHEDULER_OPTION's value
 
 
 def worker(setting_name: str) -> None:
@@ -41,7 +41,8 @@ def worker(setting_name: str) -> None:
 def compare(setting_name: str, rounds: int) -> dict:
   workers = {}
   for name, value in SCHEDULES.items():
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}{value}".strip())
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --{CPU_SCHEDULER_OPTION}={value}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags)
     workers[name] = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.cpu_schedule", "--worker", setting_name], env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

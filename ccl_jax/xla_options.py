@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-_CPU_SCHEDULER_OPTION = "xla_cpu_enable_concurrency_optimized_scheduler"
+CPU_SCHEDULER_OPTION = "xla_cpu_enable_concurrency_optimized_scheduler"
 
 
 def _backends_started() -> bool:
@@ -33,11 +33,11 @@ def use_cpu_low_memory_schedule(enabled: bool) -> None:
   device query: XLA reads its flags once, when the first backend starts.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if not enabled or _CPU_SCHEDULER_OPTION in flags:
+  if not enabled or CPU_SCHEDULER_OPTION in flags:
     return
   if _backends_started():
     raise RuntimeError(
         "use_cpu_low_memory_schedule must be called before JAX initialises its backends "
-        f"(before any computation or jax.devices()); or set XLA_FLAGS=--{_CPU_SCHEDULER_OPTION}"
+        f"(before any computation or jax.devices()); or set XLA_FLAGS=--{CPU_SCHEDULER_OPTION}"
         "=false in the environment.")
-  os.environ["XLA_FLAGS"] = f"{flags} --{_CPU_SCHEDULER_OPTION}=false".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} --{CPU_SCHEDULER_OPTION}=false".strip()
