@@ -43,7 +43,12 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run(config, workdir: str, *, stop_after_steps: int | None = None):
+  """Trains (or fits HierCore) and evaluates `config` in `workdir`; the program's body."""
+  return train.train_and_evaluate(config, workdir, stop_after_steps=stop_after_steps)
 
 
 if __name__ == "__main__":
