@@ -4,16 +4,17 @@ r"""The built-in demo: CCL on the synthetic 7-class dataset (generated on first 
 
 The data is synthetic (procedural textures and objects with exact defect masks, see
 ccl_jax/datasets/synthetic.py), so the figures say the pipeline works, not how CCL does on
-real parts. Measured on a 2-core CPU (2026-11-24): 4 min 47 s to 5 min 46 s in all with
-data generation; mean I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6 (2026-11-25, data already
-prepared: the same in 4 min 34 s; the rd variant 89.6 / 96.2 / 90.7 in 2 min 28 s;
-random_encoder 51.4 / 79.5 / 48.8 in 4 min 43 s); see README.md.
+real parts. Expected (means over the 7 classes, %; 2-core AMD EPYC CPU, 2026-11-25, data
+already prepared):
+  configs/demo.py                 I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6 in 4 min 34 s
+  configs/demo.py:rd              I-AUROC 89.6, P-AUROC 96.2, AUPRO 90.7 in 2 min 28 s
+  configs/demo.py:random_encoder  I-AUROC 51.4, P-AUROC 79.5, AUPRO 48.8 in 4 min 43 s
 
 Variants (`configs/demo.py:<variant>`):
   rd              the same run as the RD joint baseline (both contrastive weights 0).
   hiercore        HierCore on the same data and encoder (a memory bank, no training).
   random_encoder  the same run with a randomly initialised encoder.
-  smoke           2 classes, 32x32, 2 epochs: the end-to-end tests' config (~1 min on a CPU).
+  smoke           2 classes, 32x32, 2 epochs: the end-to-end tests' config.
 """
 import importlib.util
 
