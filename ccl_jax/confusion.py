@@ -9,7 +9,6 @@ separated); a t-SNE map of the embeddings, coloured by class, is drawn per run s
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -18,33 +17,39 @@ import sklearn.cluster
 import sklearn.manifold
 import sklearn.metrics
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from ccl_jax import inference, step, train
+from ccl_jax import detectors, inference
+from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir, atomic_write
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs to compare.")
-flags.DEFINE_string("output", "confusion.png", "PNG file for the t-SNE panels.")
-flags.DEFINE_string("checkpoint", "best", "Which checkpoint of each workdir: best | latest.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags (defined when it runs, never on import)."""
+  flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs to compare.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("output", "confusion.png", "PNG file for the t-SNE panels.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                    "Which checkpoint of each workdir.", flag_values=flag_values)
+  flags.mark_flags_as_required(["workdirs"], flag_values=flag_values)
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [240, 50, 230], [170, 110, 40],
                      [128, 0, 0], [0, 0, 128], [128, 128, 0], [0, 128, 128]], np.uint8)
 
 
-def neck_embedding(variables, encoder_variables, images, *, model, encoder):
-  features = step.encode(encoder, encoder_variables, images)
-  return {"embedding": model.apply(variables, features, method="embed")}
-
-
-def embeddings_of(trained: train.TrainedModel, dataset) -> np.ndarray:
-  fn = jax.jit(functools.partial(neck_embedding, model=trained.model, encoder=trained.encoder))
-  batch_size = trained.config.eval_batch_size or trained.config.batch_size
+def embeddings_of(detector: detectors.ReverseDistillationDetector, dataset,
+                  global_batch_size: int) -> np.ndarray:
+  """The neck's global embeddings [N, D] of every test image."""
+  if not isinstance(detector, detectors.ReverseDistillationDetector):
+    raise ValueError(f"The confusion analysis reads the neck's global embeddings of a CCL or "
+                     f"RD run; this workdir holds a {detector.name} model.")
   return inference.run_inference(
-      fn, trained.variables, trained.encoder_variables, dataset.test,
-      np.arange(len(dataset.test)), outputs=("embedding",), global_batch_size=batch_size,
-      batch_sharding=NamedSharding(step.data_mesh(), P("data")))["embedding"]
+      lambda images: {"embedding": detector.global_embedding(images)}, dataset.test,
+      np.arange(len(dataset.test)), outputs=("embedding",),
+      global_batch_size=global_batch_size,
+      batch_sharding=inference.batch_sharding())["embedding"]
 
 
 def v_measure(embeddings: np.ndarray, class_ids: np.ndarray, seed: int = 0) -> float:
@@ -68,13 +73,16 @@ def scatter_panel(points: np.ndarray, class_ids: np.ndarray, title: str,
   return panel
 
 
-def main(argv):
-  del argv
-  panels = []
-  for workdir in FLAGS.workdirs:
-    trained = train.load_trained(workdir, FLAGS.checkpoint)
-    dataset = train.load_dataset(trained.config, jax.process_index() == 0)
-    embeddings = embeddings_of(trained, dataset)
+def compare(workdirs: list[str], output: str, checkpoint: str = "best") -> dict[str, float]:
+  """V-measure of each run's test embeddings; their t-SNE panels side by side in `output`."""
+  panels, scores = [], {}
+  for workdir in workdirs:
+    run_settings = RunDir(workdir).read_settings()
+    detector = detectors.load_detector(workdir, checkpoint=checkpoint)
+    dataset = selection.load_selected(run_settings.dataset,
+                                      image_size=run_settings.image_size,
+                                      is_main=jax.process_index() == 0)
+    embeddings = embeddings_of(detector, dataset, run_settings.global_eval_batch_size)
     score = v_measure(embeddings, dataset.test_class_ids)
     points = sklearn.manifold.TSNE(2, random_state=0, init="pca",
                                    perplexity=min(30.0, len(embeddings) / 4)).fit_transform(
@@ -83,15 +91,23 @@ def main(argv):
     print(f"{name}: V-measure {score:.3f} ({len(dataset.class_names)} classes, "
           f"{len(embeddings)} test images)")
     panels.append(scatter_panel(points, dataset.test_class_ids, f"{name}  V={score:.3f}"))
+    scores[workdir] = score
   sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
   x = 0
   for p in panels:
     sheet.paste(p, (x, 0))
     x += p.width
-  sheet.save(FLAGS.output)
-  print(f"wrote {FLAGS.output}")
+  atomic_write(output, lambda f: sheet.save(f, format="PNG"))
+  print(f"wrote {output}")
+  return scores
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  compare(flags.FLAGS.workdirs, flags.FLAGS.output, flags.FLAGS.checkpoint)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdirs"])
+  define_flags()
   app.run(main)

@@ -1,10 +1,10 @@
 """Per-image decisions for every model (CCL, RD, HierCore), and the four label scenarios.
 
 A model scores images; a deployment needs "anomalous or not". The decision layer is the
-same for every model (HierCore abstract, /work/shared/papers/hiercore_abstract.txt):
+same for every model (HierCore abstract: class-wise decision criteria without labels):
 
 1. Groups (`ccl_jax.grouping`): the training images' routing embeddings (the frozen
-   encoder's pooled deepest map, `step.embed`) grouped by class label when labels exist at
+   encoder's pooled deepest map, `Detector.embed`) grouped by class label when labels exist at
    training time, otherwise by clustering with an automatic number of groups.
 2. Thresholds (`ccl_jax.thresholds`): one per group, from the scores of NORMAL held-out
    training images only (the validation hold-out, never seen by training or by the memory
@@ -19,45 +19,76 @@ same for every model (HierCore abstract, /work/shared/papers/hiercore_abstract.t
    The group's threshold then decides: anomalous iff score > threshold.
 
 The four scenarios are (labels at training) x (labels at evaluation); `python -m
-ccl_jax.scenarios` runs them. A score function has the signature
-`fn(variables, encoder_variables, images, group_id) -> {'anomaly_map', 'score'}`; for CCL/RD
-the group is ignored (their maps do not depend on it), for HierCore it picks the coreset.
+ccl_jax.scenarios` runs them. Every model is a `ccl_jax.detectors.Detector`; for CCL/RD the
+group is ignored (their maps do not depend on it), for HierCore it picks the coreset.
+
+`fit_and_evaluate` is what every run ends with: groups and thresholds (decision.json), the
+test-set metrics and decisions, metrics.json, results.md and heatmaps.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import sklearn.metrics
+from absl import logging
 
-from ccl_jax import grouping, inference, step, thresholds
+from ccl_jax import grouping, inference, metrics, thresholds, visualize
+from ccl_jax.detectors import Detector, Router
+from ccl_jax.run_dir import RunDir
+from ccl_jax.settings import DecisionSettings, RunSettings
 
 
-def group_agnostic(predict_fn: Callable) -> Callable:
-  """A CCL/RD predict function with the score-function signature (group ignored)."""
-  def score(variables, encoder_variables, images, group_id):
-    del group_id
-    return predict_fn(variables, encoder_variables, images)
+def embeddings_of(router: Router, source, indices: np.ndarray, *, global_batch_size: int,
+                  batch_sharding) -> np.ndarray:
+  """Routing embeddings [N, D] of `source[indices]` (the same for every model)."""
+  return inference.run_inference(
+      lambda images: {"embedding": router.embed(images)}, source, indices,
+      outputs=("embedding",), global_batch_size=global_batch_size,
+      batch_sharding=batch_sharding)["embedding"]
+
+
+def score_fn(detector: Detector):
+  """`detector.score` with named outputs, for `inference.run_inference`."""
+  def score(images, group_id):
+    scores = detector.score(images, group_id)
+    return {"anomaly_map": scores.anomaly_maps, "score": scores.image_scores}
   return score
 
 
-def embeddings_of(encoder, encoder_variables, source, indices: np.ndarray, *,
-                  global_batch_size: int, batch_sharding) -> np.ndarray:
-  """Routing embeddings [N, D] of `source[indices]` (the same for every model)."""
-  return inference.run_inference(
-      _jitted_embed(encoder), None, encoder_variables, source, indices, outputs=("embedding",),
-      global_batch_size=global_batch_size, batch_sharding=batch_sharding)["embedding"]
+def evaluate_test_set(detector: Detector, dataset, group_ids: np.ndarray, *,
+                      global_batch_size: int, batch_sharding,
+                      worker_count: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+  """Threshold-free metrics per class and mean over the whole test split (each image in
+  group `group_ids[i]`), plus the raw outputs."""
+  indices = np.arange(len(dataset.test))
+  outputs = inference.run_inference(
+      score_fn(detector), dataset.test, indices, outputs=("anomaly_map", "score"),
+      batch_fields=("mask", "label"), per_image_inputs={"group_id": group_ids},
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+      worker_count=worker_count)
+  per_class = {}
+  for class_id, name in enumerate(dataset.class_names):
+    rows = dataset.test_class_ids == class_id
+    per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
+                       "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
+  summary = metrics.summarize(per_class)
+  if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
+    summary["per_dataset"] = per_dataset_means(summary["per_class"])
+  return summary, outputs
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_embed(encoder):
-  # One jitted function per encoder, so the train, hold-out and test passes share its
-  # compilation instead of each tracing a fresh partial.
-  return jax.jit(functools.partial(step.embed, encoder=encoder))
-
+def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """Mean of each metric over the classes of each dataset ('dataset/class' names)."""
+  groups: dict[str, list[dict[str, float]]] = {}
+  for name, row in per_class.items():
+    groups.setdefault(name.split("/")[0], []).append(row)
+  return {prefix: {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+          for prefix, rows in groups.items()}
 
 def evaluation_groups(groups: grouping.Groups, embeddings: np.ndarray,
                       class_ids: np.ndarray | None, class_names: Sequence[str]) -> np.ndarray:
@@ -75,47 +106,44 @@ def evaluation_groups(groups: grouping.Groups, embeddings: np.ndarray,
   return assigned
 
 
-def estimate_thresholds(score_fn: Callable, variables, encoder_variables, source,
-                        holdout_indices: np.ndarray, holdout_groups: np.ndarray,
-                        num_groups: int, *, rule: str, rule_params: dict[str, float],
-                        global_batch_size: int, batch_sharding) -> thresholds.Thresholds:
+def estimate_thresholds(detector: Detector, source, holdout_indices: np.ndarray,
+                        holdout_groups: np.ndarray, num_groups: int, *,
+                        decision: DecisionSettings, global_batch_size: int,
+                        batch_sharding) -> thresholds.Thresholds:
   """Thresholds from the scores of the normal held-out images in their groups."""
   if len(holdout_indices) == 0:
     raise ValueError("No held-out normal training images to estimate thresholds from; set "
                      "validation_fraction > 0.")
   scores = inference.run_inference(
-      score_fn, variables, encoder_variables, source, holdout_indices, outputs=("score",),
+      score_fn(detector), source, holdout_indices, outputs=("score",),
       per_image_inputs={"group_id": holdout_groups}, global_batch_size=global_batch_size,
       batch_sharding=batch_sharding)["score"]
-  return thresholds.estimate_thresholds(scores, holdout_groups, num_groups, rule=rule,
-                                        **rule_params)
+  return thresholds.estimate_thresholds(scores, holdout_groups, num_groups, rule=decision.rule,
+                                        **decision.rule_kwargs)
 
 
-def fit_decision(score_fn: Callable, variables, encoder, encoder_variables, dataset,
-                 train_indices: np.ndarray, holdout_indices: np.ndarray, *,
-                 labels_at_training: bool, num_groups: int | None, max_groups: int,
-                 rule: str, rule_params: dict[str, float], seed: int,
-                 global_batch_size: int, batch_sharding,
+def fit_decision(detector: Detector, dataset, train_indices: np.ndarray,
+                 holdout_indices: np.ndarray, *, labels_at_training: bool,
+                 decision: DecisionSettings, seed: int, global_batch_size: int, batch_sharding,
                  groups: grouping.Groups | None = None
                  ) -> tuple[grouping.Groups, thresholds.Thresholds, dict[str, Any]]:
   """Groups (unless given, as HierCore fits them before its memory bank) and thresholds.
 
   Returns the groups, the thresholds and a meta dict for decision.json.
   """
-  embed = functools.partial(embeddings_of, encoder, encoder_variables, dataset.train,
+  embed = functools.partial(embeddings_of, detector, dataset.train,
                             global_batch_size=global_batch_size, batch_sharding=batch_sharding)
   if groups is None:
     groups = fit_training_groups(
         embed(train_indices), dataset.train_class_ids[train_indices] if labels_at_training
-        else None, dataset.class_names, num_groups=num_groups, max_groups=max_groups,
-        seed=seed)
+        else None, dataset.class_names, num_groups=decision.num_groups,
+        max_groups=decision.max_groups, seed=seed)
   holdout_class_ids = dataset.train_class_ids[holdout_indices] if labels_at_training else None
   holdout_groups = evaluation_groups(groups, embed(holdout_indices), holdout_class_ids,
                                      dataset.class_names)
   estimated = estimate_thresholds(
-      score_fn, variables, encoder_variables, dataset.train, holdout_indices, holdout_groups,
-      groups.num_groups, rule=rule, rule_params=rule_params,
-      global_batch_size=global_batch_size, batch_sharding=batch_sharding)
+      detector, dataset.train, holdout_indices, holdout_groups, groups.num_groups,
+      decision=decision, global_batch_size=global_batch_size, batch_sharding=batch_sharding)
   meta = {"labels_at_training": labels_at_training,
           "num_holdout_images": int(len(holdout_indices)),
           "embedding_dim": int(groups.centroids.shape[1])}
@@ -134,24 +162,24 @@ def fit_training_groups(embeddings: np.ndarray, class_ids: np.ndarray | None,
   return groups
 
 
-def evaluate_decisions(score_fn: Callable, variables, encoder, encoder_variables, dataset,
-                       groups: grouping.Groups, estimated: thresholds.Thresholds, *,
-                       labels_at_evaluation: bool, global_batch_size: int,
-                       batch_sharding) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
+                       estimated: thresholds.Thresholds, *, labels_at_evaluation: bool,
+                       global_batch_size: int, batch_sharding
+                       ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Threshold-free metrics and decisions (class-wise and agnostic) on the test split.
 
   Returns the result dict and the raw per-image outputs (incl. 'group_id').
   """
   indices = np.arange(len(dataset.test))
-  embeddings = embeddings_of(encoder, encoder_variables, dataset.test, indices,
+  embeddings = embeddings_of(detector, dataset.test, indices,
                              global_batch_size=global_batch_size,
                              batch_sharding=batch_sharding)
   group_ids = evaluation_groups(
       groups, embeddings, dataset.test_class_ids if labels_at_evaluation else None,
       dataset.class_names)
-  summary, outputs = inference.evaluate_test_set(
-      score_fn, variables, encoder_variables, dataset, global_batch_size=global_batch_size,
-      batch_sharding=batch_sharding, per_image_inputs={"group_id": group_ids})
+  summary, outputs = evaluate_test_set(detector, dataset, group_ids,
+                                       global_batch_size=global_batch_size,
+                                       batch_sharding=batch_sharding)
   outputs["group_id"] = group_ids
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
@@ -164,6 +192,71 @@ def evaluate_decisions(score_fn: Callable, variables, encoder, encoder_variables
                                  dataset.class_names),
   }
   return result, outputs
+
+
+def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: RunDir, dataset,
+                     train_indices: np.ndarray, holdout_indices: np.ndarray, *, batch_sharding,
+                     groups: grouping.Groups | None = None
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Groups and class-wise thresholds (decision.json), then the test-set evaluation with
+  threshold-free metrics and decisions (evaluation labels as at training)."""
+  labels_at_training = run_settings.dataset.labels_at_training
+  global_batch_size = run_settings.global_eval_batch_size
+  if not len(holdout_indices):
+    logging.warning("validation_fraction=0: no held-out normal images, so no thresholds and "
+                    "no decision.json; `python -m ccl_jax.predict` needs them.")
+    summary, outputs = evaluate_test_set(
+        detector, dataset, np.zeros(len(dataset.test), np.int32),
+        global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+        worker_count=run_settings.worker_count)
+    return {"metrics": summary, "classes": list(dataset.class_names)}, outputs
+  groups, estimated, decision_meta = fit_decision(
+      detector, dataset, train_indices, holdout_indices, labels_at_training=labels_at_training,
+      decision=run_settings.decision, seed=run_settings.seed,
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding, groups=groups)
+  if jax.process_index() == 0:
+    run_dir.write_decision(groups, estimated, dict(decision_meta, model=detector.name))
+  result, outputs = evaluate_decisions(
+      detector, dataset, groups, estimated, labels_at_evaluation=labels_at_training,
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding)
+  result["classes"] = list(dataset.class_names)
+  return result, outputs
+
+
+def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
+                  outputs: dict[str, np.ndarray], num_heatmaps_per_class: int) -> None:
+  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation."""
+  table = metrics.format_table(result["metrics"])
+  if "classwise" in result:
+    table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
+              "false-alarm rate):\n\n" + format_decision_table(result))
+  run_dir.write_results(result, table, heatmap_figures(dataset, outputs,
+                                                       num_heatmaps_per_class))
+  print(table, flush=True)
+
+
+def heatmap_figures(dataset, outputs: dict[str, np.ndarray],
+                    per_class: int) -> list[tuple[str, str, np.ndarray]]:
+  """(class, file stem, figure) for a few test images per class: anomalous ones of
+  different defect types, one normal."""
+  figures = []
+  for class_id, name in enumerate(dataset.class_names):
+    rows = np.flatnonzero(dataset.test_class_ids == class_id)
+    if rows.size == 0 or per_class <= 0:
+      continue
+    scores = outputs["anomaly_map"][rows]
+    low, high = float(np.min(scores)), float(np.max(scores))
+    anomalous = rows[outputs["label"][rows] == 1]
+    # Test images are stored grouped by defect type: evenly spaced picks cover the types.
+    picks = np.unique(np.linspace(0, len(anomalous) - 1, min(per_class, len(anomalous)))
+                      .round().astype(int)) if len(anomalous) else np.zeros(0, int)
+    normal = rows[outputs["label"][rows] == 0][:1]
+    for r in list(anomalous[picks]) + list(normal):
+      record = dataset.test[int(r)]
+      stem = os.path.splitext(record["file_name"].replace("/", "_"))[0]
+      figures.append((name, stem, visualize.heatmap_figure(
+          record["image"], outputs["mask"][r], outputs["anomaly_map"][r], low, high)))
+  return figures
 
 
 def routing_quality(groups: grouping.Groups, group_ids: np.ndarray, class_ids: np.ndarray,

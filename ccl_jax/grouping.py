@@ -1,13 +1,14 @@
 """Upper level of the HierCore hierarchy: image-level embeddings -> groups.
 
-HierCore (see /work/shared/papers/hiercore_abstract.txt) keeps one memory bank
+HierCore (Multi-class Image Anomaly Detection for Practical Applications, 2025,
+abstract) keeps one memory bank
 per group of similar training images and estimates one decision threshold per
 group, so that a multi-class model gets class-wise thresholds even when no
 class labels exist. This module builds those groups and routes new images to
 them. Only the abstract is available, so every choice below is ours:
 
 Embedding. Every model routes with the same image-level embedding (spatial
-mean of the frozen encoder's deepest map, ``ccl_jax.step.embed``). Rows are
+mean of the frozen encoder's deepest map, ``ccl_jax.detectors.Router.embed``). Rows are
 L2-normalised before anything else: pretrained features differ mostly in
 direction between object classes, while their norm moves with brightness and
 texture energy inside a class, so cosine geometry is the one to cluster in.
@@ -63,7 +64,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
-from sklearn.metrics import silhouette_score
+from sklearn.metrics import silhouette_score, v_measure_score
 
 DEFAULT_MAX_GROUPS = 20
 DEFAULT_MIN_SILHOUETTE = 0.25
@@ -366,3 +367,17 @@ def route(groups: Groups, embeddings: np.ndarray) -> np.ndarray:
         f"embeddings must have shape [M, {dim}] (the groups' embedding dim); "
         f"got {unit.shape}")
   return _nearest(unit, groups.centroids.astype(np.float64))
+
+
+def pseudo_classes(embeddings: np.ndarray, true_class_ids: np.ndarray, *, num_classes: int,
+                   seed: int) -> tuple[np.ndarray, float]:
+  """K-means pseudo-classes of training images (paper Table 3: classes unknown at
+  training) and their V-measure against the true classes. The paper clusters ImageNet
+  ResNet-18 average-pooled features; here the same routing embeddings as the groups."""
+  if num_classes < 2 or num_classes > len(embeddings):
+    raise ValueError(f"dataset.num_pseudo_classes={num_classes} must be between 2 and the "
+                     f"number of training images ({len(embeddings)}).")
+  clusters = KMeans(num_classes, n_init=10, random_state=seed).fit_predict(
+      np.asarray(embeddings).astype(np.float64))
+  v_measure = v_measure_score(true_class_ids, clusters)
+  return clusters.astype(np.int32), float(v_measure)

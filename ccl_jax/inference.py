@@ -1,14 +1,17 @@
 """Batched inference over a dataset split: every image exactly once, on any number of
-devices or hosts (the last batch is padded and its padding masked out), and the test-set
-metrics built on it. Used by training, evaluation, HierCore and the decision scenarios.
+devices or hosts (the last batch is padded and its padding masked out).
+
+The device mesh is 1-D ('data') over every device of every process: batches are sharded
+along it, everything else is replicated.
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ccl_jax import input_pipeline, metrics
+from ccl_jax import input_pipeline
 
 
 class _Gather:
@@ -35,6 +38,26 @@ class _Gather:
     return self.fields
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """1-D mesh over every device of every process, axis 'data'.
+
+  Auto axis types: XLA propagates the batch sharding through the step and inserts the
+  cross-device reductions (BatchNorm statistics, gradients, contrastive similarities).
+  """
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding() -> NamedSharding:
+  """Arrays split along their first (batch) axis over the 'data' mesh."""
+  return NamedSharding(data_mesh(), P("data"))
+
+
+def replicated_sharding() -> NamedSharding:
+  """Arrays held whole on every device."""
+  return NamedSharding(data_mesh(), P())
+
+
 def host_value(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host) global array on every host."""
   if jax.process_count() == 1:
@@ -42,12 +65,12 @@ def host_value(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def run_inference(fn, variables, encoder_variables, source, indices: np.ndarray, *,
+def run_inference(fn, source, indices: np.ndarray, *,
                   outputs: tuple[str, ...], batch_fields: tuple[str, ...] = (),
                   per_image_inputs: dict[str, np.ndarray] | None = None,
                   global_batch_size: int, batch_sharding,
                   worker_count: int = 0) -> dict[str, np.ndarray]:
-  """Runs `fn(variables, encoder_variables, images, **inputs)` on every image of `indices`
+  """Runs `fn(images, **inputs)` on every image of `indices`
   exactly once (padded, masked last batch) and returns the named `outputs` of `fn` and
   `batch_fields` of the input batches as per-position arrays. `per_image_inputs` maps
   keyword names to arrays over the positions of `indices` (e.g. each image's group)."""
@@ -66,40 +89,8 @@ def run_inference(fn, variables, encoder_variables, source, indices: np.ndarray,
     local = dict(local, **{name: np.asarray(values)[positions]
                            for name, values in per_image_inputs.items()})
     batch = input_pipeline.to_global_array(local, batch_sharding)
-    out = fn(variables, encoder_variables, batch["image"],
-             **{name: batch[name] for name in per_image_inputs})
+    out = fn(batch["image"], **{name: batch[name] for name in per_image_inputs})
     values = {name: host_value(out[name]) for name in outputs}
     values.update({name: host_value(batch[name]) for name in batch_fields})
     gather.add(host_value(batch["index"]), host_value(batch["valid"]), values)
   return gather.result()
-
-
-def evaluate_test_set(predict_fn, variables, encoder_variables, dataset, *,
-                      global_batch_size: int, batch_sharding,
-                      per_image_inputs: dict[str, np.ndarray] | None = None,
-                      worker_count: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
-  """Metrics per class and mean over the whole test split, plus the raw outputs."""
-  indices = np.arange(len(dataset.test))
-  outputs = run_inference(predict_fn, variables, encoder_variables, dataset.test, indices,
-                          outputs=("anomaly_map", "score"), batch_fields=("mask", "label"),
-                          per_image_inputs=per_image_inputs,
-                          global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-                          worker_count=worker_count)
-  per_class = {}
-  for class_id, name in enumerate(dataset.class_names):
-    rows = dataset.test_class_ids == class_id
-    per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
-                       "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
-  summary = metrics.summarize(per_class)
-  if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
-    summary["per_dataset"] = per_dataset_means(summary["per_class"])
-  return summary, outputs
-
-
-def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-  """Mean of each metric over the classes of each dataset ('dataset/class' names)."""
-  groups: dict[str, list[dict[str, float]]] = {}
-  for name, row in per_class.items():
-    groups.setdefault(name.split("/")[0], []).append(row)
-  return {prefix: {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
-          for prefix, rows in groups.items()}

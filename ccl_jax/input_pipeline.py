@@ -1,4 +1,4 @@
-"""Input pipeline: holdout split, class-mixed epochs, grain train/eval streams.
+"""Input pipeline: class-mixed epochs, grain train/eval streams.
 
 Everything here is a pure function of explicit arguments (no config objects).
 
@@ -43,7 +43,6 @@ import jax
 import numpy as np
 
 __all__ = [
-    "holdout_split",
     "class_mixed_epoch",
     "steps_per_epoch",
     "train_batches",
@@ -55,55 +54,6 @@ __all__ = [
 # Length of the (virtually infinite) training row range. grain's MapDataset
 # needs a finite length; 2**62 rows never run out.
 _INFINITE_ROWS = 2**62
-
-
-# --------------------------------------------------------------------------
-# Holdout split.
-# --------------------------------------------------------------------------
-
-
-def holdout_split(class_ids, fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Stratified, deterministic train/validation split of training images.
-
-  The validation part is a held-out set of NORMAL training images used for
-  early stopping on the validation loss.
-
-  For each class with ``n_c`` images, ``round(fraction * n_c)`` (half up)
-  images go to validation, capped so that at least one stays in training; a
-  class with fewer than 2 images keeps all of them for training. The choice
-  inside a class depends only on ``(seed, class id)``.
-
-  Args:
-    class_ids: int array [n], the class of each source position.
-    fraction: share held out, in [0, 1).
-    seed: non-negative int.
-
-  Returns:
-    ``(train_indices, validation_indices)``: sorted int64 positions into
-    ``class_ids`` (i.e. source indices), disjoint, covering ``range(n)``.
-  """
-  class_ids = np.asarray(class_ids)
-  if class_ids.ndim != 1:
-    raise ValueError(f"class_ids must be 1-D, got shape {class_ids.shape}")
-  if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-  val_parts = []
-  for c in np.unique(class_ids):
-    members = np.flatnonzero(class_ids == c)
-    n_c = members.size
-    if n_c < 2:
-      continue
-    n_val = min(int(np.floor(fraction * n_c + 0.5)), n_c - 1)
-    if n_val <= 0:
-      continue
-    rng = np.random.default_rng([int(seed), int(c) & 0xFFFFFFFF])
-    val_parts.append(rng.choice(members, size=n_val, replace=False))
-  is_val = np.zeros(class_ids.size, dtype=bool)
-  if val_parts:
-    is_val[np.concatenate(val_parts)] = True
-  return (np.flatnonzero(~is_val).astype(np.int64),
-          np.flatnonzero(is_val).astype(np.int64))
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,12 @@
-r"""Entry point: `python -m ccl_jax.main --config configs/<name>.py[:variant] --workdir DIR`.
+r"""Trains (RD/CCL) or fits (HierCore) a model, then evaluates it and fits its decisions.
 
-Overrides: `--config.<key>=<value>` (the config is locked: an unknown key is an error).
+  python -m ccl_jax.main --config configs/<name>.py[:variant] --workdir DIR \
+      [--config.<key>=<value> ...]
+
+The config is locked (an unknown key is an error) and read once, here, into typed settings
+(`ccl_jax.settings`) validated before any work starts. A workdir holds one run: the same
+command resumes it; a command with other settings is refused with the differing keys
+(`ccl_jax.run_dir`), and two programs never write one workdir at the same time.
 
 Multi-host (TPU pods, multi-node GPU): pass `--distributed` (or set CCL_JAX_DISTRIBUTED=1)
 on every host; `jax.distributed.initialize()` then discovers the cluster from the TPU
@@ -8,22 +14,29 @@ metadata, SLURM or Open MPI environment, or from JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single multi-GPU host needs no flag: every local
 device is used.
 """
+from __future__ import annotations
+
 import logging as logging_std
 import os
+from typing import Any
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import train, xla_options
+from ccl_jax import settings as settings_lib, xla_options
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
-flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
-                  "Call jax.distributed.initialize() (multi-host runs).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags (defined when it runs, never on import, as in every program)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, heatmaps.",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
+                    "Call jax.distributed.initialize() (multi-host runs).",
+                    flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -33,23 +46,44 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
+def run(run_settings: settings_lib.RunSettings, workdir: str, *,
+        stop_after_steps: int | None = None) -> dict[str, Any]:
+  """The program's body: one run in `workdir`, locked, and only if the workdir is new or
+  holds a run of the same settings."""
+  # Imported here: the XLA options must be set before JAX's backend starts.
+  from ccl_jax import train  # pylint: disable=import-outside-toplevel
+  from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
+  from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  run_dir = RunDir(workdir)
+  run_dir.check_same_run(run_settings)
+  with run_dir.lock() if jax.process_index() == 0 else _nothing():
+    if run_settings.model.kind == "hiercore":
+      return fit.fit(run_settings, workdir)
+    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps)
+
+
+class _nothing:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  run_settings = settings_lib.from_config(flags.FLAGS.config)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  xla_options.use_cpu_low_memory_schedule(FLAGS.config.xla_cpu_low_memory_schedule)
-  if FLAGS.distributed:
+  xla_options.use_cpu_low_memory_schedule(run_settings.xla_cpu_low_memory_schedule)
+  if flags.FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  run(FLAGS.config, FLAGS.workdir)
-
-
-def run(config, workdir: str, *, stop_after_steps: int | None = None):
-  """Trains (or fits HierCore) and evaluates `config` in `workdir`; the program's body."""
-  return train.train_and_evaluate(config, workdir, stop_after_steps=stop_after_steps)
+  run(run_settings, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

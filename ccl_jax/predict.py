@@ -44,15 +44,15 @@ import io
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ccl_jax import grouping, scorers, thresholds, visualize
+from ccl_jax import detectors, grouping, thresholds, visualize
 from ccl_jax.datasets import builders, mvtec_layout
+from ccl_jax.run_dir import RunDir, atomic_write
 
 COLUMNS = ("path", "class", "class_source", "score", "threshold", "decision", "overlay",
            "error")
@@ -143,23 +143,51 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.
   return np.round((1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colours).astype(np.uint8)
 
 
-def _score(scorer: scorers.Scorer, groups: grouping.Groups, images: np.ndarray,
-           forced: int | None) -> list[tuple[int, float, np.ndarray]]:
+def run_batched(fn: Callable[..., dict[str, Any]], batch_size: int,
+                outputs: tuple[str, ...], *arrays: np.ndarray) -> dict[str, np.ndarray]:
+  """`fn(*batch)` over the leading axis of `arrays` in batches of exactly `batch_size`
+  rows, so no batch size ever recompiles; the named `outputs` of `fn`, concatenated, with
+  the padding of the last batch removed."""
+  count = len(arrays[0])
+  if count == 0:
+    raise ValueError("run_batched: no rows to process.")
+  parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+  for start in range(0, count, batch_size):
+    batch = [a[start:start + batch_size] for a in arrays]
+    real = len(batch[0])
+    if real < batch_size:
+      # Zero rows (group 0 for group ids): every model scores images independently
+      # (inference-mode BatchNorm, per-image nearest neighbours).
+      batch = [np.concatenate([b, np.zeros((batch_size - real,) + b.shape[1:], b.dtype)])
+               for b in batch]
+    out = fn(*batch)
+    for name in outputs:
+      parts[name].append(np.asarray(out[name])[:real])
+  return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _score(detector: detectors.Detector, batch_size: int, groups: grouping.Groups,
+           images: np.ndarray, forced: int | None) -> list[tuple[int, float, np.ndarray]]:
   """(group, score, anomaly map) of each image: routed, or all in group `forced`."""
   if forced is None:
-    group_ids = grouping.route(groups, scorer.embed(images))
+    embeddings = run_batched(lambda x: {"embedding": detector.embed(x)}, batch_size,
+                             ("embedding",), images)["embedding"]
+    group_ids = grouping.route(groups, embeddings)
   else:
     group_ids = np.full(len(images), forced, np.int32)
-  outputs = scorer.score(images, group_ids)
-  return list(zip(group_ids, outputs["score"], outputs["anomaly_map"]))
+  outputs = run_batched(lambda x, g: detector.score(x, g)._asdict(), batch_size,
+                        ("anomaly_maps", "image_scores"), images, np.asarray(group_ids))
+  return list(zip(group_ids, outputs["image_scores"], outputs["anomaly_maps"]))
 
 
-def predict_images(scorer: scorers.Scorer, groups: grouping.Groups,
+def predict_images(detector: detectors.Detector, groups: grouping.Groups,
                    decision_thresholds: thresholds.Thresholds, paths: Sequence[str], *,
                    class_name: str | None = None, threshold_mode: str = "classwise",
-                   overlay_dir: str | None = None,
-                   skip_unreadable: bool = False) -> list[dict[str, Any]]:
+                   overlay_dir: str | None = None, skip_unreadable: bool = False,
+                   batch_size: int = 16) -> list[dict[str, Any]]:
   """One row (a dict over COLUMNS) per path, in order; see the module docstring."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if threshold_mode not in ("classwise", "agnostic"):
     raise ValueError(
         f"threshold_mode must be 'classwise' or 'agnostic', got {threshold_mode!r}.")
@@ -174,12 +202,13 @@ def predict_images(scorer: scorers.Scorer, groups: grouping.Groups,
   if overlay_dir:
     os.makedirs(overlay_dir, exist_ok=True)
   rows: list[dict[str, Any]] = []
-  for batch in _batches(paths, scorer.image_size, scorer.batch_size, bool(overlay_dir)):
+  for batch in _batches(paths, detector.image_size, batch_size, bool(overlay_dir)):
     for item in batch:
       if item.error and not skip_unreadable:
         raise UnreadableImageError(item.path, item.error)
     readable = [item for item in batch if not item.error]
-    results = iter(_score(scorer, groups, np.stack([item.image for item in readable]), forced)
+    results = iter(_score(detector, batch_size, groups,
+                          np.stack([item.image for item in readable]), forced)
                    if readable else [])
     for item in batch:
       row = dict.fromkeys(COLUMNS, "")
@@ -201,7 +230,9 @@ def predict_images(scorer: scorers.Scorer, groups: grouping.Groups,
       if overlay_dir:
         stem = os.path.splitext(os.path.basename(item.path))[0]
         row["overlay"] = os.path.join(overlay_dir, f"{len(rows):05d}_{stem}.png")
-        Image.fromarray(overlay(item.original, anomaly_map, threshold)).save(row["overlay"])
+        figure = overlay(item.original, anomaly_map, threshold)
+        atomic_write(row["overlay"], lambda f, figure=figure: Image.fromarray(figure).save(
+            f, format="PNG"))
       rows.append(row)
   return rows
 
@@ -219,38 +250,18 @@ def write_output(path: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]
   """CSV (a header of COLUMNS, missing values empty) or JSON ({**meta, 'predictions':
   rows}, missing values null), replacing `path` atomically."""
   extension = check_output_path(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
-                                   newline="") as f:
-    try:
-      if extension == ".csv":
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-      else:
-        json.dump({**meta, "predictions": list(rows)}, f, indent=2)
-    except BaseException:
-      f.close()
-      os.unlink(f.name)
-      raise
-  os.replace(f.name, path)
-
-
-def load_decision(workdir: str) -> tuple[grouping.Groups, thresholds.Thresholds, dict]:
-  """The workdir's decision file, with instructions when it does not exist."""
-  path = os.path.join(workdir, thresholds.DECISION_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} not found. It holds the groups and thresholds that turn scores into "
-        "decisions and is written at the end of training (python -m ccl_jax.main) and of "
-        "HierCore fitting; finish (or rerun) that run with this workdir to create it.")
-  return thresholds.load_decision(workdir)
+  if extension == ".csv":
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+  else:
+    atomic_write(path, json.dumps({**meta, "predictions": list(rows)}, indent=2))
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """This program's flags. Defined when it runs, not on import: ccl_jax.main and
-  ccl_jax.evaluate define --workdir too, and tests import them into one process."""
+  """This program's flags (defined when it runs, never on import)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "Training (or HierCore) run with a decision.json.",
                       flag_values=fv)
@@ -274,15 +285,16 @@ def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
   """The program on parsed flags: writes the output and returns its rows."""
   check_output_path(flag_values.output)
   workdir = os.path.abspath(os.path.expanduser(flag_values.workdir))
-  groups, decision_thresholds, _ = load_decision(workdir)
+  groups, decision_thresholds, _ = RunDir(workdir).read_decision()
   paths = list_images(flag_values.images)
-  scorer = scorers.load_scorer(workdir, batch_size=flag_values.batch_size)
-  rows = predict_images(scorer, groups, decision_thresholds, paths,
+  detector = detectors.load_detector(workdir)
+  rows = predict_images(detector, groups, decision_thresholds, paths,
                         class_name=flag_values.class_name,
                         threshold_mode=flag_values.threshold,
                         overlay_dir=flag_values.overlay_dir,
-                        skip_unreadable=flag_values.skip_unreadable)
-  write_output(flag_values.output, rows, {"workdir": workdir, "model_kind": scorer.kind,
+                        skip_unreadable=flag_values.skip_unreadable,
+                        batch_size=flag_values.batch_size)
+  write_output(flag_values.output, rows, {"workdir": workdir, "model_kind": detector.name,
                                           "threshold_mode": flag_values.threshold})
   return rows
 

@@ -16,51 +16,46 @@ false-alarm rate, their mean and spread over classes). Writes <workdir>/scenario
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 from absl import app, flags, logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ccl_jax import decisions, step, thresholds, train
-
-FLAGS = flags.FLAGS
+from ccl_jax import decisions, detectors, inference, main as main_program
+from ccl_jax import settings as settings_lib
+from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir, atomic_write, to_json
 
 TRAINING_SCENARIOS = {"labels_at_training": "true", "no_labels_at_training": "kmeans"}
 
 
-def run_scenarios(config, workdir: str) -> dict:
+def run_scenarios(run_settings: settings_lib.RunSettings, workdir: str) -> dict:
   """Trains/builds per training scenario, then evaluates both evaluation scenarios."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  batch_sharding = NamedSharding(step.data_mesh(), P("data"))
+  batch_sharding = inference.batch_sharding()
   rows = {}
   for name, class_labels in TRAINING_SCENARIOS.items():
-    run_config = config.copy_and_resolve_references()
-    with run_config.unlocked():
-      run_config.dataset.class_labels = class_labels
-    run_dir = os.path.join(workdir, name)
-    logging.info("Scenario %s: model in %s", name, run_dir)
-    train.train_and_evaluate(run_config, run_dir)
-    scoring = train.load_scoring_model(run_dir)
-    groups, estimated, _ = thresholds.load_decision(run_dir)
-    dataset = train.load_dataset(scoring.config, jax.process_index() == 0)
+    scenario_settings = run_settings.replace(**{"dataset.class_labels": class_labels})
+    run_path = os.path.join(workdir, name)
+    logging.info("Scenario %s: model in %s", name, run_path)
+    main_program.run(scenario_settings, run_path)
+    detector = detectors.load_detector(run_path)
+    groups, estimated, _ = RunDir(run_path).read_decision()
+    dataset = selection.load_selected(scenario_settings.dataset,
+                                      image_size=scenario_settings.image_size,
+                                      is_main=jax.process_index() == 0)
     for labels_at_evaluation in (True, False):
       result, _ = decisions.evaluate_decisions(
-          scoring.score_fn, scoring.variables, scoring.encoder, scoring.encoder_variables,
-          dataset, groups, estimated, labels_at_evaluation=labels_at_evaluation,
-          global_batch_size=scoring.config.eval_batch_size or scoring.config.batch_size,
+          detector, dataset, groups, estimated, labels_at_evaluation=labels_at_evaluation,
+          global_batch_size=scenario_settings.global_eval_batch_size,
           batch_sharding=batch_sharding)
       key = f"{name}/{'labels' if labels_at_evaluation else 'no_labels'}_at_evaluation"
-      rows[key] = dict(result, model=scoring.kind, num_groups=groups.num_groups)
+      rows[key] = dict(result, model=detector.name, num_groups=groups.num_groups)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "scenarios.json"), "w") as f:
-      json.dump(rows, f, indent=2, default=float)
+    atomic_write(os.path.join(workdir, "scenarios.json"), to_json(rows))
     table = format_scenarios(rows)
-    with open(os.path.join(workdir, "scenarios.md"), "w") as f:
-      f.write(table + "\n")
+    atomic_write(os.path.join(workdir, "scenarios.md"), table + "\n")
     print(table, flush=True)
   return rows
 
@@ -85,20 +80,19 @@ def format_scenarios(rows: dict) -> str:
   return "\n".join(lines)
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags (defined when it runs, never on import)."""
+  config_flags.DEFINE_config_file("config", None, "Config file of the model.",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per training "
+                      "scenario).", flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run_scenarios(FLAGS.config, FLAGS.workdir)
-
-
-def define_flags() -> None:
-  """Defined when the program runs, not on import: ccl_jax.main and ccl_jax.evaluate define
-  the same names, and tests import all of them into one process."""
-  config_flags.DEFINE_config_file("config", None, "Config file of the model.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per training "
-                      "scenario).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  run_scenarios(settings_lib.from_config(flags.FLAGS.config), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

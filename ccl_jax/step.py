@@ -9,20 +9,20 @@ neither optimised nor checkpointed.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from ccl_jax import augment, losses, scoring
-import flax.linen as nn
-
-from ccl_jax.models import ReverseDistillation, input_normalisation
+from ccl_jax import augment, losses
+from ccl_jax.models import ReverseDistillation
+from ccl_jax.models.frozen import encode
+from ccl_jax.settings import LossSettings, OptimizerSettings
 
 
 class TrainState(train_state.TrainState):
@@ -31,53 +31,18 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-  """Everything the loss needs to know, as plain values (hashable: a jit static argument).
-
-  local_weight, global_weight: lambda_1 and lambda_2 (both 0 = the RD baseline, which then
-    skips the augmented view entirely).
-  temperature: tau of both contrastive losses.
-  window: local matching window (odd int) or None for the whole map.
-  local_negatives: 'all' other-class images (paper) or 'one_random' (authors' code).
-  same_class_positive: add the paper's second local positive.
-  global_views: 'both' views in the global loss (paper) or 'original' only (authors' code).
-  """
-  local_weight: float = 1.0
-  global_weight: float = 1.0
-  temperature: float = 0.1
-  window: int | None = None
-  local_negatives: Literal["all", "one_random"] = "all"
-  same_class_positive: bool = False
-  global_views: Literal["both", "original"] = "both"
-
-  @property
-  def uses_augmented_view(self) -> bool:
-    return self.local_weight > 0 or self.global_weight > 0
-
-
-def data_mesh() -> jax.sharding.Mesh:
-  """1-D mesh over every device of every process, axis 'data'.
-
-  Auto axis types: XLA propagates the batch sharding through the step and inserts the
-  cross-device reductions (BatchNorm statistics, gradients, contrastive similarities).
-  """
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def make_optimizer(*, projector_learning_rate: float, learning_rate: float, b1: float,
-                   b2: float, clip_norm: float) -> optax.GradientTransformation:
+def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
   """Adam with the projector on its own learning rate, after global-norm clipping."""
   def label(params):
     return {name: jax.tree_util.tree_map(lambda _: "projector" if name == "projector"
                                          else "rest", subtree)
             for name, subtree in params.items()}
+  b1, b2 = settings.b1, settings.b2
   return optax.chain(
-      optax.clip_by_global_norm(clip_norm),
+      optax.clip_by_global_norm(settings.clip_norm),
       optax.multi_transform({
-          "projector": optax.adam(projector_learning_rate, b1=b1, b2=b2),
-          "rest": optax.adam(learning_rate, b1=b1, b2=b2),
+          "projector": optax.adam(settings.projector_learning_rate, b1=b1, b2=b2),
+          "rest": optax.adam(settings.learning_rate, b1=b1, b2=b2),
       }, label))
 
 
@@ -91,14 +56,6 @@ def create_train_state(model: ReverseDistillation, encoder: nn.Module, encoder_v
   variables = model.init(init_key, features)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"], tx=tx, rng=state_key)
-
-
-def encode(encoder: nn.Module, encoder_variables, images: jax.Array):
-  """Frozen encoder features of RGB images (uint8, or float in [0, 1]), normalised as the
-  encoder's weights expect; no gradient reaches the encoder."""
-  mean, std = input_normalisation(encoder)
-  features = encoder.apply(encoder_variables, augment.normalize(images, mean, std))
-  return tuple(jax.lax.stop_gradient(f) for f in features)
 
 
 def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
@@ -172,34 +129,20 @@ def train_step(state: TrainState, encoder_variables, batch: dict[str, jax.Array]
   return state, metrics
 
 
-def predict(variables, encoder_variables, images: jax.Array, *, model: ReverseDistillation,
-            encoder: nn.Module) -> dict[str, jax.Array]:
-  """Inference on uint8 images [B,H,W,3]: anomaly maps, image scores and per-image KD loss."""
-  features = encode(encoder, encoder_variables, images)
-  reconstruction = model.apply(variables, features, train=False)
-  maps = scoring.anomaly_map(features, reconstruction, images.shape[1:3])
-  return {"anomaly_map": maps, "score": scoring.image_score(maps),
-          "kd": losses.kd_loss(features, reconstruction, per_sample=True)}
-
-
-def embed(variables, encoder_variables, images: jax.Array, *,
-          encoder: nn.Module) -> dict[str, jax.Array]:
-  """Image-level encoder embedding (spatial mean of the deepest feature map) of uint8 images;
-  `variables` (the trained model's) is unused: the signature matches `predict`."""
-  del variables
-  features = encode(encoder, encoder_variables, images)
-  return {"embedding": jnp.mean(features[-1], axis=(1, 2))}
-
-
 def jit_train_step(encoder: nn.Module, settings: LossSettings) -> Callable:
   """The jitted step; the state argument is donated so its buffers are updated in place."""
   return jax.jit(functools.partial(train_step, encoder=encoder, settings=settings),
                  donate_argnums=0)
 
 
-def jit_predict(model: ReverseDistillation, encoder: nn.Module) -> Callable:
-  return jax.jit(functools.partial(predict, model=model, encoder=encoder))
-
-
 def variables_of(state: TrainState) -> dict[str, Any]:
   return flax.core.freeze({"params": state.params, "batch_stats": state.batch_stats})
+
+
+@jax.jit
+def all_finite(state: TrainState) -> jax.Array:
+  """True iff every float in the state (parameters, statistics, optimizer moments) is
+  finite; a scalar reduction on the device, so checking before each save costs no copy."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(state)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -2,8 +2,8 @@
 
 A ranking metric (AUROC, AP) needs no threshold, but a deployed detector must
 say "anomalous" or "normal", and in a multi-class model one global threshold
-is poor because score scales differ between classes (HierCore abstract,
-/work/shared/papers/hiercore_abstract.txt). Here each group of
+is poor because score scales differ between classes (the HierCore abstract's
+"class-wise decision criteria"). Here each group of
 ``ccl_jax.grouping`` gets its own threshold, estimated only from the scores of
 NORMAL held-out training images routed to it. Anomalous images and test images
 are never used: the estimators only see the scores passed to them, and the
@@ -56,19 +56,14 @@ in every case. Each class also reports its counts so such cases can be seen.
 The mean and spread (population std, min, max) are taken over the classes
 that have test images.
 
-``save_decision``/``load_decision`` persist groups + thresholds + a meta
-dict as one JSON file, written atomically (temp file in the same directory,
-fsync, ``os.replace``) so a crash never leaves a half-written file, and
-validated key by key on load.
+``ccl_jax.run_dir`` stores groups + thresholds + a meta dict as a run's
+decision.json, and validates it key by key when reading it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,9 +85,6 @@ _MIN_SCORES = {"quantile": 1, "mean_std": 2, "max": 1}
 # alpha = 0.05); float rounding must not push ceil() one order statistic up.
 _CEIL_SLACK = 1e-9
 
-DECISION_FILE = "decision.json"
-DECISION_FORMAT_VERSION = 1
-_DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
 _RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate")
 
 
@@ -392,87 +384,3 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
 # ----------------------------------------------------------------------------
 # Persistence
 # ----------------------------------------------------------------------------
-
-
-def save_decision(workdir: str, groups: Groups, thresholds: Thresholds, meta: dict) -> str:
-  """Writes ``workdir/decision.json`` atomically; returns its path.
-
-  Args:
-    workdir: directory (created if missing).
-    groups: the routing groups.
-    thresholds: thresholds with one entry per group.
-    meta: JSON-serialisable dict with string keys (model kind, embedding
-      dim, rule, ...); NaN/Inf are rejected because JSON cannot hold them.
-  """
-  if not isinstance(groups, Groups) or not isinstance(thresholds, Thresholds):
-    raise ValueError("groups must be a grouping.Groups and thresholds a Thresholds")
-  if thresholds.per_group.size != groups.num_groups:
-    raise ValueError(
-        f"thresholds has {thresholds.per_group.size} per-group values but groups has "
-        f"{groups.num_groups} groups; they must match")
-  if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
-    raise ValueError(f"meta must be a dict with string keys; got {meta!r}")
-  document = {"format_version": DECISION_FORMAT_VERSION, "groups": groups.to_json(),
-              "thresholds": thresholds.to_json(), "meta": meta}
-  try:
-    text = json.dumps(document, allow_nan=False, indent=1)
-  except (TypeError, ValueError) as err:
-    raise ValueError(f"meta is not JSON-serialisable without NaN/Inf: {err}") from None
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, DECISION_FILE)
-  # The temp file lives next to the target so os.replace stays on one
-  # filesystem and is atomic.
-  fd, tmp_path = tempfile.mkstemp(prefix=f".{DECISION_FILE}.", suffix=".tmp", dir=workdir)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-  return path
-
-
-def load_decision(workdir: str) -> tuple[Groups, Thresholds, dict]:
-  """Reads ``workdir/decision.json``; every error names the file and the key.
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: the file is not valid JSON, or a key is missing or invalid.
-  """
-  path = os.path.join(workdir, DECISION_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"no decision file at {path}; write one with thresholds.save_decision")
-  try:
-    with open(path, encoding="utf-8") as f:
-      document = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{path}: not valid JSON ({err})") from None
-  if not isinstance(document, dict):
-    raise ValueError(f"{path}: top level must be a JSON object; got {type(document).__name__}")
-  for key in _DECISION_KEYS:
-    if key not in document:
-      raise ValueError(f"{path}: missing key {key!r} (expected keys {', '.join(_DECISION_KEYS)})")
-  if document["format_version"] != DECISION_FORMAT_VERSION:
-    raise ValueError(
-        f"{path}: key 'format_version' is {document['format_version']!r}; this code reads "
-        f"version {DECISION_FORMAT_VERSION}")
-  try:
-    groups = Groups.from_json(document["groups"])
-  except ValueError as err:
-    raise ValueError(f"{path}: key 'groups': {err}") from None
-  try:
-    thresholds = Thresholds.from_json(document["thresholds"])
-  except ValueError as err:
-    raise ValueError(f"{path}: key 'thresholds': {err}") from None
-  if not isinstance(document["meta"], dict):
-    raise ValueError(f"{path}: key 'meta' must be a JSON object; got {document['meta']!r}")
-  if thresholds.per_group.size != groups.num_groups:
-    raise ValueError(
-        f"{path}: key 'thresholds.per_group' has {thresholds.per_group.size} values but "
-        f"'groups.names' has {groups.num_groups}; they must match")
-  return groups, thresholds, document["meta"]

@@ -1,11 +1,8 @@
 """Heatmap figures: input image | image with ground-truth contour | anomaly-map overlay."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import scipy.ndimage
-from PIL import Image
 
 # Anchor colours of a perceptually ordered blue -> cyan -> yellow -> red map.
 _COLORMAP_ANCHORS = np.array([[0, 0, 128], [0, 96, 255], [0, 224, 224], [255, 230, 0],
@@ -35,9 +32,3 @@ def heatmap_figure(image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray,
   with_contour[contour(mask)] = (255, 0, 0)
   overlay = (0.5 * image + 0.5 * colorize(anomaly_map, low, high)).astype(np.uint8)
   return np.concatenate([image, with_contour, overlay], axis=1)
-
-
-def save_heatmap(path: str, image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray,
-                 low: float, high: float) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(heatmap_figure(image, mask, anomaly_map, low, high)).save(path)

@@ -1,13 +1,13 @@
 """Fixtures shared by the end-to-end tests: one synthetic smoke dataset and one trained
 smoke model per session (generating and training once keeps the suite short)."""
 import os
-import sys
 
 import pytest
 
+from ccl_jax import settings
+from configs import demo
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import demo  # noqa: E402  (configs/ is not an installed package)
 
 
 @pytest.fixture(scope="session")
@@ -15,8 +15,7 @@ def smoke_data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("smoke_data"))
 
 
-def smoke_config(data_dir: str, **overrides):
-  """configs/demo.py:smoke on `data_dir`, with dotted-key overrides."""
+def _smoke_config(data_dir: str, **overrides):
   config = demo.get_config("smoke")
   config.dataset.data_dir = data_dir
   for key, value in overrides.items():
@@ -29,11 +28,24 @@ def smoke_config(data_dir: str, **overrides):
 
 
 @pytest.fixture(scope="session")
-def trained_smoke_run(smoke_data_dir, tmp_path_factory):
-  """(config, workdir) of a one-epoch CCL smoke run with a decision.json."""
-  from ccl_jax import train  # pylint: disable=import-outside-toplevel
-  config = smoke_config(smoke_data_dir, num_epochs=1, validation_fraction=0.25,
-                        num_heatmaps_per_class=0)
+def smoke_config(smoke_data_dir):
+  """configs/demo.py:smoke on the session's data, with dotted-key overrides:
+  `smoke_config(**{'loss.window': 3})` -> ConfigDict."""
+  return lambda **overrides: _smoke_config(smoke_data_dir, **overrides)
+
+
+@pytest.fixture(scope="session")
+def smoke_settings(smoke_data_dir):
+  """The typed settings of `smoke_config(**overrides)`."""
+  return lambda **overrides: settings.from_config(_smoke_config(smoke_data_dir, **overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_run(smoke_settings, tmp_path_factory):
+  """(settings, workdir) of a one-epoch CCL smoke run with a decision.json."""
+  from ccl_jax import main  # pylint: disable=import-outside-toplevel
+  run_settings = smoke_settings(num_epochs=1, validation_fraction=0.25,
+                                num_heatmaps_per_class=0)
   workdir = str(tmp_path_factory.mktemp("trained_smoke"))
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+  main.run(run_settings, workdir)
+  return run_settings, workdir

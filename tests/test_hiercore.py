@@ -11,7 +11,8 @@ import pytest
 import scipy.ndimage
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ccl_jax import hiercore, models, scoring, step
+from ccl_jax import anomaly_maps, hiercore, inference, models
+from ccl_jax.models.frozen import encode
 from ccl_jax.hiercore import features as features_lib
 
 
@@ -118,7 +119,7 @@ def test_score_matches_brute_force_numpy():
   np.testing.assert_allclose(
       hiercore.nearest_distances(bank, patches, group_ids, memory_chunk=7), want_distances,
       rtol=1e-4, atol=1e-5)
-  up = scoring.upsample_matrix(5, 20)
+  up = anomaly_maps.upsample_matrix(5, 20)
   want_maps = np.stack([scipy.ndimage.gaussian_filter(up @ d @ up.T, sigma=4, mode="reflect")
                         for d in want_distances])
   np.testing.assert_allclose(scored["anomaly_map"], want_maps, rtol=1e-4, atol=1e-5)
@@ -180,7 +181,7 @@ def test_build_memory_bank_and_routing(resnet18):
   patch_fn = hiercore.make_patch_fn(encoder, variables)
   groups = np.array([0, 1] * 7 + [1])  # interleaved: the build must regroup them
   train = _Records(groups, 48, seed=0)
-  sharding = NamedSharding(step.data_mesh(), PartitionSpec("data"))
+  sharding = NamedSharding(inference.data_mesh(), PartitionSpec("data"))
   bank = hiercore.build_memory_bank(
       patch_fn, train, np.arange(len(groups)), groups, 2, coreset_fraction=0.25,
       chunk_images=3, global_batch_size=4, batch_sharding=sharding, progress=False)
@@ -206,32 +207,7 @@ def test_build_memory_bank_rejects_an_empty_group(resnet18):
     hiercore.build_memory_bank(
         hiercore.make_patch_fn(encoder, variables), _Records(np.zeros(3), 48, 0), np.arange(3),
         np.zeros(3, int), 2, coreset_size=4, global_batch_size=2,
-        batch_sharding=NamedSharding(step.data_mesh(), PartitionSpec("data")))
-
-
-def test_memory_bank_save_load_round_trip_and_errors(tmp_path):
-  bank = _bank(np.random.default_rng(7), [5, 3], 5, 4)
-  path = bank.save(str(tmp_path / "sub" / "bank.npz"))
-  loaded = hiercore.MemoryBank.load(path)
-  np.testing.assert_array_equal(loaded.features, bank.features)
-  np.testing.assert_array_equal(loaded.counts, bank.counts)
-  assert [p.name for p in (tmp_path / "sub").iterdir()] == ["bank.npz"]  # no temporary left
-
-  with open(path, "rb") as f:
-    data = f.read()
-  with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
-  with pytest.raises(ValueError, match="bank.npz.*not a readable .npz"):
-    hiercore.MemoryBank.load(path)
-  np.savez(path, features=bank.features, format_version=np.int32(1))
-  with pytest.raises(ValueError, match=r"bank.npz.*lacks the keys \['counts'\]"):
-    hiercore.MemoryBank.load(path)
-  np.savez(path, features=bank.features, counts=np.array([5, 6], np.int32),
-           format_version=np.int32(1))
-  with pytest.raises(ValueError, match="bank.npz.*inconsistent.*1 to 5 coreset points"):
-    hiercore.MemoryBank.load(path)
-  with pytest.raises(FileNotFoundError, match="missing.npz"):
-    hiercore.MemoryBank.load(str(tmp_path / "missing.npz"))
+        batch_sharding=NamedSharding(inference.data_mesh(), PartitionSpec("data")))
 
 
 def test_channel_pooling_is_adaptive_average_pooling():
@@ -246,8 +222,8 @@ def test_patch_features(name, channels):
   images = jnp.asarray(np.random.default_rng(8).integers(0, 256, (2, 64, 64, 3), np.uint8))
   got = np.asarray(hiercore.make_patch_fn(encoder, variables)(images))
   assert got.shape == (2, 8, 8, channels) and got.dtype == np.float32
-  encode = jax.jit(lambda v, x: step.encode(encoder, v, x)[1:])
-  layer2, layer3 = (np.asarray(f) for f in encode(variables, images))
+  layers = jax.jit(lambda v, x: encode(encoder, v, x)[1:])
+  layer2, layer3 = (np.asarray(f) for f in layers(variables, images))
   fine = layer2.shape[-1]
   np.testing.assert_allclose(got[:, 3, 4, :fine], layer2[:, 2:5, 3:6].mean((1, 2)), rtol=1e-4,
                              atol=1e-5)  # interior: 3x3 mean

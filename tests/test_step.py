@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import step
+from ccl_jax import detectors, step
 from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
+from ccl_jax.settings import LossSettings, OptimizerSettings
 
 SIZE = 32
 
@@ -21,8 +22,8 @@ def _setup(settings, use_projector=True, noise=0.0):
   encoder = ResNetEncoder(spec)
   model = ReverseDistillation(spec, use_projector=use_projector, noise_probability=noise)
   encoder_variables = encoder.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
-  tx = step.make_optimizer(projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5, b2=0.999,
-                           clip_norm=5.0)
+  tx = step.make_optimizer(OptimizerSettings(projector_learning_rate=1e-3, learning_rate=5e-3,
+                                             b1=0.5, b2=0.999, clip_norm=5.0))
   state = step.create_train_state(model, encoder, encoder_variables, tx, SIZE,
                                   jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
@@ -37,7 +38,7 @@ def _changed(before, after):
 
 
 def test_every_trainable_module_learns_and_the_encoder_does_not():
-  settings = step.LossSettings(window=3)
+  settings = LossSettings(window=3)
   encoder, _, encoder_variables, state, batch = _setup(settings, noise=1.0)
   before = jax.device_get(state.params)
   encoder_before = jax.device_get(encoder_variables)
@@ -60,7 +61,7 @@ def test_every_trainable_module_learns_and_the_encoder_does_not():
 
 
 def test_rd_baseline_has_no_contrastive_terms_and_skips_the_augmented_view():
-  settings = step.LossSettings(local_weight=0.0, global_weight=0.0)
+  settings = LossSettings(local_weight=0.0, global_weight=0.0)
   encoder, _, encoder_variables, state, batch = _setup(settings, use_projector=False)
   assert "projector" not in state.params
   new_state, metrics = step.train_step(state, encoder_variables, batch, encoder=encoder,
@@ -70,16 +71,16 @@ def test_rd_baseline_has_no_contrastive_terms_and_skips_the_augmented_view():
   jaxpr = str(jax.make_jaxpr(lambda s, e, b: step.train_step(
       s, e, b, encoder=encoder, settings=settings))(state, encoder_variables, batch))
   ccl_jaxpr = str(jax.make_jaxpr(lambda s, e, b: step.train_step(
-      s, e, b, encoder=encoder, settings=step.LossSettings()))(state, encoder_variables, batch))
+      s, e, b, encoder=encoder, settings=LossSettings()))(state, encoder_variables, batch))
   # The augmented view is only computed when a contrastive term needs it.
   assert "augment_batch" in ccl_jaxpr and "augment_batch" not in jaxpr
 
 
 def test_predict_outputs():
-  settings = step.LossSettings()
+  settings = LossSettings()
   encoder, model, encoder_variables, state, batch = _setup(settings)
-  out = step.predict(step.variables_of(state), encoder_variables, batch["image"], model=model,
-                     encoder=encoder)
+  out = detectors.rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
+                            network=model, encoder=encoder)
   assert out["anomaly_map"].shape == (8, SIZE, SIZE)
   np.testing.assert_allclose(out["score"], np.max(np.asarray(out["anomaly_map"]), axis=(1, 2)))
   assert out["kd"].shape == (8,)
@@ -92,13 +93,14 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     jax.config.update('jax_enable_x64', True)
     import jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ccl_jax import step
+    from ccl_jax import inference, step
+    from ccl_jax.settings import LossSettings
     from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
     size = 32
     spec = encoder_spec('resnet18')
     encoder = ResNetEncoder(spec, dtype=jnp.float64)
     model = ReverseDistillation(spec, noise_probability=1.0, dtype=jnp.float64)
-    mesh = step.data_mesh()
+    mesh = inference.data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     enc_vars = jax.device_put(encoder.init(jax.random.key(0), jnp.zeros((1, size, size, 3))),
                               replicated)
@@ -109,7 +111,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     batch = {'image': rng.integers(0, 256, (8, size, size, 3)).astype(np.uint8),
              'class_id': np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)}
     batch = {k: jax.device_put(v, sharded) for k, v in batch.items()}
-    train_step = step.jit_train_step(encoder, step.LossSettings(window=3))
+    train_step = step.jit_train_step(encoder, LossSettings(window=3))
     state, metrics = train_step(state, enc_vars, batch)
     leaves = jax.tree_util.tree_leaves({'p': state.params, 's': state.batch_stats})
     assert all(l.sharding.is_fully_replicated for l in leaves)

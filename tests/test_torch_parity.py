@@ -53,7 +53,9 @@ torch = pytest.importorskip("torch")
 from benchmarks.torch_reference import (build_trainer, jax_gradients, jax_params_tree,  # noqa: E402
                                         jax_variables)
 from ccl_jax import augment, step  # noqa: E402
-from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec  # noqa: E402
+from ccl_jax.models import (ResNetEncoder, ReverseDistillation, encoder_spec,  # noqa: E402
+                            input_normalisation)
+from ccl_jax.settings import LossSettings, OptimizerSettings  # noqa: E402
 
 IMAGE_SIZE = 64
 CLASS_IDS = np.array([0, 1, 0, 1])
@@ -97,7 +99,7 @@ def _use_jax_normalisation(model, encoder_name, images, augmented, torch_inputs)
   views are the ones `step.gradients` builds (originals / 255 stacked on the augmented
   view), normalised by the same jitted `augment.normalize`.
   """
-  mean, std = step.input_normalisation(ResNetEncoder(encoder_spec(encoder_name)))
+  mean, std = input_normalisation(ResNetEncoder(encoder_spec(encoder_name)))
   views = jax.jit(lambda im, aug: augment.normalize(
       jnp.concatenate([im.astype(jnp.float32) / 255.0, aug.astype(jnp.float32)]), mean, std))(
           jnp.asarray(images), jnp.asarray(augmented))
@@ -120,12 +122,12 @@ def _jax_gradients(trainer, encoder_name, window, images, augmented, dtype):
   encoder = ResNetEncoder(spec, dtype=dtype)
   encoder_variables, variables = jax_variables(trainer)
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-  tx = step.make_optimizer(projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5,
-                           b2=0.999, clip_norm=5.0)
+  tx = step.make_optimizer(OptimizerSettings(
+      projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5, b2=0.999, clip_norm=5.0))
   state = step.TrainState.create(apply_fn=model.apply, params=cast(variables["params"]),
                                  batch_stats=cast(variables["batch_stats"]), tx=tx,
                                  rng=jax.random.key(0))
-  settings = step.LossSettings(window=window, local_negatives="all", temperature=0.1)
+  settings = LossSettings(window=window, local_negatives="all", temperature=0.1)
   batch = {"image": jnp.asarray(images), "class_id": jnp.asarray(CLASS_IDS, jnp.int32),
            "image_aug": jnp.asarray(augmented)}
   grads, terms, batch_stats = jax.jit(functools.partial(

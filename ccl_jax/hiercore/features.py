@@ -12,7 +12,7 @@ features follow PatchCore, Roth et al. 2022, which HierCore's name points to):
   in-image neighbours (PatchCore zero-pads, which darkens border patches; excluding the
   padding keeps border features on the same scale as interior ones).
 * Resolution: the stride-16 map is resized to the stride-8 grid with the bilinear
-  (align_corners=True) matrices of `ccl_jax.scoring`, then the two are concatenated along
+  (align_corners=True) matrices of `ccl_jax.anomaly_maps`, then the two are concatenated along
   channels: [B, H/8, W/8, C2 + C3].
 * Optional reduction (`feature_dim`): each scale is reduced to `feature_dim // 2` channels by
   adaptive average pooling over contiguous channel bins (PatchCore's parameter-free
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax import scoring, step
+from ccl_jax import anomaly_maps
+from ccl_jax.models.frozen import encode
 
 PATCH_SCALES = (1, 2)  # indices into the encoder's (layer1, layer2, layer3)
 
@@ -62,11 +63,11 @@ def patch_features(encoder: nn.Module, encoder_variables, images_uint8: jax.Arra
   rounded as the encoder does; C as in the module docstring). Jittable."""
   if feature_dim is not None and (feature_dim < 2 or feature_dim % 2):
     raise ValueError(f"feature_dim must be an even number >= 2 or None, got {feature_dim}.")
-  features = step.encode(encoder, encoder_variables, images_uint8)
+  features = encode(encoder, encoder_variables, images_uint8)
   fine, coarse = (_local_average(features[i].astype(jnp.float32)) for i in PATCH_SCALES)
   height, width = fine.shape[1:3]
-  op_h = scoring.upsample_matrix(coarse.shape[1], height).astype(np.float32)
-  op_w = scoring.upsample_matrix(coarse.shape[2], width).astype(np.float32)
+  op_h = anomaly_maps.upsample_matrix(coarse.shape[1], height).astype(np.float32)
+  op_w = anomaly_maps.upsample_matrix(coarse.shape[2], width).astype(np.float32)
   coarse = jnp.einsum("Hh,bhwc,Ww->bHWc", op_h, coarse, op_w,
                       precision=jax.lax.Precision.HIGHEST)
   if feature_dim is not None:

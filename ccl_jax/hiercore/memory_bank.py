@@ -33,8 +33,8 @@ distances [B, h*w, memory_chunk] and the gathered memory [B, memory_chunk, C], n
 precision so TF32 does not perturb near-zero distances), clamped at 0 before the root.
 Padding rows of a group (beyond counts[g]) are masked to +inf. The patch-distance map is
 upsampled (bilinear, align_corners=True) and blurred (Gaussian sigma 4) to the image size
-with the operators of `ccl_jax.scoring`, as RD's maps are; the image score is the maximum of that
-map (`scoring.image_score`), so both models' scores are defined alike. PatchCore's image-score
+with the operators of `ccl_jax.anomaly_maps`, as RD's maps are; the image score is the maximum of that
+map (`anomaly_maps.image_score`), so both models' scores are defined alike. PatchCore's image-score
 reweighting (by the density around the nearest memory patch) is not used: the abstract does
 not mention it and the thresholds are estimated per group from these scores directly.
 """
@@ -43,8 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -52,11 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ccl_jax import inference, input_pipeline, scoring
+from ccl_jax import anomaly_maps, inference, input_pipeline
 from ccl_jax.hiercore.coreset import DEFAULT_PROJECTION_DIM, StreamingCoreset
 from ccl_jax.hiercore.features import patch_features
 
-FORMAT_VERSION = 1
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("features", "counts"),
@@ -90,49 +87,6 @@ class MemoryBank:
   def group(self, g: int) -> np.ndarray:
     """Group g's coreset [counts[g], C]."""
     return np.asarray(self.features[g, :int(self.counts[g])])
-
-  def save(self, path: str) -> str:
-    """Writes an .npz atomically (temporary file in the same directory, then rename);
-    returns the path."""
-    path = os.path.abspath(os.path.expanduser(path))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_memory_bank_", suffix=".npz")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, features=np.asarray(self.features, np.float32),
-                 counts=np.asarray(self.counts, np.int32),
-                 format_version=np.int32(FORMAT_VERSION))
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
-    return path
-
-  @classmethod
-  def load(cls, path: str) -> MemoryBank:
-    """Reads a file written by `save`; a missing, unreadable or inconsistent file is an
-    error naming it and what is wrong."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"No HierCore memory bank at {path!r}.")
-    try:
-      with np.load(path, allow_pickle=False) as data:
-        arrays = {key: np.asarray(data[key]) for key in data.files}
-    except Exception as e:  # zipfile/numpy raise several unrelated types on corrupt input
-      raise ValueError(f"HierCore memory bank {path!r} is not a readable .npz file "
-                       f"({type(e).__name__}: {e}).") from e
-    missing = sorted({"features", "counts", "format_version"} - set(arrays))
-    if missing:
-      raise ValueError(f"HierCore memory bank {path!r} lacks the keys {missing} "
-                       f"(has {sorted(arrays)}).")
-    if int(arrays["format_version"]) != FORMAT_VERSION:
-      raise ValueError(f"HierCore memory bank {path!r} has format version "
-                       f"{int(arrays['format_version'])}; this code reads {FORMAT_VERSION}.")
-    try:
-      return cls.create(arrays["features"], arrays["counts"])
-    except ValueError as e:
-      raise ValueError(f"HierCore memory bank {path!r} is inconsistent: {e}") from e
 
   @classmethod
   def create(cls, features: np.ndarray, counts: np.ndarray) -> MemoryBank:
@@ -253,14 +207,6 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
   return MemoryBank.create(bank, counts)
 
 
-@functools.lru_cache(maxsize=32)
-def _map_operator(size_in: int, size_out: int, blur: bool) -> np.ndarray:
-  op = scoring.upsample_matrix(size_in, size_out)
-  if blur:
-    op = scoring.blur_matrix(size_out) @ op
-  return op.astype(np.float32)
-
-
 def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
                       memory_chunk: int = 1024) -> jax.Array:
   """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
@@ -301,19 +247,14 @@ def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
   coresets of `group_ids` [B] (module docstring). Jittable; `image_size`, `memory_chunk` and
   `blur` are static."""
   distances = nearest_distances(bank, patch_features, group_ids, memory_chunk=memory_chunk)
-  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-  op_h = _map_operator(distances.shape[1], int(height), blur)
-  op_w = _map_operator(distances.shape[2], int(width), blur)
-  maps = jnp.einsum("Hh,bhw,Ww->bHW", op_h, distances, op_w,
-                    precision=jax.lax.Precision.HIGHEST)
-  return {"anomaly_map": maps, "score": scoring.image_score(maps)}
+  maps = anomaly_maps.resize_maps(distances, image_size, blur=blur)
+  return {"anomaly_map": maps, "score": anomaly_maps.image_score(maps)}
 
 
-def predict(bank: MemoryBank, encoder_variables, images: jax.Array, group_id: jax.Array, *,
-            encoder, feature_dim: int | None = None,
-            memory_chunk: int = 1024) -> dict[str, jax.Array]:
-  """Anomaly maps and scores of uint8 images [B, H, W, 3] routed to `group_id` [B]; the
-  score-function signature of `ccl_jax.decisions` (the bank takes the variables' place)."""
+def score_images(bank: MemoryBank, encoder_variables, images: jax.Array, group_id: jax.Array, *,
+                 encoder, feature_dim: int | None = None,
+                 memory_chunk: int = 1024) -> dict[str, jax.Array]:
+  """Anomaly maps and scores of uint8 images [B, H, W, 3] routed to `group_id` [B]."""
   features = patch_features(encoder, encoder_variables, images, feature_dim=feature_dim)
   return score(bank, features, group_id, image_size=images.shape[1:3],
                memory_chunk=memory_chunk)

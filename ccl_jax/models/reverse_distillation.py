@@ -152,7 +152,7 @@ class ReverseDistillation(nn.Module):
     """Inference: decoder features reconstructing `encoder_features`."""
     return self.decoder(self.neck(self.project(encoder_features), train), train)
 
-  def embed(self, encoder_features: FeatureMaps) -> jax.Array:
+  def global_embedding(self, encoder_features: FeatureMaps) -> jax.Array:
     """Inference: the global embedding [B, D] (spatial mean of the neck output)."""
     return jnp.mean(self.neck(self.project(encoder_features), False), axis=(1, 2))
 

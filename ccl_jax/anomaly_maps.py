@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from encoder/decoder features (REFERENCE.md section 4).
+"""Anomaly maps and image scores from encoder/decoder features (RD4AD Eq. 3-4; CCL Sec. 3.4).
 
 anomaly_map = blur_sigma4( sum_s upsample_s( 1 - cos(enc_s, dec_s) ) ), image score = max.
 
@@ -53,16 +53,22 @@ def blur_matrix(size: int, sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRU
   return matrix
 
 
-@functools.lru_cache(maxsize=32)
-def _scale_operators(feature_size: tuple[int, int], image_size: tuple[int, int],
-                     blur: bool) -> tuple[np.ndarray, np.ndarray]:
-  ops = []
-  for n_in, n_out in zip(feature_size, image_size):
-    op = upsample_matrix(n_in, n_out)
-    if blur:
-      op = blur_matrix(n_out) @ op
-    ops.append(op.astype(np.float32))
-  return ops[0], ops[1]
+@functools.lru_cache(maxsize=64)
+def map_operator(size_in: int, size_out: int, blur: bool) -> np.ndarray:
+  """[size_out, size_in] float32: bilinear upsampling (align_corners=True), then the
+  Gaussian blur when `blur`, along one axis."""
+  op = upsample_matrix(size_in, size_out)
+  if blur:
+    op = blur_matrix(size_out) @ op
+  return op.astype(np.float32)
+
+
+def resize_maps(maps: jax.Array, image_size: int | Sequence[int], *, blur: bool) -> jax.Array:
+  """[B, h, w] -> [B, H, W] through `map_operator` on both axes."""
+  height, width = _as_pair(image_size)
+  op_h = map_operator(maps.shape[1], height, blur)
+  op_w = map_operator(maps.shape[2], width, blur)
+  return jnp.einsum("Hh,bhw,Ww->bHW", op_h, maps, op_w, precision=jax.lax.Precision.HIGHEST)
 
 
 def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -85,7 +91,7 @@ def anomaly_map(encoder_features: Sequence[jax.Array], decoder_features: Sequenc
   if len(encoder_features) != len(decoder_features) or not encoder_features:
     raise ValueError("encoder_features and decoder_features need one [B, h, w, C] array per "
                      f"scale; got {len(encoder_features)} and {len(decoder_features)}.")
-  height, width = _as_pair(image_size)
+  image_size = _as_pair(image_size)
   total = None
   for i, (enc, dec) in enumerate(zip(encoder_features, decoder_features)):
     if enc.ndim != 4 or enc.shape != dec.shape:
@@ -96,9 +102,7 @@ def anomaly_map(encoder_features: Sequence[jax.Array], decoder_features: Sequenc
     # torch.nn.functional.cosine_similarity: x.y / max(|x| |y|, 1e-8)
     cosine = jnp.sum(e * d, -1) / jnp.maximum(
         jnp.sqrt(jnp.sum(e * e, -1) * jnp.sum(d * d, -1)), 1e-8)
-    op_h, op_w = _scale_operators(enc.shape[1:3], (height, width), blur)
-    scale_map = jnp.einsum("Hh,bhw,Ww->bHW", op_h, 1.0 - cosine, op_w,
-                           precision=jax.lax.Precision.HIGHEST)
+    scale_map = resize_maps(1.0 - cosine, image_size, blur=blur)
     total = scale_map if total is None else total + scale_map
   return total
 

@@ -1,0 +1,114 @@
+"""Which data a run reads: the selected dataset(s) and the held-out normal images.
+
+`load_selected` turns the dataset settings into one `AnomalyDataset` (one dataset, or a
+mixture in one class-id space); `training_split` separates the normal training images the
+model learns from and the held-out ones (validation loss, thresholds).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ccl_jax.datasets.loader import AnomalyDataset, load, load_mixture
+from ccl_jax.settings import DataSettings, RunSettings
+
+
+def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> AnomalyDataset:
+  """One dataset, or a mixture when `data.name` lists several ('mvtec_ad,visa' or
+  'all_in_all'); a mixture takes one comma-separated manual_dir per dataset, in order, and
+  classes as 'all' or qualified names ('mvtec_ad/bottle,visa/pcb1').
+
+  Process 0 prepares missing data; the others wait for it and then only read.
+  """
+  names = list(data.names)
+  data_dir = os.path.expanduser(data.data_dir)
+  if len(names) == 1:
+    def read():
+      return load(names[0], classes=data.classes, manual_dir=data.manual_dir or None,
+                  data_dir=data_dir, image_size=image_size)
+  else:
+    # Empty entries stay: '' asks the synthetic dataset to generate itself.
+    manual_dirs = [m.strip() for m in str(data.manual_dir).split(",")]
+    if len(manual_dirs) != len(names):
+      raise ValueError(f"dataset.name lists {len(names)} datasets ({', '.join(names)}) but "
+                       f"dataset.manual_dir has {len(manual_dirs)} entries "
+                       f"({data.manual_dir!r}); give one per dataset, "
+                       "comma-separated, in the same order.")
+    per_dataset = {n: "all" for n in names}
+    if data.classes != "all":
+      # A mixture selects classes by qualified name, 'dataset/class'.
+      per_dataset = {n: [] for n in names}
+      for qualified in data.classes:
+        prefix, _, name = qualified.partition("/")
+        if prefix not in per_dataset or not name:
+          raise ValueError(f"dataset.classes entry {qualified!r}: for a mixture write "
+                           f"'<dataset>/<class>' with <dataset> one of {names}.")
+        per_dataset[prefix].append(name)
+    parts = [{"name": n, "manual_dir": m or None, "classes": per_dataset[n]}
+             for n, m in zip(names, manual_dirs) if per_dataset[n]]
+
+    def read():
+      return load_mixture(parts, data_dir=data_dir, image_size=image_size)
+  if is_main:
+    dataset = read()
+  multihost_utils.sync_global_devices("ccl_jax dataset prepared")
+  if not is_main:
+    dataset = read()
+  return dataset
+
+
+def training_split(run_settings: RunSettings,
+                   dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray]:
+  """Training and held-out normal images. The hold-out (validation loss, thresholds) is
+  stratified by class only when class labels are used at training."""
+  split_ids = (dataset.train_class_ids if run_settings.dataset.labels_at_training
+               else np.zeros_like(dataset.train_class_ids))
+  return holdout_split(split_ids, run_settings.validation_fraction, run_settings.seed)
+
+
+
+
+def holdout_split(class_ids, fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified, deterministic train/validation split of training images.
+
+  The validation part is a held-out set of NORMAL training images used for
+  early stopping on the validation loss.
+
+  For each class with ``n_c`` images, ``round(fraction * n_c)`` (half up)
+  images go to validation, capped so that at least one stays in training; a
+  class with fewer than 2 images keeps all of them for training. The choice
+  inside a class depends only on ``(seed, class id)``.
+
+  Args:
+    class_ids: int array [n], the class of each source position.
+    fraction: share held out, in [0, 1).
+    seed: non-negative int.
+
+  Returns:
+    ``(train_indices, validation_indices)``: sorted int64 positions into
+    ``class_ids`` (i.e. source indices), disjoint, covering ``range(n)``.
+  """
+  class_ids = np.asarray(class_ids)
+  if class_ids.ndim != 1:
+    raise ValueError(f"class_ids must be 1-D, got shape {class_ids.shape}")
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+  val_parts = []
+  for c in np.unique(class_ids):
+    members = np.flatnonzero(class_ids == c)
+    n_c = members.size
+    if n_c < 2:
+      continue
+    n_val = min(int(np.floor(fraction * n_c + 0.5)), n_c - 1)
+    if n_val <= 0:
+      continue
+    rng = np.random.default_rng([int(seed), int(c) & 0xFFFFFFFF])
+    val_parts.append(rng.choice(members, size=n_val, replace=False))
+  is_val = np.zeros(class_ids.size, dtype=bool)
+  if val_parts:
+    is_val[np.concatenate(val_parts)] = True
+  return (np.flatnonzero(~is_val).astype(np.int64),
+          np.flatnonzero(is_val).astype(np.int64))

@@ -1,0 +1,124 @@
+"""The run directory: its files written atomically and read back with clear errors, the
+lock, refusing a workdir of another run, and checkpoints that never hold a NaN and survive a
+kill at any point."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ccl_jax import grouping, hiercore, run_dir, thresholds
+from ccl_jax.run_dir import RunDir
+
+
+def test_memory_bank_save_load_round_trip_and_errors(tmp_path):
+  bank = hiercore.MemoryBank.create(
+      np.random.default_rng(7).normal(size=(2, 5, 4)).astype(np.float32), np.array([5, 3]))
+  path = RunDir(str(tmp_path / "sub")).write_memory_bank(bank)
+  loaded = RunDir(str(tmp_path / "sub")).read_memory_bank()
+  np.testing.assert_array_equal(loaded.features, bank.features)
+  np.testing.assert_array_equal(loaded.counts, bank.counts)
+  assert [p.name for p in (tmp_path / "sub").iterdir()] == ["memory_bank.npz"]  # no temporary left
+
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(ValueError, match="bank.npz.*not a readable .npz"):
+    run_dir.read_memory_bank_file(path)
+  np.savez(path, features=bank.features, format_version=np.int32(1))
+  with pytest.raises(ValueError, match=r"bank.npz.*lacks the keys \['counts'\]"):
+    run_dir.read_memory_bank_file(path)
+  np.savez(path, features=bank.features, counts=np.array([5, 6], np.int32),
+           format_version=np.int32(1))
+  with pytest.raises(ValueError, match="bank.npz.*inconsistent.*1 to 5 coreset points"):
+    run_dir.read_memory_bank_file(path)
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    run_dir.read_memory_bank_file(str(tmp_path / "missing.npz"))
+
+
+
+# ----------------------------------------------------------------------------
+# decision.json
+# ----------------------------------------------------------------------------
+
+
+def _decision():
+  groups = grouping.Groups(np.array([[0.6, 0.8], [1.0, 0.0]], np.float32), ("bottle", "cable"),
+                           True)
+  estimated = thresholds.estimate_thresholds(np.array([0.1, 0.2, 0.3, 0.7]),
+                                             np.array([0, 0, 1, 1]), 2, alpha=0.1)
+  meta = {"model": "hiercore", "embedding_dim": 2, "rule": estimated.rule}
+  return groups, estimated, meta
+
+
+def test_save_load_round_trip(tmp_path):
+  groups, estimated, meta = _decision()
+  workdir = str(tmp_path / "run")
+  path = RunDir(workdir).write_decision(groups, estimated, meta)
+  assert path == os.path.join(workdir, run_dir.DECISION_FILE)
+  assert os.listdir(workdir) == ["decision.json"]  # no temp file left behind
+  loaded_groups, loaded_thresholds, loaded_meta = RunDir(workdir).read_decision()
+  assert loaded_groups == groups and loaded_thresholds == estimated and loaded_meta == meta
+  np.testing.assert_array_equal(loaded_thresholds.per_group, estimated.per_group)
+  # Overwriting replaces the file in place.
+  RunDir(workdir).write_decision(groups, estimated, {"model": "rd"})
+  assert RunDir(workdir).read_decision()[2] == {"model": "rd"}
+  assert os.listdir(workdir) == ["decision.json"]
+
+
+def test_save_rejects_inconsistent_or_unserialisable_input(tmp_path):
+  groups, estimated, meta = _decision()
+  three = grouping.Groups(np.eye(3), ("a", "b", "c"), False)
+  with pytest.raises(ValueError, match="must match"):
+    RunDir(str(tmp_path)).write_decision(three, estimated, meta)
+  with pytest.raises(ValueError, match="meta"):
+    RunDir(str(tmp_path)).write_decision(groups, estimated, {"auroc": float("nan")})
+  with pytest.raises(ValueError, match="meta"):
+    RunDir(str(tmp_path)).write_decision(groups, estimated, {"x": object()})
+  assert not os.listdir(tmp_path)  # a failed save writes nothing
+
+
+def _corrupt(tmp_path, edit):
+  groups, estimated, meta = _decision()
+  path = RunDir(str(tmp_path)).write_decision(groups, estimated, meta)
+  with open(path) as f:
+    document = json.load(f)
+  edit(document)
+  with open(path, "w") as f:
+    json.dump(document, f)
+  return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("thresholds"), "missing key 'thresholds'"),
+    (lambda d: d.pop("meta"), "missing key 'meta'"),
+    (lambda d: d["groups"].pop("centroids"), "key 'groups': missing key 'centroids'"),
+    (lambda d: d["thresholds"].pop("per_group"), "key 'thresholds': missing key 'per_group'"),
+    (lambda d: d["thresholds"].update(rule="median"), "key 'thresholds'.*rule must be one of"),
+    (lambda d: d["thresholds"].update(params={"k": 2}), "key 'thresholds'.*unknown"),
+    (lambda d: d["thresholds"].update(per_group=[1.0], num_normal=[4]),
+     "'thresholds.per_group' has 1 values"),
+    (lambda d: d["groups"].update(names="bottle"), "key 'groups': key 'names'"),
+    (lambda d: d.update(format_version=99), "format_version"),
+    (lambda d: d.update(meta=[1]), "key 'meta' must be a JSON object"),
+])
+def test_load_names_file_and_key_on_corruption(tmp_path, edit, message):
+  path = _corrupt(tmp_path, edit)
+  with pytest.raises(ValueError, match=message) as err:
+    RunDir(str(tmp_path)).read_decision()
+  assert path in str(err.value)
+
+
+def test_load_missing_and_malformed_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="decision.json"):
+    RunDir(str(tmp_path)).read_decision()
+  path = tmp_path / "decision.json"
+  path.write_text('{"groups": ')
+  with pytest.raises(ValueError, match="decision.json: not valid JSON"):
+    RunDir(str(tmp_path)).read_decision()
+  path.write_text("[1, 2]")
+  with pytest.raises(ValueError, match="top level must be a JSON object"):
+    RunDir(str(tmp_path)).read_decision()
