@@ -55,8 +55,8 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
   from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   run_dir = RunDir(workdir)
-  run_dir.check_same_run(run_settings)
   with run_dir.lock() if jax.process_index() == 0 else _nothing():
+    run_dir.check_same_run(run_settings)
     if run_settings.model.kind == "hiercore":
       return fit.fit(run_settings, workdir)
     return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps)

@@ -352,7 +352,7 @@ def _manager(directory: str, *, create: bool, by_path: bool = False) -> ocp.Chec
   # could still be reading.
   # Writers remove the temporary folders of saves a kill interrupted; readers leave them.
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=create, cleanup_tmp_directories=create, read_only=not create,
+      max_to_keep=1, create=create, cleanup_tmp_directories=create,
       enable_async_checkpointing=False), item_handlers=handlers)
 
 
@@ -367,7 +367,9 @@ def _compare_shapes(stored: Any, expected: Any, where: str) -> None:
   expected_shapes = {_path_name(p): tuple(np.shape(v)) for p, v in
                      jax.tree_util.tree_leaves_with_path(expected)}
   problems = []
-  for name in sorted(set(stored_shapes) | set(expected_shapes)):
+  # Parameters before BatchNorm statistics: they are what a reader recognises.
+  for name in sorted(set(stored_shapes) | set(expected_shapes),
+                     key=lambda n: (not n.startswith("params"), n)):
     if name not in stored_shapes:
       problems.append(f"{name}: missing from the checkpoint (the model has "
                       f"{expected_shapes[name]})")

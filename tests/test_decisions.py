@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ccl_jax import decisions, grouping, inference, scenarios, step, thresholds, train
-
-from tests.conftest import smoke_config
+from ccl_jax import decisions, detectors, grouping, inference, scenarios, thresholds
+from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir
 
 
 def _blobs(seed=0):
@@ -42,35 +41,32 @@ def test_evaluation_groups_for_clusters_keep_a_given_class_together():
   assert np.array_equal(kept[1:], assignment[1:])
 
 
-def _smoke(data_dir, **model):
-  config = smoke_config(data_dir, validation_fraction=0.25, num_heatmaps_per_class=0)
-  for key, value in model.items():
-    config.model[key] = value
-  return config
-
-
 @pytest.fixture(scope="module")
-def hiercore_scenarios(smoke_data_dir, tmp_path_factory):
+def hiercore_scenarios(smoke_settings, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("scenarios"))
-  rows = scenarios.run_scenarios(_smoke(smoke_data_dir, kind="hiercore"), workdir)
+  rows = scenarios.run_scenarios(smoke_settings(**{
+      "validation_fraction": 0.25, "num_heatmaps_per_class": 0, "model.kind": "hiercore"}),
+                                 workdir)
   return workdir, rows
 
 
 def test_thresholds_come_from_the_held_out_normal_images_only(hiercore_scenarios):
   workdir, _ = hiercore_scenarios
-  run_dir = os.path.join(workdir, "labels_at_training")
-  scoring = train.load_scoring_model(run_dir)
-  dataset = train.load_dataset(scoring.config, True)
-  train_indices, holdout = train.holdout_split(scoring.config, dataset)
+  run_dir = RunDir(os.path.join(workdir, "labels_at_training"))
+  detector = detectors.load_detector(run_dir.path)
+  run_settings = run_dir.read_settings()
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  train_indices, holdout = selection.training_split(run_settings, dataset)
   assert len(holdout) and not set(holdout) & set(train_indices)
-  groups, estimated, meta = thresholds.load_decision(run_dir)
+  groups, estimated, meta = run_dir.read_decision()
   assert groups.names == ("carpet", "washer") and meta["model"] == "hiercore"
   assert meta["num_holdout_images"] == len(holdout)
   holdout_groups = dataset.train_class_ids[holdout]
   scores = inference.run_inference(
-      scoring.score_fn, scoring.variables, scoring.encoder_variables, dataset.train, holdout,
-      outputs=("score",), per_image_inputs={"group_id": holdout_groups}, global_batch_size=8,
-      batch_sharding=NamedSharding(step.data_mesh(), P("data")))["score"]
+      decisions.score_fn(detector), dataset.train, holdout, outputs=("score",),
+      per_image_inputs={"group_id": holdout_groups}, global_batch_size=8,
+      batch_sharding=inference.batch_sharding())["score"]
   for g in range(2):
     expected = thresholds.threshold_from_normal_scores(scores[holdout_groups == g])
     assert estimated.per_group[g] == pytest.approx(expected, rel=1e-5)
@@ -101,7 +97,7 @@ def test_four_scenarios_report_metrics_and_decisions(hiercore_scenarios):
 
 def test_ccl_training_writes_a_decision_file_with_its_groups(trained_smoke_run):
   _, workdir = trained_smoke_run
-  groups, estimated, meta = thresholds.load_decision(workdir)
+  groups, estimated, meta = RunDir(workdir).read_decision()
   assert meta["model"] == "ccl" and groups.from_labels
   assert estimated.per_group.shape == (2,)
   with open(os.path.join(workdir, "metrics.json")) as f:
@@ -109,3 +105,11 @@ def test_ccl_training_writes_a_decision_file_with_its_groups(trained_smoke_run):
   assert set(saved["classwise"]["per_class"]) == {"carpet", "washer"}
   with open(os.path.join(workdir, "results.md")) as f:
     assert "Decisions at the estimated thresholds" in f.read()
+
+
+def test_per_dataset_means_group_qualified_class_names():
+  rows = {"a/x": {"image_auroc": 0.5, "aupro": 1.0}, "a/y": {"image_auroc": 1.0, "aupro": 0.0},
+          "b/z": {"image_auroc": 0.25, "aupro": 0.5}}
+  means = decisions.per_dataset_means(rows)
+  assert means == {"a": {"image_auroc": 0.75, "aupro": 0.5},
+                   "b": {"image_auroc": 0.25, "aupro": 0.5}}

@@ -1,7 +1,6 @@
-"""`python -m ccl_jax.predict` and the scorers on a tiny trained model (configs/demo.py:smoke)."""
+"""`python -m ccl_jax.predict` and the detectors on a tiny trained model (configs/demo.py:smoke)."""
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -13,7 +12,9 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import grouping, hiercore, predict, scorers, step, thresholds, train
+from ccl_jax import detectors, grouping, hiercore, main, predict, thresholds
+from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir
 
 BATCH_SIZE = 3  # does not divide the 7 input images: the last batch is padded
 ORIGINAL_SIZE = (48, 40)  # (width, height) of the input files: not the model's 32 x 32
@@ -21,13 +22,14 @@ ORIGINAL_SIZE = (48, 40)  # (width, height) of the input files: not the model's 
 
 @pytest.fixture(scope="module")
 def fitted(trained_smoke_run, tmp_path_factory):
-  """A trained smoke model with a decision.json, its scorer and 7 input images."""
+  """A trained smoke model with a decision.json, its detector and 7 input images."""
   root = tmp_path_factory.mktemp("predict")
-  config, trained_dir = trained_smoke_run
+  run_settings, trained_dir = trained_smoke_run
   workdir = str(root / "run")  # a copy: this fixture rewrites its decision.json
   shutil.copytree(trained_dir, workdir)
-  dataset = train.load_dataset(config, True)
-  scorer = scorers.load_scorer(workdir, batch_size=BATCH_SIZE)
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  detector = detectors.load_detector(workdir)
 
   # Inputs: 3 carpet and 4 washer test images, stored at another size, in subfolders, in
   # several formats and colour modes.
@@ -53,27 +55,27 @@ def fitted(trained_smoke_run, tmp_path_factory):
   paths.sort()
 
   # Expected outputs, independently of predict.py: PIL's bilinear resize (the dataset's)
-  # and one unpadded step.predict / step.embed call over all images.
+  # and one unpadded rd_outputs / routing_embedding call over all images.
   images = np.stack([np.asarray(Image.open(p).convert("RGB").resize(
-      (config.image_size,) * 2, Image.Resampling.BILINEAR)) for p in paths])
-  trained = train.load_trained(workdir)
-  expected = jax.jit(lambda x: step.predict(trained.variables, trained.encoder_variables, x,
-                                            model=trained.model, encoder=trained.encoder))(images)
-  embed = jax.jit(lambda x: step.embed(None, trained.encoder_variables, x,
-                                       encoder=trained.encoder))
+      (run_settings.image_size,) * 2, Image.Resampling.BILINEAR)) for p in paths])
+  expected = jax.jit(lambda x: detectors.rd_outputs(
+      detector.variables, detector.encoder_variables, x, network=detector.network,
+      encoder=detector.encoder))(images)
+  embed = jax.jit(lambda x: detectors.routing_embedding(detector.encoder_variables, x,
+                                                        encoder=detector.encoder))
   train_images = np.stack([dataset.train[i]["image"] for i in range(len(dataset.train))])
   groups, _ = grouping.fit_groups(
-      np.asarray(embed(train_images)["embedding"]), labels=dataset.train_class_ids,
+      np.asarray(embed(train_images)), labels=dataset.train_class_ids,
       class_names=dataset.class_names)
-  routed = grouping.route(groups, np.asarray(embed(images)["embedding"]))
+  routed = grouping.route(groups, np.asarray(embed(images)))
   scores = np.asarray(expected["score"])
   # Thresholds inside the inputs' score range, so both decisions occur.
   cutoffs = thresholds.Thresholds(
       per_group=np.array([np.median(scores[routed == g]) if np.any(routed == g)
                           else np.median(scores) for g in range(groups.num_groups)]),
       agnostic=float(np.quantile(scores, 0.25)), rule="quantile", params={})
-  thresholds.save_decision(workdir, groups, cutoffs, {"model_kind": scorer.kind})
-  return dict(workdir=workdir, config=config, images=images, scorer=scorer,
+  RunDir(workdir).write_decision(groups, cutoffs, {"model_kind": detector.name})
+  return dict(workdir=workdir, settings=run_settings, images=images, detector=detector,
               folder=str(folder), paths=paths,
               scores=scores, maps=np.asarray(expected["anomaly_map"]), routed=routed,
               groups=groups, thresholds=cutoffs)
@@ -123,8 +125,8 @@ def test_json_with_a_list_file_and_the_agnostic_threshold(fitted, tmp_path):
   paths = predict.list_images([str(list_file), fitted["paths"][3]])
   assert [os.path.realpath(p) for p in paths] == [
       os.path.realpath(p) for p in listed + [fitted["paths"][3]]]
-  rows = predict.predict_images(fitted["scorer"], fitted["groups"], fitted["thresholds"], paths,
-                                threshold_mode="agnostic")
+  rows = predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths,
+                                threshold_mode="agnostic", batch_size=BATCH_SIZE)
   output = tmp_path / "predictions.json"
   predict.write_output(str(output), rows, {"threshold_mode": "agnostic"})
   with open(output) as f:
@@ -144,23 +146,23 @@ def test_json_with_a_list_file_and_the_agnostic_threshold(fitted, tmp_path):
 def test_class_name_forces_the_group(fitted):
   groups = fitted["groups"]
   for name in groups.names:
-    rows = predict.predict_images(fitted["scorer"], groups, fitted["thresholds"], fitted["paths"],
-                                  class_name=name)
+    rows = predict.predict_images(fitted["detector"], groups, fitted["thresholds"], fitted["paths"],
+                                  class_name=name, batch_size=BATCH_SIZE)
     assert {(r["class"], r["class_source"]) for r in rows} == {(name, "given")}
     assert {r["threshold"] for r in rows} == {fitted["thresholds"].per_group[groups.index_of(name)]}
     np.testing.assert_allclose([r["score"] for r in rows], fitted["scores"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="'nope'.*carpet"):
-    predict.predict_images(fitted["scorer"], groups, fitted["thresholds"], fitted["paths"],
-                           class_name="nope")
+    predict.predict_images(fitted["detector"], groups, fitted["thresholds"], fitted["paths"],
+                           class_name="nope", batch_size=BATCH_SIZE)
   clusters = grouping.Groups(groups.centroids, ("group_0", "group_1"), False)
   with pytest.raises(ValueError, match="found by clustering"):
-    predict.predict_images(fitted["scorer"], clusters, fitted["thresholds"], fitted["paths"],
-                           class_name="group_0")
+    predict.predict_images(fitted["detector"], clusters, fitted["thresholds"], fitted["paths"],
+                           class_name="group_0", batch_size=BATCH_SIZE)
 
 
 def test_overlays_are_pngs_of_the_input_size_scaled_to_the_threshold(fitted, tmp_path):
-  rows = predict.predict_images(fitted["scorer"], fitted["groups"], fitted["thresholds"],
-                                fitted["paths"], overlay_dir=str(tmp_path / "overlays"))
+  rows = predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"],
+                                fitted["paths"], overlay_dir=str(tmp_path / "overlays"), batch_size=BATCH_SIZE)
   assert len({r["overlay"] for r in rows}) == len(rows)
   for row, path, anomaly_map in zip(rows, fitted["paths"], fitted["maps"]):
     with Image.open(row["overlay"]) as im:
@@ -186,9 +188,9 @@ def test_unreadable_image_is_an_error_or_an_error_row(fitted, tmp_path):
   truncated.write_bytes(open(fitted["paths"][0], "rb").read()[:60])
   paths = fitted["paths"][:2] + [str(broken)] + fitted["paths"][2:] + [str(truncated)]
   with pytest.raises(predict.UnreadableImageError, match="broken.png.*--skip_unreadable"):
-    predict.predict_images(fitted["scorer"], fitted["groups"], fitted["thresholds"], paths)
-  rows = predict.predict_images(fitted["scorer"], fitted["groups"], fitted["thresholds"], paths,
-                                skip_unreadable=True)
+    predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths, batch_size=BATCH_SIZE)
+  rows = predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths,
+                                skip_unreadable=True, batch_size=BATCH_SIZE)
   assert [r["path"] for r in rows] == paths
   bad = [r for r in rows if r["decision"] == "error"]
   assert [r["path"] for r in bad] == [str(broken), str(truncated)]
@@ -214,26 +216,25 @@ def test_bad_arguments_give_clear_errors(fitted, tmp_path):
     predict.list_images([str(tmp_path / "empty")])
   shutil.copy(os.path.join(fitted["workdir"], "config.json"), tmp_path / "config.json")
   with pytest.raises(FileNotFoundError, match="decision.json not found.*end of training"):
-    predict.load_decision(str(tmp_path))
+    RunDir(str(tmp_path)).read_decision()
 
 
-def test_scorer_checks_its_inputs(fitted, tmp_path):
-  scorer = fitted["scorer"]
-  assert scorer.kind == "ccl" and scorer.image_size == 32
+def test_detector_checks_its_inputs(fitted, tmp_path):
+  detector = fitted["detector"]
+  assert detector.name == "ccl" and detector.image_size == 32
   with pytest.raises(ValueError, match=r"uint8 images \[B, 32, 32, 3\]"):
-    scorer.score(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int32))
+    detector.score(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int32))
   with pytest.raises(ValueError, match=r"group_ids must be \[2\]"):
-    scorer.score(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3, np.int32))
+    detector.score(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3, np.int32))
   with pytest.raises(FileNotFoundError, match="not a ccl_jax workdir"):
-    scorers.load_scorer(str(tmp_path / "nothing"))
+    detectors.load_detector(str(tmp_path / "nothing"))
 
 
 def test_hiercore_workdir_scores_each_image_against_its_group(fitted, tmp_path):
-  config = copy.deepcopy(fitted["config"])
-  config.model.kind = "hiercore"
+  run_settings = fitted["settings"].replace(**{"model.kind": "hiercore"})
   workdir = str(tmp_path / "hiercore")
-  train.train_and_evaluate(config, workdir)
-  groups, cutoffs, _ = thresholds.load_decision(workdir)
+  main.run(run_settings, workdir)
+  groups, cutoffs, _ = RunDir(workdir).read_decision()
   output = tmp_path / "hiercore.json"
   _main(f"--workdir={workdir}", f"--images={fitted['folder']}", f"--output={output}",
         f"--batch_size={BATCH_SIZE}")
@@ -242,25 +243,25 @@ def test_hiercore_workdir_scores_each_image_against_its_group(fitted, tmp_path):
   assert saved["model_kind"] == "hiercore"
   rows = saved["predictions"]
   # Expected: the memory bank scored directly, unbatched, with independently routed groups.
-  model = train.load_scoring_model(workdir)
-  embed = jax.jit(lambda x: step.embed(None, model.encoder_variables, x, encoder=model.encoder))
-  routed = grouping.route(groups, np.asarray(embed(fitted["images"])["embedding"]))
+  model = detectors.load_detector(workdir)
+  embed = jax.jit(lambda x: detectors.routing_embedding(model.encoder_variables, x,
+                                                        encoder=model.encoder))
+  routed = grouping.route(groups, np.asarray(embed(fitted["images"])))
   assert [r["class"] for r in rows] == [groups.names[g] for g in routed]
-  feature_dim = config.hiercore.feature_dim or None
-  expected = hiercore.predict(model.variables, model.encoder_variables, fitted["images"],
-                              routed, encoder=model.encoder, feature_dim=feature_dim)
+  feature_dim = run_settings.hiercore.feature_dim or None
+  expected = hiercore.score_images(model.bank, model.encoder_variables, fitted["images"],
+                                   routed, encoder=model.encoder, feature_dim=feature_dim)
   scores = np.array([r["score"] for r in rows])
   np.testing.assert_allclose(scores, expected["score"], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal([r["threshold"] for r in rows], cutoffs.per_group[routed])
   # The group matters for HierCore: forcing the other class changes the scores.
-  scorer = scorers.load_scorer(workdir, batch_size=BATCH_SIZE)
-  other = [predict.predict_images(scorer, groups, cutoffs, fitted["paths"], class_name=name)
-           for name in groups.names]
+  other = [predict.predict_images(model, groups, cutoffs, fitted["paths"], class_name=name,
+                                  batch_size=BATCH_SIZE) for name in groups.names]
   flipped = [other[1 - g][i]["score"] for i, g in enumerate(routed)]
   assert not np.allclose(flipped, scores, rtol=1e-3)
   for name, forced in zip(groups.names, other):
-    expected = hiercore.predict(model.variables, model.encoder_variables, fitted["images"],
-                                np.full(len(routed), groups.index_of(name), np.int32),
-                                encoder=model.encoder, feature_dim=feature_dim)
+    expected = hiercore.score_images(model.bank, model.encoder_variables, fitted["images"],
+                                     np.full(len(routed), groups.index_of(name), np.int32),
+                                     encoder=model.encoder, feature_dim=feature_dim)
     np.testing.assert_allclose([r["score"] for r in forced], expected["score"], rtol=1e-5,
                                atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -122,3 +123,125 @@ def test_load_missing_and_malformed_file(tmp_path):
   path.write_text("[1, 2]")
   with pytest.raises(ValueError, match="top level must be a JSON object"):
     RunDir(str(tmp_path)).read_decision()
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir
+# ----------------------------------------------------------------------------
+
+
+def test_a_workdir_of_another_run_is_refused_before_any_work(smoke_settings, tmp_path):
+  from ccl_jax import main
+  workdir = tmp_path / "run"
+  stored = smoke_settings()
+  RunDir(str(workdir)).write_settings(stored)
+  before = (workdir / "config.json").read_text()
+  other = smoke_settings(**{"dataset.classes": "grid,tile", "seed": 7,
+                            "optimizer.learning_rate": 0.5})
+  with pytest.raises(run_dir.RunDirError) as err:
+    main.run(other, str(workdir))
+  message = str(err.value)
+  for line in ("dataset.classes: ['carpet', 'washer'] -> ['grid', 'tile']", "seed: 0 -> 7",
+               "optimizer.learning_rate: 0.005 -> 0.5"):
+    assert line in message
+  assert "another --workdir" in message and "ccl_jax.evaluate --workdir" in message
+  assert (workdir / "config.json").read_text() == before
+  assert sorted(os.listdir(workdir)) == [".lock", "config.json"]
+  # Keys that do not change what is trained (how long, where the data lies, the decision
+  # rule, logging) do not make another run.
+  extended = smoke_settings(num_epochs=5, log_every_steps=7,
+                            **{"decision.rule": "max", "dataset.data_dir": "/elsewhere"})
+  RunDir(str(workdir)).check_same_run(extended)
+
+
+def test_a_locked_workdir_is_refused_at_once(smoke_settings, tmp_path):
+  from ccl_jax import main
+  workdir = str(tmp_path / "run")
+  with RunDir(workdir).lock():
+    with pytest.raises(run_dir.RunDirError, match="is in use by process .*another --workdir"):
+      main.run(smoke_settings(), workdir)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  # Released with its holder: the lock can be taken again.
+  with RunDir(workdir).lock():
+    pass
+
+
+def test_reading_a_run_creates_nothing(trained_smoke_run, tmp_path):
+  from ccl_jax import detectors
+  _, trained = trained_smoke_run
+  shutil.copy(os.path.join(trained, "config.json"), tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    detectors.load_detector(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="decision.json not found"):
+    RunDir(str(tmp_path)).read_decision()
+  assert os.listdir(tmp_path) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+
+def _latest_params(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  return step, state
+
+
+def test_a_non_finite_state_is_never_saved(smoke_settings, tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from ccl_jax import settings, train
+  workdir = str(tmp_path / "run")
+  good = smoke_settings(checkpoint_every_steps=1, log_every_steps=100)
+  train.train_and_evaluate(good, workdir, stop_after_steps=2)
+  # A NaN learning rate (refused by the settings, so set behind their back) makes every
+  # later state NaN; checkpoints every step, metrics read only at the epoch end.
+  nan_optimizer = settings.OptimizerSettings(float("nan"), float("nan"), 0.5, 0.999, 5.0)
+  with pytest.raises(FloatingPointError, match=r"last finite checkpoint \(step 2\) is kept"):
+    train.train_and_evaluate(dataclasses.replace(good, optimizer=nan_optimizer), workdir)
+  step, state = _latest_params(workdir)
+  assert step == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
+  # ... so the same command with a sane learning rate resumes from it and finishes.
+  result = train.train_and_evaluate(good, workdir)
+  assert result["step"] == 18 and np.isfinite(result["metrics"]["mean"]["image_auroc"])
+
+
+def test_a_kill_between_the_best_and_latest_saves_resumes(smoke_settings, tmp_path,
+                                                           monkeypatch):
+  from ccl_jax import train
+  workdir = str(tmp_path / "run")
+  save = RunDir.save_checkpoint
+
+  def killed_before_latest(self, which, state, meta):
+    if which == "latest" and int(state.step) == 9:  # the first epoch end, after best/9
+      raise KeyboardInterrupt("killed")
+    save(self, which, state, meta)
+
+  monkeypatch.setattr(RunDir, "save_checkpoint", killed_before_latest)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(smoke_settings(), workdir)
+  assert RunDir(workdir).checkpoint_step("best") == 9
+  assert RunDir(workdir).checkpoint_step("latest") is None
+  monkeypatch.setattr(RunDir, "save_checkpoint", save)
+  result = train.train_and_evaluate(smoke_settings(), workdir)
+  assert result["step"] == 18
+  assert RunDir(workdir).checkpoint_step("latest") == 18
+
+
+def test_resuming_with_another_model_shape_names_the_parameter(smoke_settings, tmp_path):
+  from ccl_jax import train
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(smoke_settings(), workdir, stop_after_steps=1)
+  # resnet18's feature maps have other channel counts than efficientnet_lite0's.
+  other = smoke_settings(**{"model.encoder": "resnet18", "model.encoder_weights": "none"})
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(other, workdir)
+  message = str(err.value)
+  assert "does not fit the model" in message and "params/decoder/" in message
+  assert "checkpoint (" in message and ", model (" in message
+  assert len(message.splitlines()) < 30
