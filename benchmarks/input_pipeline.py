@@ -16,10 +16,9 @@ import statistics
 import time
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from ccl_jax import input_pipeline, step, train
+from ccl_jax import detectors, inference, input_pipeline, settings, step
+from ccl_jax.datasets import selection
 
 
 def load_config(path: str):
@@ -43,10 +42,13 @@ def pipeline_images_per_second(config, dataset, train_indices, batches: int) -> 
 
 
 def step_images_per_second(config, dataset, train_indices, repeats: int) -> float:
-  mesh = step.data_mesh()
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  encoder, _, encoder_variables, state = train._initial_state(config, replicated)  # pylint: disable=protected-access
-  train_step = step.jit_train_step(encoder, train.loss_settings(config))
+  run_settings = settings.from_config(config)
+  replicated, batch_sharding = inference.replicated_sharding(), inference.batch_sharding()
+  encoder, encoder_variables = detectors.frozen_encoder(run_settings, replicated)
+  state = step.initial_state(detectors.build_network(run_settings), encoder, encoder_variables,
+                             run_settings.optimizer, run_settings.image_size,
+                             run_settings.seed, replicated)
+  train_step = step.jit_train_step(encoder, run_settings.loss)
   stream = input_pipeline.train_batches(
       dataset.train, train_indices, dataset.train_class_ids[train_indices],
       global_batch_size=config.batch_size, seed=config.seed)
@@ -69,8 +71,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   config = load_config(args.config)
-  dataset = train.load_dataset(config, True)
-  train_indices, _ = train.holdout_split(config, dataset)
+  run_settings = settings.from_config(config)
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  train_indices, _ = selection.training_split(run_settings, dataset)
   pipeline = pipeline_images_per_second(config, dataset, train_indices, args.batches)
   consumed = step_images_per_second(config, dataset, train_indices, args.repeats)
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; config "

@@ -21,9 +21,8 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from ccl_jax import hiercore, models, step, weights
+from ccl_jax import hiercore, inference, models, weights
 
 
 class RandomImages:
@@ -56,7 +55,7 @@ def run(encoder_name: str, num_images: int, args: argparse.Namespace) -> dict:
   patch_fn = hiercore.make_patch_fn(encoder, variables, feature_dim=args.feature_dim)
   source = RandomImages(num_images, args.image_size, args.num_groups)
   group_ids = np.arange(num_images) % args.num_groups
-  sharding = NamedSharding(step.data_mesh(), PartitionSpec("data"))
+  sharding = inference.batch_sharding()
   start = time.perf_counter()
   bank = hiercore.build_memory_bank(
       patch_fn, source, np.arange(num_images), group_ids, args.num_groups,

@@ -23,7 +23,7 @@ local-loss sweep run only under the last allocator listed, tcmalloc by default):
       - "as the authors run it": the PyTorch reference mode='authors' (their code's extra
         work and Python loops) against ccl_jax with the authors' settings
         (local_negatives='one_random', global_views='original');
-  * inference: anomaly maps per second (ccl_jax `step.predict` vs the reference's
+  * inference: anomaly maps per second (ccl_jax `detectors.rd_outputs` vs the reference's
     `anomaly_maps`, the authors' scoring with scipy's blur on the host);
   * local loss: ccl_jax step time with window 1, 3, 5 and whole map against no local loss;
   * FLOP/s: FLOPs of one step (XLA's cost analysis; torch's FlopCounterMode) over the
@@ -56,8 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax import step, weights, xla_options
+from ccl_jax import detectors, step, weights, xla_options
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, build_encoder
+from ccl_jax.settings import LossSettings, OptimizerSettings
 
 SETTINGS = {
     "paper": {"encoder": "wide_resnet50_2", "image_size": 256, "batch_size": 16},
@@ -89,14 +90,14 @@ def torch_inputs(batch: dict[str, np.ndarray], device: str):
 class JaxStep:
   """A ccl_jax train step on one batch, as the training loop runs it (jitted, donated)."""
 
-  def __init__(self, setting: dict, settings: step.LossSettings, batch: dict[str, np.ndarray]):
+  def __init__(self, setting: dict, settings: LossSettings, batch: dict[str, np.ndarray]):
     from benchmarks.torch_reference import jax_model  # pylint: disable=import-outside-toplevel
     model = jax_model(setting["encoder"]).clone(noise_probability=AUTHORS_NOISE_PROBABILITY)
     encoder = build_encoder(setting["encoder"], jnp.float32)
     self.encoder_variables = weights.encoder_variables(encoder, "none", seed=0,
                                                        image_size=setting["image_size"])
-    tx = step.make_optimizer(projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5,
-                             b2=0.999, clip_norm=5.0)
+    tx = step.make_optimizer(OptimizerSettings(
+      projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5, b2=0.999, clip_norm=5.0))
     self.state = jax.jit(lambda v, k: step.create_train_state(
         model, encoder, v, tx, setting["image_size"], k))(self.encoder_variables,
                                                           jax.random.key(0))
@@ -122,10 +123,10 @@ class JaxStep:
 
 
 def jax_loss_settings(variant: str, window: int | None = None,
-                      local_weight: float = 1.0) -> step.LossSettings:
+                      local_weight: float = 1.0) -> LossSettings:
   if variant == "authors":
-    return step.LossSettings(local_negatives="one_random", global_views="original")
-  return step.LossSettings(window=window, local_weight=local_weight)
+    return LossSettings(local_negatives="one_random", global_views="original")
+  return LossSettings(window=window, local_weight=local_weight)
 
 
 # ----------------------------------------------------------------------- torch side
@@ -250,7 +251,9 @@ def inference_section(setting: dict, args) -> dict[str, Any]:
   encoder_variables, variables = _jax_variables_of(trainer)
   encoder = build_encoder(setting["encoder"], jnp.float32)
   from benchmarks.torch_reference import jax_model  # pylint: disable=import-outside-toplevel
-  predict = step.jit_predict(jax_model(setting["encoder"]), encoder)
+  network = jax_model(setting["encoder"])
+  predict = jax.jit(lambda v, e, x: detectors.rd_outputs(v, e, x, network=network,
+                                                        encoder=encoder))
   jax_images = jnp.asarray(batch["image"])
 
   def run_torch():

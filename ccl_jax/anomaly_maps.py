@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from encoder/decoder features (RD4AD Eq. 3-4; CCL Sec. 3.4).
+"""Anomaly maps and image scores from encoder/decoder features (RD4AD's, kept by CCL, Sec. 3.1).
 
 anomaly_map = blur_sigma4( sum_s upsample_s( 1 - cos(enc_s, dec_s) ) ), image score = max.
 

@@ -1,4 +1,4 @@
-"""Losses of RD + CCL (REFERENCE.md section 2, paper Eq. 1-6). All arrays are NHWC.
+"""Losses of RD + CCL (paper Sec. 3.2, Eq. 1-6; the KD loss of RD4AD). All arrays are NHWC.
 
 Every function is pure and jittable. Shape problems are caught at trace time with a
 ValueError; NaN/Inf values cannot be rejected inside a jitted step, so they propagate to the

@@ -71,7 +71,7 @@ class ModelSettings:
 class LossSettings:
   """Everything the loss needs to know, as plain values (hashable: a jit static argument).
 
-  local_weight, global_weight: lambda_1 and lambda_2 of the paper's Eq. 9 (both 0 = the RD
+  local_weight, global_weight: lambda_1 and lambda_2 of the paper's Eq. 6 (both 0 = the RD
     baseline, which then skips the augmented view entirely).
   temperature: tau of both contrastive losses.
   window: local matching window (odd int) or None for the whole map.

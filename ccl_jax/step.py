@@ -58,6 +58,17 @@ def create_train_state(model: ReverseDistillation, encoder: nn.Module, encoder_v
                            batch_stats=variables["batch_stats"], tx=tx, rng=state_key)
 
 
+def initial_state(network: ReverseDistillation, encoder: nn.Module, encoder_variables,
+                  optimizer: OptimizerSettings, image_size: int, seed: int,
+                  sharding) -> TrainState:
+  """The initial train state, created directly with `sharding` (never whole on one device
+  first)."""
+  tx = make_optimizer(optimizer)
+  return jax.jit(lambda enc_vars, key: create_train_state(
+      network, encoder, enc_vars, tx, image_size, key), out_shardings=sharding)(
+          encoder_variables, jax.random.PRNGKey(seed))
+
+
 def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
               encoder: nn.Module, settings: LossSettings):
   """Gradients of the total loss, the loss terms and the updated BatchNorm statistics

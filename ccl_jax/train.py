@@ -36,16 +36,6 @@ def check_device_divisibility(run_settings: RunSettings) -> None:
                        f"({jax.device_count()}).")
 
 
-def initial_state(run_settings: RunSettings, encoder, encoder_variables, replicated):
-  """The network and its initial train state, created replicated."""
-  network = detectors.build_network(run_settings)
-  tx = step.make_optimizer(run_settings.optimizer)
-  state = jax.jit(lambda enc_vars, key: step.create_train_state(
-      network, encoder, enc_vars, tx, run_settings.image_size, key), out_shardings=replicated)(
-          encoder_variables, jax.random.PRNGKey(run_settings.seed))
-  return network, state
-
-
 def _validation_loss(detector: detectors.ReverseDistillationDetector, dataset,
                      indices: np.ndarray, *, global_batch_size: int, batch_sharding) -> float:
   """Mean KD loss (the RD objective, inference mode) on held-out normal training images."""
@@ -112,7 +102,9 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   replicated = inference.replicated_sharding()
   batch_sharding = inference.batch_sharding()
   encoder, encoder_variables = detectors.frozen_encoder(run_settings, replicated)
-  network, state = initial_state(run_settings, encoder, encoder_variables, replicated)
+  network = detectors.build_network(run_settings)
+  state = step.initial_state(network, encoder, encoder_variables, run_settings.optimizer,
+                             run_settings.image_size, run_settings.seed, replicated)
 
   checkpoints = _Checkpoints(run_dir)
   meta = {"best_validation_loss": None, "best_step": None, "epochs_without_improvement": 0,

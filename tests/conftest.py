@@ -7,7 +7,12 @@ import pytest
 from ccl_jax import settings
 from configs import demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+  """The repository's root folder (programs run as `python -m ...` from there)."""
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Model shapes (REFERENCE.md section 1), torchvision-style names, and deconv semantics."""
+"""Model shapes (RD4AD Sec. 3, CCL paper Fig. 2), torchvision-style names, and deconv semantics."""
 import flax
 import jax
 import jax.numpy as jnp

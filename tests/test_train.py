@@ -13,8 +13,6 @@ import pytest
 from ccl_jax import datasets, detectors, grouping, settings, train
 from configs import demo, mvtec_ad
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def latest_state(workdir):
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
@@ -106,11 +104,12 @@ def test_missing_manual_dir_names_the_path(tmp_path):
   assert not os.path.exists(tmp_path / "data" / "mvtec_ad" / "bottle_64")
 
 
-def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+def test_unknown_config_key_is_an_error_naming_it(repo_root, tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "ccl_jax.main", "--config", os.path.join(REPO, "configs", "demo.py"),
-       "--workdir", str(tmp_path), "--config.loss.widow=3"],
-      capture_output=True, text=True, cwd=REPO, timeout=300)
+      [sys.executable, "-m", "ccl_jax.main", "--config",
+       os.path.join(repo_root, "configs", "demo.py"), "--workdir", str(tmp_path),
+       "--config.loss.widow=3"],
+      capture_output=True, text=True, cwd=repo_root, timeout=300)
   assert out.returncode != 0
   assert "widow" in out.stderr
 

@@ -1,7 +1,7 @@
 """RD + CCL losses in eager PyTorch, NCHW: ccl_jax's formulation and the authors' code's.
 
 `kd_loss`, `supcon_loss` and `local_contrastive_loss` compute what ccl_jax/losses.py
-computes (REFERENCE.md section 2), with the same masking constants and tie-breaking, so the
+computes (paper Sec. 3.2, Eq. 1-6), with the same masking constants and tie-breaking, so the
 two frameworks can be compared to float32 rounding. `authors_global_loss` and
 `authors_dense_loss` reproduce the loss forms of the authors' `SCLLoss` and `DenseLoss`.
 """

@@ -1,6 +1,6 @@
 """The trainable part of RD + CCL: projector, one-class bottleneck neck, and decoder.
 
-Data flow (REFERENCE.md section 1): frozen encoder features -> projector (CCL only) -> neck
+Data flow (paper Sec. 3.1 and Fig. 2): frozen encoder features -> projector (CCL only) -> neck
 (multi-scale fusion + one-class bottleneck) -> decoder, whose three outputs are compared with
 the *raw* encoder features by the KD loss and the anomaly map. The global embedding for the
 global contrastive loss is the spatial mean of the neck output.

@@ -1,0 +1,67 @@
+"""The config read once into typed settings: every invalid key reported at once, before any
+work, naming the key, its value and the expected form."""
+import subprocess
+import sys
+
+import pytest
+
+from ccl_jax import settings
+from configs import demo, mvtec_ad
+
+
+@pytest.mark.parametrize("module, variants", [(demo, ("", "rd", "hiercore", "random_encoder",
+                                                      "smoke")),
+                                              (mvtec_ad, ("", "rd", "smoke"))])
+def test_every_shipped_config_is_valid_and_round_trips(module, variants):
+  for variant in variants:
+    run_settings = settings.from_config(module.get_config(variant))
+    assert settings.from_dict(run_settings.to_dict()) == run_settings
+
+
+def test_every_problem_is_reported_at_once_with_its_key():
+  config = demo.get_config("smoke")
+  config.image_size = 48
+  config.loss.window = 4
+  config.model.encoder = "vgg16"
+  config.decision.rule = "median"
+  config.validation_fraction = 1.0
+  with pytest.raises(settings.ConfigError) as err:
+    settings.from_config(config)
+  message = str(err.value)
+  assert "5 invalid key(s)" in message
+  assert "image_size=48: expected a positive multiple of 32" in message
+  assert "loss.window=4: expected an odd integer" in message
+  assert "model.encoder='vgg16': expected one of" in message and "'resnet18'" in message
+  assert "decision.rule='median'" in message
+  assert "validation_fraction=1.0: expected a fraction in [0, 1)" in message
+
+
+def test_unknown_keys_of_a_stored_run_are_named():
+  values = settings.from_config(demo.get_config("smoke")).to_dict()
+  values["loss"]["widow"] = 3
+  values["colour"] = "red"
+  with pytest.raises(settings.ConfigError, match=r"config.json: unknown key 'loss.widow'; "
+                                                 r"unknown key 'colour'"):
+    settings.from_dict(values, source="config.json")
+
+
+def test_replace_changes_dotted_keys_and_revalidates():
+  base = settings.from_config(demo.get_config("smoke"))
+  kmeans = base.replace(**{"dataset.class_labels": "kmeans"})
+  assert kmeans.dataset.class_labels == "kmeans" and not kmeans.dataset.labels_at_training
+  assert base.dataset.class_labels == "true"
+  with pytest.raises(settings.ConfigError, match="dataset.class_labels='clusters'"):
+    base.replace(**{"dataset.class_labels": "clusters"})
+  with pytest.raises(settings.ConfigError, match="Unknown config key 'dataset.colour'"):
+    base.replace(**{"dataset.colour": 1})
+
+
+def test_the_program_refuses_a_bad_image_size_before_preparing_data(repo_root, tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", "configs/demo.py:smoke",
+       "--workdir", str(tmp_path / "run"), f"--config.dataset.data_dir={tmp_path / 'data'}",
+       "--config.image_size=48"],
+      capture_output=True, text=True, cwd=repo_root, timeout=300)
+  assert out.returncode != 0
+  assert "image_size=48: expected a positive multiple of 32" in out.stderr
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
