@@ -206,11 +206,11 @@ def test_confusion_analysis_of_a_trained_workdir(full_run, tmp_path):
 
 def test_evaluate_command_scores_saved_variables_and_workdirs(full_run, data_dir, tmp_path):
   import flax
-  from ccl_jax import evaluate, weights
+  from ccl_jax import evaluate, variable_files
   workdir, result = full_run
   trained = train.load_trained(workdir)
   path = str(tmp_path / "model.msgpack")
-  weights.save_encoder_variables(path, flax.core.unfreeze(trained.variables))
+  variable_files.save(path, flax.core.unfreeze(trained.variables))
   evaluated = evaluate.evaluate_variables(smoke_config(data_dir), str(tmp_path / "eval"), path)
   with open(os.path.join(workdir, "metrics.json")) as f:
     trained_metrics = json.load(f)["metrics"]["mean"]
