@@ -37,7 +37,8 @@ Features (stored as ``array_record``; splits ``train`` and ``test``; examples
 in a fixed order: sorted file names, test good first, then defect types
 sorted; key = ``file_name``):
 
-  image:       Image uint8 (S, S, 3), lossless PNG, RGB (grey inputs expanded)
+  image:       Image uint8 (S, S, 3), lossless PNG, RGB (grey inputs expanded,
+               16-bit inputs scaled to 8 bits: see :mod:`.images`)
   mask:        Image uint8 (S, S, 1), PNG, values 0 / 255 (all 0 for good)
   class_id:    ClassLabel over the builder's ``CLASS_NAMES``
   class_name:  Text
@@ -76,7 +77,7 @@ import tqdm
 from etils import epath
 from PIL import Image
 
-from ccl_jax.datasets import layouts, mvtec_layout, synthetic
+from ccl_jax.datasets import images, layouts, mvtec_layout, synthetic
 from ccl_jax.datasets.mvtec_layout import (
     DatasetError, Sample, check_manual_dir, fingerprint, ordered_map)
 
@@ -211,18 +212,31 @@ def _view_box(view, width: int, height: int) -> tuple[int, int, int, int]:
   return (k * width // n, 0, (k + 1) * width // n, height)
 
 
+def _is_8bit_png(data: bytes) -> bool:
+  # Pillow reports 16-bit RGB PNGs as mode 'RGB' too; only the IHDR bit depth tells.
+  return data[12:16] == b"IHDR" and data[24] == 8
+
+
 def encode_sample(sample: Sample, image_size: int | None
                   ) -> tuple[bytes, bytes]:
   """(image PNG, mask PNG) bytes of one sample (its view, if it has one),
-  resized if requested."""
+  resized if requested.
+
+  The image becomes 8-bit RGB whatever its bit depth and mode (see
+  :mod:`.images`; an unconvertible one raises ``images.UnsupportedImageError``
+  naming the file); any non-zero mask value is foreground.
+  """
   with Image.open(sample.image_path) as im:
     im.load()
+    data = None
     if (image_size is None and im.format == "PNG" and im.mode == "RGB"
         and sample.view is None):
-      image_png = sample.image_path.read_bytes()  # already right
+      data = sample.image_path.read_bytes()
+    if data is not None and _is_8bit_png(data):
+      image_png = data  # already right
       size = im.size
     else:
-      rgb = im.convert("RGB")
+      rgb = images.to_rgb(im, sample.image_path)
       if sample.view is not None:
         rgb = rgb.crop(_view_box(sample.view, *rgb.size))
       if image_size is not None and rgb.size != (image_size, image_size):

@@ -8,7 +8,8 @@ Layout of one class folder (``<manual_dir>/<class>``)::
     ground_truth/<defect>/<stem>_mask.png  their masks (0 = normal)
 
 :func:`scan_classes` collects every problem it finds (missing folders, missing
-masks, unreadable or truncated images, mask/image size mismatches) and raises
+masks, unreadable or truncated images, images that cannot become 8-bit RGB
+(see :mod:`.images`), mask/image size mismatches) and raises
 a single :class:`DatasetError` listing each offending path, so a bad input is
 reported in full before anything gets written.
 """
@@ -25,6 +26,8 @@ import pathlib
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from PIL import Image
+
+from ccl_jax.datasets import images
 
 __all__ = [
     "DatasetError",
@@ -177,17 +180,22 @@ def scan_class(manual_dir: pathlib.Path, class_name: str,
 def _verify_one(sample: Sample) -> list[tuple[str, str]]:
   found = []
 
-  def load(path):
+  def load(path, *, is_image: bool):
     try:
       with Image.open(path) as im:
         im.load()  # full decode: catches truncated files
+        # Masks need only numbers: any non-zero value is foreground.
+        problem = images.check_mode(im, path) if is_image else None
+        if problem:
+          found.append((path, problem.removeprefix(f"{path}: ")))
+          return None
         return im.size
     except Exception as e:  # noqa: BLE001 - any decoder failure
       found.append((path, "unreadable or truncated image "
                     f"({type(e).__name__}: {e})"))
       return None
 
-  size = load(sample.image_path)
+  size = load(sample.image_path, is_image=True)
   if sample.view is not None and size is not None:
     k, n = sample.view
     if size[0] < n:
@@ -195,7 +203,7 @@ def _verify_one(sample: Sample) -> list[tuple[str, str]]:
                     f"image width {size[0]} is too small to split into "
                     f"{n} views"))
   if sample.mask_path is not None:
-    msize = load(sample.mask_path)
+    msize = load(sample.mask_path, is_image=False)
     if size is not None and msize is not None and msize != size:
       found.append((sample.mask_path,
                     f"mask size {msize[0]}x{msize[1]} differs from "
