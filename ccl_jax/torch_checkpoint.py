@@ -14,6 +14,9 @@ Unpickling is restricted: only the few globals a state dict needs are resolved (
 dicts, the tensor and parameter rebuild functions, the storage types and dtypes), each to a
 local stand-in; any other global is an error naming it, so no code from the file runs.
 Tensors are rebuilt from their storage with numpy (offset, size and stride, then copied).
+Every tensor's declared shape, stride and offset is checked against its storage's size
+before any storage is read, so a crafted file cannot make the reader allocate more than
+the file holds.
 
 Nested dicts (RD4AD's `{'bn': ..., 'decoder': ...}`, `{'state_dict': ...}` wrappers) come back
 nested, as plain dicts; the converters in `ccl_jax.convert` pick the parts they need. A
@@ -26,6 +29,7 @@ import codecs
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import struct
@@ -269,6 +273,55 @@ def _tensor_from_bytes(ref: _TensorRef, data: bytes, byteorder: str) -> np.ndarr
   return out
 
 
+# Sizes, strides and offsets index numpy arrays with int64.
+_MAX_INDEX = 2**63 - 1
+
+
+def _check_tensor(ref: _TensorRef, key: str) -> None:
+  """Refuses a tensor that its storage cannot hold, from the pickle alone.
+
+  Runs before any storage is read or any array allocated, so a small crafted file cannot
+  make the reader allocate what it declares. Every element must lie inside the storage,
+  and the tensor may not have more elements than the storage: the reader copies each
+  tensor into its own array, so a stride-0 (expanded) tensor would otherwise cost far more
+  memory than the file holds; the parameters and buffers of the models read here are never
+  such views.
+  """
+  storage = ref.storage
+  available = storage.numel * _itemsize(storage.dtype) // _itemsize(ref.dtype)
+  numel = math.prod(ref.size)
+  where = (f"tensor {key!r} declares shape {ref.size} (stride {ref.stride}, offset "
+           f"{ref.offset}, {ref.dtype}) but its storage {storage.key!r} holds {available} "
+           "element(s)")
+  if (any(v > _MAX_INDEX for v in (*ref.size, *ref.stride, ref.offset))
+      or numel * _itemsize(ref.dtype) > _MAX_INDEX):
+    raise _Malformed(f"{where}; the sizes overflow")
+  if numel == 0:
+    return
+  if numel > available:
+    raise _Malformed(f"{where}; a tensor may not have more elements ({numel}) than its "
+                     "storage")
+  last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+  if last >= available:
+    raise _Malformed(f"{where}; its element {last} lies past the storage's end")
+
+
+def _check_tensors(obj: Any, key: str = "") -> None:
+  """`_check_tensor` on every tensor of an unpickled object; `key` names its place."""
+  if isinstance(obj, _TensorRef):
+    _check_tensor(obj, key or "<top level>")
+    return
+  if isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, (list, tuple)):
+    items = enumerate(obj)
+  else:
+    return
+  for k, value in items:
+    name = k if isinstance(k, str) else repr(k)
+    _check_tensors(value, f"{key}/{name}" if key else name)
+
+
 def _materialise(obj: Any, load: Callable[[_TensorRef], np.ndarray]) -> Any:
   if isinstance(obj, _TensorRef):
     return load(obj)
@@ -307,6 +360,7 @@ def _load_zip(path: str) -> Any:
     unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path,
                                      lambda pid: _storage_from_pid(pid, legacy=False))
     obj = unpickler.load()
+    _check_tensors(obj)
     records: dict[str, bytes] = {}
 
     def load(ref: _TensorRef) -> np.ndarray:
@@ -346,6 +400,7 @@ def _load_legacy(path: str) -> Any:
       return ref
 
     obj = _RestrictedUnpickler(f, path, persistent_load).load()
+    _check_tensors(obj)
     keys = plain()
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
       raise _Malformed("storage key list is malformed")
