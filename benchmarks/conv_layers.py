@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from absl import app
 
 from benchmarks.conv_small_maps import median_ms
 from ccl_jax.models import conv as conv_lib
@@ -61,7 +62,9 @@ def torch_backward(layer: torch.nn.Conv2d, x: torch.Tensor) -> None:
   torch.autograd.grad((layer(x) ** 2).sum(), [x, layer.weight])
 
 
-def main():
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), PyTorch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   print("| layer | shape | lowering | fwd ms: lax | ccl_jax | PyTorch | ratio | "
@@ -92,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Why the demo runs at 96 px, not 64: XLA's CPU backend and 3x3 convs on tiny maps.
 
-  python benchmarks/conv_small_maps.py
+  python -m benchmarks.conv_small_maps
 
 Times a 3x3, 512 -> 512 channel convolution (stride 1, padding 1, batch 16) on 2x2, 3x3 and
 4x4 maps: the shapes of RD's neck at 64, 96 and 128 px with a ResNet-18 encoder. Prints the
@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import app
 
 
 def median_ms(fn, *args, repeats: int = 7) -> float:
@@ -23,7 +24,9 @@ def median_ms(fn, *args, repeats: int = 7) -> float:
   return statistics.median(times)
 
 
-def main():
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   kernel = jnp.full((3, 3, 512, 512), 0.01, jnp.float32)
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
@@ -35,4 +38,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

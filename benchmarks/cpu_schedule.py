@@ -11,13 +11,14 @@ benchmarks/results/cpu_schedule_<setting>.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from absl import app, flags
 
 from benchmarks.train_step import RESULTS, SETTINGS
 from ccl_jax.xla_options import CPU_SCHEDULER_OPTION
@@ -60,19 +61,27 @@ def compare(setting_name: str, rounds: int) -> dict:
   return result
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--settings", default="small", help="comma-separated of: "
-                      + ", ".join(SETTINGS))
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags; defined when it runs, never on import."""
+  flags.DEFINE_list("settings", "small", "Comma-separated of: " + ", ".join(SETTINGS),
+                    flag_values=flag_values)
+  flags.DEFINE_integer("rounds", 5, "Interleaved rounds of one step per schedule.",
+                       lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_string("worker", None, "Internal: run as the worker process of this setting.",
+                      flag_values=flag_values)
+  flags.register_validator(
+      "settings", lambda names: set(names) <= set(SETTINGS),
+      f"--settings: expected some of {sorted(SETTINGS)}.", flag_values=flag_values)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   if args.worker:
     worker(args.worker)
     return
-  for name in args.settings.split(","):
-    if name not in SETTINGS:
-      parser.error(f"--settings: unknown {name!r}; expected some of {sorted(SETTINGS)}.")
+  for name in args.settings:
     result = compare(name, args.rounds)
     result["machine"] = {"cpu_count": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD"),
                          "date": time.strftime("%Y-%m-%d")}
@@ -87,4 +96,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -11,6 +11,7 @@ here to 1e-4). Prints median ms per call and the speed-up.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
 
 from benchmarks.conv_small_maps import median_ms
 from ccl_jax.models.resnet import Deconv2x2
@@ -36,7 +37,9 @@ def forward_backward(layer):
   return jax.jit(jax.grad(lambda k, x: jnp.sum(layer(k, x) ** 2), argnums=(0, 1)))
 
 
-def main():
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(f"device: {jax.devices()[0].device_kind}; batch {BATCH}; forward + backward")
   print("| setting | layer | conv_transpose ms | matmul form ms | speed-up |")
   print("|---|---|---:|---:|---:|")
@@ -53,4 +56,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -10,12 +10,12 @@ pipeline should deliver several times what the step consumes, so the step never 
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import time
 
 import jax
+from absl import app, flags
 
 from ccl_jax import detectors, inference, input_pipeline, settings, step
 from ccl_jax.datasets import selection
@@ -64,12 +64,20 @@ def step_images_per_second(config, dataset, train_indices, repeats: int) -> floa
   return config.batch_size / statistics.median(times)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/demo.py")
-  parser.add_argument("--batches", type=int, default=60)
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags; defined when it runs, never on import."""
+  flags.DEFINE_string("config", "configs/demo.py", "Config file, configs/<name>.py[:variant].",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("batches", 60, "Batches drawn from the input pipeline.", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("repeats", 5, "Timed training steps (median).", lower_bound=1,
+                       flag_values=flag_values)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   config = load_config(args.config)
   run_settings = settings.from_config(config)
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
@@ -86,4 +94,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,7 +1,7 @@
 """HierCore memory bank size and build time on synthetic images.
 
-  python -m benchmarks.memory_bank [--encoders efficientnet_lite0 resnet18]
-      [--num_images 200 1000] [--image_size 96] [--num_groups 4] [--coreset_fraction 0.1]
+  python -m benchmarks.memory_bank [--encoders efficientnet_lite0,resnet18]
+      [--num_images 200,1000] [--image_size 96] [--num_groups 4] [--coreset_fraction 0.1]
       [--json memory_bank.json]
 
 Random-weight encoders (`weights.encoder_variables(..., 'none')`) and uniformly random uint8
@@ -13,14 +13,15 @@ the rows plus the machine (platform, CPU count, JAX backend and devices) as JSON
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from ccl_jax import hiercore, inference, models, weights
 
@@ -49,7 +50,7 @@ def machine() -> dict:
           "devices": [str(d.device_kind) for d in jax.devices()]}
 
 
-def run(encoder_name: str, num_images: int, args: argparse.Namespace) -> dict:
+def run(encoder_name: str, num_images: int, args: flags.FlagValues) -> dict:
   encoder = models.build_encoder(encoder_name)
   variables = weights.encoder_variables(encoder, "none", seed=0, image_size=args.image_size)
   patch_fn = hiercore.make_patch_fn(encoder, variables, feature_dim=args.feature_dim)
@@ -75,19 +76,43 @@ def run(encoder_name: str, num_images: int, args: argparse.Namespace) -> dict:
           "images_per_s": num_images / seconds}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--encoders", nargs="+", default=["efficientnet_lite0", "resnet18"])
-  parser.add_argument("--num_images", nargs="+", type=int, default=[200, 1000])
-  parser.add_argument("--image_size", type=int, default=96)
-  parser.add_argument("--num_groups", type=int, default=4)
-  parser.add_argument("--coreset_fraction", type=float, default=0.1)
-  parser.add_argument("--chunk_images", type=int, default=64)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--projection_dim", type=int, default=hiercore.DEFAULT_PROJECTION_DIM)
-  parser.add_argument("--feature_dim", type=int, default=None)
-  parser.add_argument("--json", default="memory_bank.json")
-  args = parser.parse_args()
+class _PositiveIntListParser(flags.ListParser):
+  """Comma-separated positive integers."""
+
+  def parse(self, argument):
+    values = [int(v) for v in super().parse(argument)]
+    if any(v < 1 for v in values):
+      raise ValueError(f"expected positive integers, got {values}")
+    return values
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags; defined when it runs, never on import."""
+  fv = flag_values
+  flags.DEFINE_list("encoders", ["efficientnet_lite0", "resnet18"], "Encoders to measure.",
+                    flag_values=fv)
+  flags.DEFINE(_PositiveIntListParser(), "num_images", [200, 1000],
+               "Training-set sizes to measure (comma-separated).",
+               serializer=flags.CsvListSerializer(","), flag_values=fv)
+  flags.DEFINE_integer("image_size", 96, "Image side in pixels.", flag_values=fv)
+  flags.DEFINE_integer("num_groups", 4, "Groups (memory banks); image i is in group "
+                       "i % num_groups.", flag_values=fv)
+  flags.DEFINE_float("coreset_fraction", 0.1, "Share of each group's patches kept.",
+                     flag_values=fv)
+  flags.DEFINE_integer("chunk_images", 64, "Images per merge-and-reduce step of the coreset.",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per feature-extraction call.", flag_values=fv)
+  flags.DEFINE_integer("projection_dim", hiercore.DEFAULT_PROJECTION_DIM, "Random projection "
+                       "dimension of the greedy coreset selection.", flag_values=fv)
+  flags.DEFINE_integer("feature_dim", None, "Patch feature channels after reduction (None: "
+                       "no reduction).", flag_values=fv)
+  flags.DEFINE_string("json", "memory_bank.json", "Output JSON file.", flag_values=fv)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   rows = [run(name, n, args) for name in args.encoders for n in args.num_images]
   info = machine()
   print(f"\nMachine: {info['platform']}, {info['cpu_count']} CPUs, JAX {info['jax_version']} "
@@ -103,9 +128,11 @@ def main() -> None:
           f"| {', '.join(map(str, r['coreset_per_group']))} | {r['bank_mib']:.2f} "
           f"| {r['build_s']:.1f} | {r['images_per_s']:.1f} |")
   with open(args.json, "w") as f:
-    json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=2)
+    options = {f.name: f.value for f in args.get_flags_for_module(sys.modules[__name__])}
+    json.dump({"machine": info, "args": options, "rows": rows}, f, indent=2)
   print(f"\nWrote {args.json}")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,26 +1,32 @@
 """Time and memory of the pixel metrics on a VisA-size test set (2,162 maps of 256x256).
 
-  python benchmarks/metrics_scale.py [--images 2162]
+  python -m benchmarks.metrics_scale [--images 2162] [--size 256]
 
 Random maps with random rectangular defects; prints seconds and the peak memory traced by
 tracemalloc (numpy reports its allocations there) beyond the inputs themselves.
 """
-import argparse
 import time
 import tracemalloc
 
 import numpy as np
+from absl import app, flags
 
 from ccl_jax import metrics
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--images", type=int, default=2162)
-  parser.add_argument("--size", type=int, default=256)
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags; defined when it runs, never on import."""
+  flags.DEFINE_integer("images", 2162, "Number of anomaly maps.", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("size", 256, "Side of each map in pixels.", lower_bound=41,
+                       flag_values=flag_values)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   rng = np.random.default_rng(0)
-  n, s = args.images, args.size
+  n, s = flags.FLAGS.images, flags.FLAGS.size
   maps = rng.random((n, s, s), dtype=np.float32)
   masks = np.zeros((n, s, s), np.uint8)
   for i in range(0, n, 2):  # half of the images get one defect
@@ -40,4 +46,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -39,7 +39,6 @@ Writes benchmarks/results/train_step_<device>.json and .md and prints the tables
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -55,6 +54,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from ccl_jax import detectors, step, weights, xla_options
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, build_encoder
@@ -373,7 +373,7 @@ def worker(args) -> dict[str, Any]:
   out: dict[str, Any] = {"allocator": args.allocator, "settings": {}}
   out["matmul_peak_flop_per_s"] = {"jax": matmul_peak("jax", device),
                                    "torch": matmul_peak("torch", device)}
-  for name in args.settings.split(","):
+  for name in args.settings:
     setting = SETTINGS[name]
     print(f"[{args.allocator}] {name}: train step", file=sys.stderr, flush=True)
     section = {"train_step": train_step_section(name, setting, args)}
@@ -401,8 +401,9 @@ def machine() -> dict[str, Any]:
 
 
 def run_all(args) -> dict[str, Any]:
-  allocators = [a for a in args.allocators.split(",") if a]
-  result: dict[str, Any] = {"machine": machine(), "args": vars(args), "runs": {}}
+  allocators = list(args.allocators)
+  options = {f.name: f.value for f in args.get_flags_for_module(sys.modules[__name__])}
+  result: dict[str, Any] = {"machine": machine(), "args": options, "runs": {}}
   for allocator in allocators:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
@@ -422,17 +423,17 @@ def run_all(args) -> dict[str, Any]:
       raise RuntimeError(f"The {allocator} run failed (exit {out.returncode}); see above.")
     result["runs"][allocator] = json.loads(out.stdout.strip().splitlines()[-1])
   if not args.skip_memory:
-    result["memory"] = {name: memory_section(name) for name in args.settings.split(",")}
+    result["memory"] = {name: memory_section(name) for name in args.settings}
   return result
 
 
 def _passthrough(args, everything: bool) -> list[str]:
-  flags = ["--settings", args.settings, "--warmup", str(args.warmup), "--repeats",
-           str(args.repeats)]
-  flags += ["--torch_compile"] if args.torch_compile and everything else ["--no-torch_compile"]
-  flags += ["--skip_inference"] if args.skip_inference or not everything else []
-  flags += ["--skip_local_loss"] if args.skip_local_loss or not everything else []
-  return flags
+  argv = ["--settings", ",".join(args.settings), "--warmup", str(args.warmup), "--repeats",
+          str(args.repeats)]
+  argv += ["--torch_compile"] if args.torch_compile and everything else ["--notorch_compile"]
+  argv += ["--skip_inference"] if args.skip_inference or not everything else []
+  argv += ["--skip_local_loss"] if args.skip_local_loss or not everything else []
+  return argv
 
 
 # --------------------------------------------------------------------------- report
@@ -522,30 +523,43 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--settings", default="small,paper",
-                      help="comma-separated of: " + ", ".join(SETTINGS))
-  parser.add_argument("--allocators", default="default,tcmalloc")
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--skip_inference", action="store_true")
-  parser.add_argument("--skip_local_loss", action="store_true")
-  parser.add_argument("--skip_memory", action="store_true")
-  parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/"
-                      "train_step_<device>.json, with a .md beside it)")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
-  parser.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  unknown = set(args.settings.split(",")) - set(SETTINGS)
-  if unknown:
-    parser.error(f"--settings: unknown {sorted(unknown)}; expected some of {sorted(SETTINGS)}.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags; defined when it runs, never on import."""
+  fv = flag_values
+  flags.DEFINE_list("settings", "small,paper", "Comma-separated of: " + ", ".join(SETTINGS),
+                    flag_values=fv)
+  flags.DEFINE_list("allocators", "default,tcmalloc", "Memory allocators, each in its own "
+                    "process: default (glibc malloc), tcmalloc.", flag_values=fv)
+  flags.DEFINE_integer("warmup", 1, "Untimed steps before timing.", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed steps (median).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("torch_compile", True, "Also time torch.compile.", flag_values=fv)
+  flags.DEFINE_bool("skip_inference", False, "Skip the inference section.", flag_values=fv)
+  flags.DEFINE_bool("skip_local_loss", False, "Skip the local-loss sweep.", flag_values=fv)
+  flags.DEFINE_bool("skip_memory", False, "Skip the peak-memory section.", flag_values=fv)
+  flags.DEFINE_string("output", None, "JSON path (default: benchmarks/results/"
+                      "train_step_<device>.json, with a .md beside it)", flag_values=fv)
+  flags.DEFINE_bool("worker", False, "Internal: run the timing sections in this process.",
+                    flag_values=fv)
+  flags.DEFINE_string("allocator", "default", "Internal: the allocator a worker runs under.",
+                      flag_values=fv)
+  flags.DEFINE_string("memory_worker", None, "Internal: measure this framework's (jax, torch) "
+                      "peak memory in this process.", flag_values=fv)
+  flags.register_validator(
+      "settings", lambda names: set(names) <= set(SETTINGS),
+      f"--settings: expected some of {sorted(SETTINGS)}.", flag_values=fv)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   # As ccl_jax.main does by default; the worker processes inherit it through XLA_FLAGS.
   xla_options.use_cpu_low_memory_schedule(True)
   if args.memory_worker:
-    print(json.dumps(memory_worker(args.memory_worker, args.settings)))
+    if len(args.settings) != 1:
+      raise app.UsageError("--memory_worker measures one setting; give one --settings name.")
+    print(json.dumps(memory_worker(args.memory_worker, args.settings[0])))
     return
   if args.worker:
     print(json.dumps(worker(args)))
@@ -563,4 +577,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

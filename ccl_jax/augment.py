@@ -31,9 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # ITU-R 601-2 luma transform (PIL's convert("L"); torchvision's tensor path uses 0.2989).
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
@@ -85,17 +82,12 @@ class AugParams(NamedTuple):
 
 def normalize(images, mean, std) -> jax.Array:
   """Per-channel mean/std normalisation of channels-last RGB; uint8 input is divided by 255
-  first."""
+  first. The encoder's (mean, std) come from `ccl_jax.models.input_normalisation`."""
   images = jnp.asarray(images)
   if images.dtype == jnp.uint8:
     images = images.astype(jnp.float32) / 255.0
   images = images.astype(jnp.float32)
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def normalize_imagenet(images) -> jax.Array:
-  """ImageNet mean/std normalisation of channels-last RGB; uint8 input is divided by 255 first."""
-  return normalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ----------------------------------------------------------------------------- geometry

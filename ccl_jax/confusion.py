@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 
 from ccl_jax import detectors, inference
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir, atomic_write
+from ccl_jax.files import atomic_write
+from ccl_jax.run_dir import RunDir
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -19,7 +19,8 @@ the CCL teacher `net_t.*`) are dropped by name, never silently by pattern.
 Entry points: `resnet_encoder_variables` (torchvision/timm ResNets -> the frozen encoder),
 `rd4ad_variables` (RD4AD `{'bn': ..., 'decoder': ...}` checkpoints -> a plain-RD
 `ReverseDistillation`), `ccl_variables` / `ccl_encoder_variables` (the authors' CCL `RDLGC`
-state dict -> projector + neck + decoder, and its teacher), and `save_variables`.
+state dict -> projector + neck + decoder, and its teacher). `ccl_jax.variable_files.save`
+writes the results as the Flax msgpack files the configs and ccl_jax.evaluate read.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
 from ccl_jax.models.resnet import EncoderSpec
-from ccl_jax.weights import check_tree, save_encoder_variables
+from ccl_jax.variable_files import check_tree
 
 Variables = dict[str, Any]
 
@@ -271,12 +272,6 @@ def ccl_encoder_variables(state_dict: Mapping[str, Any], encoder_name: str, *,
   if not teacher:
     raise ValueError(f"{source}: has no teacher weights (no 'net_t.*' keys).")
   return resnet_encoder_variables(teacher, encoder_name, source=f"{source} (net_t)")
-
-
-def save_variables(path: str, variables: Variables) -> None:
-  """Writes a variable tree as a Flax msgpack file, atomically. For encoders this is the
-  file `model.encoder_weights` loads."""
-  save_encoder_variables(path, variables)
 
 
 # ----------------------------------------------------------------------------------------

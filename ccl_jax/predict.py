@@ -52,7 +52,8 @@ from PIL import Image
 
 from ccl_jax import detectors, grouping, thresholds, visualize
 from ccl_jax.datasets import builders, mvtec_layout
-from ccl_jax.run_dir import RunDir, atomic_write
+from ccl_jax.files import atomic_write
+from ccl_jax.run_dir import RunDir
 
 COLUMNS = ("path", "class", "class_source", "score", "threshold", "decision", "overlay",
            "error")

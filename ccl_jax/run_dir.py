@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import os
-import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -32,6 +30,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from ccl_jax import settings as settings_lib
+from ccl_jax.files import atomic_write
 from ccl_jax.grouping import Groups
 from ccl_jax.hiercore.memory_bank import MemoryBank
 from ccl_jax.thresholds import Thresholds
@@ -50,28 +49,6 @@ _DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
 
 class RunDirError(RuntimeError):
   """A run directory that cannot be used as asked (locked, or holding another run)."""
-
-
-def atomic_write(path: str, write: Callable[[io.IOBase], None] | bytes | str) -> str:
-  """Replaces `path` with what `write(file)` writes (binary), or with the given bytes/str,
-  atomically; creates the folder if needed. Returns the path."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      if callable(write):
-        write(f)
-      else:
-        f.write(write.encode("utf-8") if isinstance(write, str) else write)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 def _json_default(x: Any):

@@ -25,7 +25,8 @@ from ml_collections import config_flags
 from ccl_jax import decisions, detectors, inference, main as main_program
 from ccl_jax import settings as settings_lib
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir, atomic_write, to_json
+from ccl_jax.files import atomic_write
+from ccl_jax.run_dir import RunDir, to_json
 
 TRAINING_SCENARIOS = {"labels_at_training": "true", "no_labels_at_training": "kmeans"}
 

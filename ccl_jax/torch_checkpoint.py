@@ -14,6 +14,10 @@ Unpickling is restricted: only the few globals a state dict needs are resolved (
 dicts, the tensor and parameter rebuild functions, the storage types and dtypes), each to a
 local stand-in; any other global is an error naming it, so no code from the file runs.
 Tensors are rebuilt from their storage with numpy (offset, size and stride, then copied).
+A crafted file cannot make the reader allocate more than the file holds: each pickle is
+first walked to refuse values longer than the data left, every tensor's declared shape,
+stride and offset is checked against its storage's size before any storage is read, and an
+object the pickle references several times is read once.
 
 Nested dicts (RD4AD's `{'bn': ..., 'decoder': ...}`, `{'state_dict': ...}` wrappers) come back
 nested, as plain dicts; the converters in `ccl_jax.convert` pick the parts they need. A
@@ -26,8 +30,10 @@ import codecs
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -269,20 +275,118 @@ def _tensor_from_bytes(ref: _TensorRef, data: bytes, byteorder: str) -> np.ndarr
   return out
 
 
-def _materialise(obj: Any, load: Callable[[_TensorRef], np.ndarray]) -> Any:
+# Sizes, strides and offsets index numpy arrays with int64.
+_MAX_INDEX = 2**63 - 1
+
+
+def _check_tensor(ref: _TensorRef, key: str) -> None:
+  """Refuses a tensor that its storage cannot hold, from the pickle alone.
+
+  Runs before any storage is read or any array allocated, so a small crafted file cannot
+  make the reader allocate what it declares. Every element must lie inside the storage,
+  and the tensor may not have more elements than the storage: the reader copies each
+  tensor into its own array, so a stride-0 (expanded) tensor would otherwise cost far more
+  memory than the file holds; the parameters and buffers of the models read here are never
+  such views.
+  """
+  storage = ref.storage
+  available = storage.numel * _itemsize(storage.dtype) // _itemsize(ref.dtype)
+  numel = math.prod(ref.size)
+  where = (f"tensor {key!r} declares shape {ref.size} (stride {ref.stride}, offset "
+           f"{ref.offset}, {ref.dtype}) but its storage {storage.key!r} holds {available} "
+           "element(s)")
+  if (any(v > _MAX_INDEX for v in (*ref.size, *ref.stride, ref.offset))
+      or numel * _itemsize(ref.dtype) > _MAX_INDEX):
+    raise _Malformed(f"{where}; the sizes overflow")
+  if numel == 0:
+    return
+  if numel > available:
+    raise _Malformed(f"{where}; a tensor may not have more elements ({numel}) than its "
+                     "storage")
+  last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+  if last >= available:
+    raise _Malformed(f"{where}; its element {last} lies past the storage's end")
+
+
+def _check_tensors(obj: Any, key: str = "", seen: set[int] | None = None) -> None:
+  """`_check_tensor` on every tensor of an unpickled object; `key` names its place.
+
+  Each object is visited once: the pickle memo lets a few bytes reference one container
+  many times (2**n leaves from n levels of `[x, x]`).
+  """
+  seen = set() if seen is None else seen
+  if id(obj) in seen:
+    return
+  seen.add(id(obj))
   if isinstance(obj, _TensorRef):
-    return load(obj)
-  if isinstance(obj, _StorageRef):
-    raise _Malformed(f"a bare storage ({obj.key!r}) is not a tensor")
-  if isinstance(obj, (_StorageType, _TorchDtype)) or callable(obj):
-    raise _Malformed(f"unexpected value {obj!r} in the state dict")
+    _check_tensor(obj, key or "<top level>")
+    return
   if isinstance(obj, dict):
-    return {k: _materialise(v, load) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_materialise(v, load) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_materialise(v, load) for v in obj)
-  return obj
+    items = obj.items()
+  elif isinstance(obj, (list, tuple)):
+    items = enumerate(obj)
+  else:
+    return
+  for k, value in items:
+    name = k if isinstance(k, str) else repr(k)
+    _check_tensors(value, f"{key}/{name}" if key else name, seen)
+
+
+def _materialise(obj: Any, load: Callable[[_TensorRef], np.ndarray],
+                 done: dict[int, Any] | None = None) -> Any:
+  """`obj` with its tensors read; an object the pickle references several times is read
+  once and shared (as torch shares a tied tensor), so the memo cannot multiply memory."""
+  done = {} if done is None else done
+  if id(obj) in done:
+    return done[id(obj)]
+  if isinstance(obj, _TensorRef):
+    out = load(obj)
+  elif isinstance(obj, _StorageRef):
+    raise _Malformed(f"a bare storage ({obj.key!r}) is not a tensor")
+  elif isinstance(obj, (_StorageType, _TorchDtype)) or callable(obj):
+    raise _Malformed(f"unexpected value {obj!r} in the state dict")
+  elif isinstance(obj, dict):
+    out = {k: _materialise(v, load, done) for k, v in obj.items()}
+  elif isinstance(obj, list):
+    out = [_materialise(v, load, done) for v in obj]
+  elif isinstance(obj, tuple):
+    out = tuple(_materialise(v, load, done) for v in obj)
+  else:
+    return obj
+  done[id(obj)] = out
+  return out
+
+
+class _BoundedReader:
+  """A file view that refuses reads past `end` instead of attempting them."""
+
+  def __init__(self, file, end: int):
+    self._file, self._end = file, end
+
+  def read(self, n: int = -1) -> bytes:
+    left = self._end - self._file.tell()
+    if n is None or n < 0:
+      n = left
+    if n > left:
+      raise _Malformed(f"the pickle declares a value of {n} bytes but only {left} remain "
+                       "(truncated or crafted file?)")
+    return self._file.read(n)
+
+  def readline(self) -> bytes:
+    return self._file.readline()
+
+
+def _check_pickle_lengths(file, end: int) -> None:
+  """Walks the pickle at `file`'s position (which is restored) without building anything.
+
+  The C unpickler allocates a bytes or string value's declared length before reading it,
+  so a few bytes declaring 1.8 GB would allocate that much before failing; pickletools
+  reads through `_BoundedReader`, which refuses any length beyond the end of the data.
+  """
+  start = file.tell()
+  for _ in pickletools.genops(_BoundedReader(file, end)):
+    pass
+  file.seek(start)
 
 
 # Errors that corrupt input makes the standard library raise.
@@ -304,9 +408,13 @@ def _load_zip(path: str) -> Any:
       byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
       if byteorder not in ("little", "big"):
         raise _Malformed(f"unknown byteorder record {byteorder!r}")
-    unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path,
+    raw = archive.read(pickles[0])
+    data = io.BytesIO(raw)
+    _check_pickle_lengths(data, len(raw))
+    unpickler = _RestrictedUnpickler(data, path,
                                      lambda pid: _storage_from_pid(pid, legacy=False))
     obj = unpickler.load()
+    _check_tensors(obj)
     records: dict[str, bytes] = {}
 
     def load(ref: _TensorRef) -> np.ndarray:
@@ -324,14 +432,18 @@ def _load_zip(path: str) -> Any:
 def _load_legacy(path: str) -> Any:
   file_size = os.path.getsize(path)
   with open(path, "rb") as f:
-    plain = lambda: _RestrictedUnpickler(f, path, None).load()
-    magic = plain()
+
+    def unpickle(persistent_load=None):
+      _check_pickle_lengths(f, file_size)
+      return _RestrictedUnpickler(f, path, persistent_load).load()
+
+    magic = unpickle()
     if magic != LEGACY_MAGIC_NUMBER:
       raise _Malformed("wrong magic number: not a torch.save file")
-    protocol = plain()
+    protocol = unpickle()
     if protocol != LEGACY_PROTOCOL_VERSION:
       raise _Malformed(f"unsupported legacy protocol version {protocol!r}")
-    sys_info = plain()
+    sys_info = unpickle()
     if not isinstance(sys_info, dict):
       raise _Malformed("system info record is not a dict")
     byteorder = "little" if sys_info.get("little_endian", True) else "big"
@@ -345,8 +457,9 @@ def _load_legacy(path: str) -> Any:
         raise _Malformed(f"storage {ref.key!r} is referenced with two element types")
       return ref
 
-    obj = _RestrictedUnpickler(f, path, persistent_load).load()
-    keys = plain()
+    obj = unpickle(persistent_load)
+    _check_tensors(obj)
+    keys = unpickle()
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
       raise _Malformed("storage key list is malformed")
     if set(storages) - set(keys):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.encoder_output and args.kind != "ccl":
     parser.error("--encoder_output only applies to --kind ccl")
 
-  from ccl_jax import convert
+  from ccl_jax import convert, variable_files
   from ccl_jax.torch_checkpoint import load_state_dict
 
   try:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   for path, variables in outputs:  # only once everything converted
-    convert.save_variables(path, variables)
+    variable_files.save(path, variables)
     arrays, numbers = _count(variables)
     print(f"wrote {path}: {arrays} arrays, {numbers:,} numbers ({args.encoder}, {args.kind})")
   return 0

@@ -1,6 +1,7 @@
 """Tests for ccl_jax.augment against independent numpy / scipy / PIL / colorsys references."""
 import colorsys
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ccl_jax import augment as A
+from ccl_jax import models
 
 S = 32  # image size used by the pipeline tests (> 11, so 23-tap reflect padding is valid)
 
@@ -185,16 +187,25 @@ def test_resized_crop_half_box_matches_pil_upsampling():
     np.testing.assert_allclose(out[..., c], np.asarray(ref), atol=1e-5)
 
 
-def test_normalize_imagenet():
+def test_normalize_with_the_resnet_encoders_imagenet_statistics():
   u8 = np.random.default_rng(14).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   ref = (u8 / 255.0 - mean) / std
-  out_u8 = A.normalize_imagenet(u8)
-  out_f = A.normalize_imagenet(u8.astype(np.float32) / 255.0)
+  stats = models.input_normalisation(models.build_encoder("resnet18"))
+  out_u8 = A.normalize(u8, *stats)
+  out_f = A.normalize(u8.astype(np.float32) / 255.0, *stats)
   assert out_u8.dtype == jnp.float32 and out_f.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out_u8), ref, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out_f), ref, atol=1e-5)
 
+
+
+def test_imagenet_statistics_are_defined_once():
+  # Two copies could drift apart; ccl_jax.models owns the encoders' input normalisation.
+  package = pathlib.Path(A.__file__).parent
+  defining = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                    if "0.485, 0.456, 0.406" in p.read_text())
+  assert defining == ["models/__init__.py"]
 
 # ----------------------------------------------------------------------------- pipeline
 

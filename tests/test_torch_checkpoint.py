@@ -6,6 +6,7 @@ import collections
 import io
 import pickle
 import sys
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -236,3 +237,155 @@ def test_reader_does_not_import_torch(tmp_path):
                           check=False)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "3.0"
+
+
+class _CraftedPickler(pickle.Pickler):
+  """Pickles `_FakeTensor`s on one float32 storage of `numel` elements, as torch would."""
+
+  def __init__(self, file, numel, legacy):
+    super().__init__(file, protocol=2)
+    self.numel, self.legacy = numel, legacy
+
+  def persistent_id(self, obj):
+    if isinstance(obj, _FakeStorage):
+      pid = ("storage", torch.FloatStorage, "0", "cpu", self.numel)
+      return pid + (None,) if self.legacy else pid
+    return None
+
+
+def _crafted(path, tensors, numel=1, legacy=True):
+  """A checkpoint whose tensors (name -> (offset, size, stride)) share one small storage."""
+  body = io.BytesIO()
+  _CraftedPickler(body, numel, legacy).dump({"bn": {k: _FakeTensor(*v)
+                                                    for k, v in tensors.items()}})
+  data = np.arange(numel, dtype="<f4").tobytes()
+  if legacy:
+    path.write_bytes(_legacy_header() + body.getvalue() + pickle.dumps(["0"], protocol=2)
+                     + numel.to_bytes(8, "little") + data)
+  else:
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", body.getvalue())
+      z.writestr("archive/data/0", data)
+  return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_huge_tensor_on_a_tiny_storage_is_refused_before_allocating(tmp_path, legacy):
+  # 20000 x 20000 float32 (1.6 GB) on a storage of one element: stride 0 keeps every
+  # element inside the storage, so only its element count gives it away.
+  path = _crafted(tmp_path / "crafted.pth", {"w": (0, (20000, 20000), (0, 0))},
+                  legacy=legacy)
+  assert path.stat().st_size < 600
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError) as e:
+      load_state_dict(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 50e6
+  message = str(e.value)
+  assert str(path) in message and "'bn/w'" in message
+  assert "(20000, 20000)" in message and "holds 1 element" in message
+
+
+@pytest.mark.parametrize("size,stride,offset,problem", [
+    ((3, 4), (4, 1), 0, "more elements (12) than its storage"),
+    ((2, 2), (2, 1), 7, "element 10 lies past the storage's end"),
+    ((2, 2), (9, 1), 0, "element 10 lies past the storage's end"),
+    ((0, 2**70), (1, 1), 0, "overflow"),
+    ((2**40, 2**40), (0, 0), 0, "overflow"),
+    ((2, 2), (2**64, 1), 0, "overflow"),
+])
+def test_tensors_outside_their_storage_are_refused_naming_them(tmp_path, size, stride,
+                                                               offset, problem):
+  path = _crafted(tmp_path / "bad.pth", {"ok": (0, (2, 5), (5, 1)),
+                                         "bad": (offset, size, stride)}, numel=10)
+  with pytest.raises(ValueError) as e:
+    load_state_dict(path)
+  message = str(e.value)
+  assert str(path) in message and "'bn/bad'" in message and problem in message
+  assert f"shape {size}" in message and "holds 10 element(s)" in message
+
+
+def test_negative_sizes_are_refused(tmp_path):
+  path = _crafted(tmp_path / "negative.pth", {"w": (0, (-1, 4), (4, 1))}, numel=10)
+  with pytest.raises(ValueError, match="negative.pth.*size"):
+    load_state_dict(path)
+
+
+def test_tensors_filling_their_storage_exactly_still_load(tmp_path):
+  path = _crafted(tmp_path / "fine.pth", {"w": (2, (2, 4), (1, 2))}, numel=10)
+  np.testing.assert_array_equal(load_state_dict(path)["bn"]["w"],
+                                np.arange(10.0)[2:][np.add.outer([0, 1], [0, 2, 4, 6])])
+
+
+def _peak_bytes(fn):
+  """(result or exception, peak bytes traced while running fn)."""
+  tracemalloc.start()
+  try:
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 - returned for the caller to check
+      result = e
+    return result, tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def test_a_tensor_referenced_many_times_is_read_once(tmp_path):
+  # The pickle memo makes each further reference cost 2 bytes; copying the 1 MB tensor
+  # for each of them would take 200 MB.
+  tensor = _FakeTensor(0, (250_000,), (1,))
+  body = io.BytesIO()
+  _CraftedPickler(body, 250_000, legacy=True).dump({"tied": [tensor] * 200})
+  path = tmp_path / "tied.pth"
+  path.write_bytes(_legacy_header() + body.getvalue() + pickle.dumps(["0"], protocol=2)
+                   + (250_000).to_bytes(8, "little")
+                   + np.arange(250_000, dtype="<f4").tobytes())
+  loaded, peak = _peak_bytes(lambda: load_state_dict(path))
+  assert peak < 50e6
+  assert len(loaded["tied"]) == 200 and all(a is loaded["tied"][0] for a in loaded["tied"])
+  np.testing.assert_array_equal(loaded["tied"][0], np.arange(250_000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_containers_shared_exponentially_are_walked_once(tmp_path, legacy):
+  # 20 levels of [x, x] describe 2**20 leaves in a few hundred bytes of pickle.
+  nested = [_FakeTensor(0, (1,), (1,))]
+  for _ in range(20):
+    nested = [nested, nested]
+  body = io.BytesIO()
+  _CraftedPickler(body, 1, legacy).dump({"w": nested})
+  path = tmp_path / "laughs.pth"
+  if legacy:
+    path.write_bytes(_legacy_header() + body.getvalue() + pickle.dumps(["0"], protocol=2)
+                     + (1).to_bytes(8, "little") + np.float32(7).tobytes())
+  else:
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", body.getvalue())
+      z.writestr("archive/data/0", np.float32(7).tobytes())
+  loaded, peak = _peak_bytes(lambda: load_state_dict(path))
+  assert peak < 50e6
+  leaf = loaded["w"]
+  for _ in range(20):
+    assert leaf[0] is leaf[1]
+    leaf = leaf[0]
+  np.testing.assert_array_equal(leaf[0], [7.0])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_pickle_declaring_huge_bytes_is_refused_before_allocating(tmp_path, legacy):
+  # BINBYTES8 with a 1.8 GB length and 3 bytes of data: the C unpickler would allocate the
+  # declared length before finding the file too short.
+  payload = b"\x80\x02\x8e" + (1_800_000_000).to_bytes(8, "little") + b"abc."
+  path = tmp_path / "bytes8.pth"
+  if legacy:
+    path.write_bytes(_legacy_header() + payload)
+  else:
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", payload)
+  error, peak = _peak_bytes(lambda: load_state_dict(path))
+  assert peak < 50e6
+  assert isinstance(error, ValueError) and str(path) in str(error)
+  assert "1800000000 bytes" in str(error)

@@ -8,7 +8,7 @@ Main entry points: :func:`load` and, for several datasets in one class-id
 space, :func:`load_mixture` (see :mod:`ccl_jax.datasets.loader`).
 """
 
-from ccl_jax.datasets import layouts, synthetic
+from ccl_jax.datasets import images, layouts, synthetic
 from ccl_jax.datasets.builders import (
     AnomalyBuilderConfig, AnomalyDetectionBuilder, Btad, Manta,
     MVTEC_AD_CLASSES, MvtecAd, RealIad, SyntheticAd, Visa)
@@ -23,6 +23,6 @@ __all__ = [
     "BUILDERS", "Btad", "DatasetError", "KNOWN_TOTALS", "MVTEC_AD_CLASSES",
     "Manta",
     "MvtecAd", "RealIad", "RecordSource", "Sample", "SyntheticAd", "Visa",
-    "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
+    "images", "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
     "check_totals", "synthetic",
 ]

@@ -47,77 +47,77 @@ KNOWN_TOTALS: dict[str, tuple[str, tuple[str, ...], dict[str, int]]] = {
 
 def expected_totals(name: str, class_names, options=None
                     ) -> dict[str, int] | None:
-    """The published {split: number of images} that ``class_names`` (with
-    the reading ``options``) should add up to; None where there is nothing
-    to compare: no known totals, a subset of the classes, or Real-IAD with
-    one view only."""
-    if name not in KNOWN_TOTALS:
-        return None
-    if name == "real_iad" and dict(options or {}).get("views", "all") != "all":
-        return None
-    _, classes, expected = KNOWN_TOTALS[name]
-    if set(class_names) != set(classes):
-        return None
-    return dict(expected)
+  """The published {split: number of images} that ``class_names`` (with
+  the reading ``options``) should add up to; None where there is nothing
+  to compare: no known totals, a subset of the classes, or Real-IAD with
+  one view only."""
+  if name not in KNOWN_TOTALS:
+    return None
+  if name == "real_iad" and dict(options or {}).get("views", "all") != "all":
+    return None
+  _, classes, expected = KNOWN_TOTALS[name]
+  if set(class_names) != set(classes):
+    return None
+  return dict(expected)
 
 
 def check_totals(name: str, counts: Mapping[str, Mapping[str, int]],
                  options: Mapping[str, str] | None = None) -> list[str]:
-    """Mismatches between what was read and the published totals.
+  """Mismatches between what was read and the published totals.
 
-    Args:
-      name: the ``load`` name ('mvtec_ad', 'visa', 'btad', 'real_iad';
-        others are never checked).
-      counts: class name -> {'train': n, 'test': n} (further keys ignored).
-      options: the dataset's non-default reading options; Real-IAD is
-        checked only with all views (``views`` 'all').
+  Args:
+    name: the ``load`` name ('mvtec_ad', 'visa', 'btad', 'real_iad';
+      others are never checked).
+    counts: class name -> {'train': n, 'test': n} (further keys ignored).
+    options: the dataset's non-default reading options; Real-IAD is
+      checked only with all views (``views`` 'all').
 
-    Returns:
-      One message per mismatching split (naming the dataset, the split, the
-      expected and the found number); empty when everything matches, the
-      dataset has no known totals, or not all of its classes are in
-      ``counts`` (a subset cannot be compared).
-    """
-    expected = expected_totals(name, counts, options)
-    if expected is None:
-        return []
-    title, classes, _ = KNOWN_TOTALS[name]
-    problems = []
-    for split, want in expected.items():
-        found = sum(int(c.get(split, 0)) for c in counts.values())
-        if found != want:
-            problems.append(
-                f"{title}: {split} split has {found} images, expected {want} "
-                f"(published total over all {len(classes)} classes; "
-                f"{found - want:+d}). The raw dataset may be incomplete or "
-                "a different version.")
-    return problems
+  Returns:
+    One message per mismatching split (naming the dataset, the split, the
+    expected and the found number); empty when everything matches, the
+    dataset has no known totals, or not all of its classes are in
+    ``counts`` (a subset cannot be compared).
+  """
+  expected = expected_totals(name, counts, options)
+  if expected is None:
+    return []
+  title, classes, _ = KNOWN_TOTALS[name]
+  problems = []
+  for split, want in expected.items():
+    found = sum(int(c.get(split, 0)) for c in counts.values())
+    if found != want:
+      problems.append(
+          f"{title}: {split} split has {found} images, expected {want} "
+          f"(published total over all {len(classes)} classes; "
+          f"{found - want:+d}). The raw dataset may be incomplete or "
+          "a different version.")
+  return problems
 
 
 def format_counts(title: str, rows: Mapping[str, Mapping[str, int | None]]
                   ) -> str:
-    """A table: one row per class (train, test, test good, test anomalous)
-    and a total row. ``None`` (unknown) is printed as '?'."""
-    header = ("class", "train", "test", "good", "anomalous")
-    body = []
-    totals: list[int | None] = [0, 0, 0, 0]
-    for cls, c in rows.items():
-        vals = [c.get("train"), c.get("test"), c.get("test_good"),
-                c.get("test_anomalous")]
-        totals = [None if t is None or v is None else t + v
-                  for t, v in zip(totals, vals)]
-        body.append((cls, *vals))
-    body.append(("total", *totals))
-    cells = [header] + [tuple("?" if v is None else str(v) for v in r)
-                        for r in body]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  """A table: one row per class (train, test, test good, test anomalous)
+  and a total row. ``None`` (unknown) is printed as '?'."""
+  header = ("class", "train", "test", "good", "anomalous")
+  body = []
+  totals: list[int | None] = [0, 0, 0, 0]
+  for cls, c in rows.items():
+    vals = [c.get("train"), c.get("test"), c.get("test_good"),
+            c.get("test_anomalous")]
+    totals = [None if t is None or v is None else t + v
+              for t, v in zip(totals, vals)]
+    body.append((cls, *vals))
+  body.append(("total", *totals))
+  cells = [header] + [tuple("?" if v is None else str(v) for v in r)
+                      for r in body]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
-    def fmt(r):
-        return "  ".join((r[0].ljust(widths[0]),) + tuple(
-            v.rjust(w) for v, w in zip(r[1:], widths[1:])))
+  def fmt(r):
+    return "  ".join((r[0].ljust(widths[0]),) + tuple(
+        v.rjust(w) for v, w in zip(r[1:], widths[1:])))
 
-    lines = [f"[ccl_jax.datasets] {title}: images per class and split "
-             "(good / anomalous: test split)", "  " + fmt(cells[0])]
-    lines += ["  " + fmt(r) for r in cells[1:-1]]
-    lines += ["  " + "-" * len(fmt(cells[0])), "  " + fmt(cells[-1])]
-    return "\n".join(lines)
+  lines = [f"[ccl_jax.datasets] {title}: images per class and split "
+           "(good / anomalous: test split)", "  " + fmt(cells[0])]
+  lines += ["  " + fmt(r) for r in cells[1:-1]]
+  lines += ["  " + "-" * len(fmt(cells[0])), "  " + fmt(cells[-1])]
+  return "\n".join(lines)
