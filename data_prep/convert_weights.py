@@ -15,35 +15,43 @@ reason and exits with status 1; no output file is written then.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
+from absl import app, flags
+
+KINDS = ("resnet", "rd4ad", "ccl")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags (defined when it runs, never on import)."""
+  flags.DEFINE_enum("kind", None, list(KINDS), "What the checkpoint holds.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("encoder", None, "resnet18, resnet34, resnet50 or wide_resnet50_2",
+                      flag_values=flag_values)
+  flags.DEFINE_string("input", None, ".pth/.pt (zip or legacy) or .safetensors",
+                      flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Flax msgpack file to write", flag_values=flag_values)
+  flags.DEFINE_string("encoder_output", None, "--kind ccl only: also write the teacher "
+                      "(net_t) encoder variables", flag_values=flag_values)
+  flags.mark_flags_as_required(["kind", "encoder", "input", "output"],
+                               flag_values=flag_values)
+  flags.register_validator(
+      "encoder_output", lambda value: value is None or flag_values["kind"].value == "ccl",
+      message="--encoder_output only applies to --kind ccl", flag_values=flag_values)
 
 
 def _count(tree) -> tuple[int, int]:
-  import jax
+  import jax  # pylint: disable=import-outside-toplevel
   leaves = jax.tree_util.tree_leaves(tree)
   return len(leaves), int(sum(np.size(x) for x in leaves))
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m data_prep.convert_weights",
-      description="PyTorch checkpoint -> ccl_jax Flax msgpack variables (no PyTorch needed).")
-  parser.add_argument("--kind", required=True, choices=("resnet", "rd4ad", "ccl"))
-  parser.add_argument("--encoder", required=True,
-                      help="resnet18, resnet34, resnet50 or wide_resnet50_2")
-  parser.add_argument("--input", required=True, help=".pth/.pt (zip or legacy) or .safetensors")
-  parser.add_argument("--output", required=True, help="Flax msgpack file to write")
-  parser.add_argument("--encoder_output", default=None,
-                      help="--kind ccl only: also write the teacher (net_t) encoder variables")
-  args = parser.parse_args(argv)
-  if args.encoder_output and args.kind != "ccl":
-    parser.error("--encoder_output only applies to --kind ccl")
-
-  from ccl_jax import convert, variable_files
-  from ccl_jax.torch_checkpoint import load_state_dict
+def run(args: flags.FlagValues) -> int:
+  """The conversion on parsed flags; 0 on success, 1 (with the reason on stderr) on bad
+  input, and then no output file is written."""
+  from ccl_jax import convert, variable_files  # pylint: disable=import-outside-toplevel
+  from ccl_jax.torch_checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
 
   try:
     checkpoint = load_state_dict(args.input)
@@ -71,5 +79,12 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sys.exit(run(flags.FLAGS))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

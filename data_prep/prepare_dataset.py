@@ -13,31 +13,41 @@ from absl import app, flags
 
 from ccl_jax import datasets
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", None, "mvtec_ad | visa | btad | real_iad | manta | synthetic")
-flags.DEFINE_string("manual_dir", None, "The downloaded dataset folder.")
-flags.DEFINE_string("data_dir", "~/ccl_jax_data", "Where prepared data goes.")
-flags.DEFINE_integer("image_size", 256, "Resolution the images are resized to once.")
-flags.DEFINE_list("classes", ["all"], "Classes to prepare (default: all).")
-flags.DEFINE_integer("num_workers", None, "Decode/resize threads (default: min(8, cores)).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """This program's flags (defined when it runs, never on import)."""
+  fv = flag_values
+  flags.DEFINE_string("dataset", None, "mvtec_ad | visa | btad | real_iad | manta | synthetic",
+                      flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "The downloaded dataset folder.", flag_values=fv)
+  flags.DEFINE_string("data_dir", "~/ccl_jax_data", "Where prepared data goes.",
+                      flag_values=fv)
+  flags.DEFINE_integer("image_size", 256, "Resolution the images are resized to once.",
+                       flag_values=fv)
+  flags.DEFINE_list("classes", ["all"], "Classes to prepare (default: all).", flag_values=fv)
+  flags.DEFINE_integer("num_workers", None, "Decode/resize threads (default: min(8, cores)).",
+                       flag_values=fv)
+  flags.mark_flags_as_required(["dataset"], flag_values=fv)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  classes = "all" if FLAGS.classes == ["all"] else tuple(FLAGS.classes)
+  args = flags.FLAGS
+  classes = "all" if args.classes == ["all"] else tuple(args.classes)
   try:
-    dataset = datasets.load(FLAGS.dataset, classes=classes, manual_dir=FLAGS.manual_dir,
-                            data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-                            num_workers=FLAGS.num_workers)
+    dataset = datasets.load(args.dataset, classes=classes, manual_dir=args.manual_dir,
+                            data_dir=args.data_dir, image_size=args.image_size,
+                            num_workers=args.num_workers)
   except datasets.DatasetError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"{FLAGS.dataset}: {len(dataset.class_names)} classes, {len(dataset.train)} train / "
-        f"{len(dataset.test)} test images ready in {FLAGS.data_dir}")
+  print(f"{args.dataset}: {len(dataset.class_names)} classes, {len(dataset.train)} train / "
+        f"{len(dataset.test)} test images ready in {args.data_dir}")
   return 0
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["dataset"])
+  define_flags()
   app.run(main)

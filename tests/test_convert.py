@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from absl import flags
 from torch import nn
 
 from ccl_jax import convert
@@ -369,11 +370,19 @@ def test_rd4ad_and_ccl_structure_errors():
 # Command line.
 
 
+def _convert_weights(*args: str) -> int:
+  """The program with these flags, in this process."""
+  flag_values = flags.FlagValues()
+  convert_weights.define_flags(flag_values)
+  flag_values(["convert_weights", *args])
+  return convert_weights.run(flag_values)
+
+
 def test_cli_writes_a_file_the_config_loads(resnet18_state, tmp_path, capsys):
   source = tmp_path / "resnet18.pth"
   torch.save({k: torch.from_numpy(v) for k, v in resnet18_state.items()}, source)
   out = tmp_path / "resnet18.msgpack"
-  assert convert_weights.main(["--kind", "resnet", "--encoder", "resnet18",
+  assert _convert_weights(*["--kind", "resnet", "--encoder", "resnet18",
                                "--input", str(source), "--output", str(out)]) == 0
   assert "wrote" in capsys.readouterr().out
   loaded = encoder_variables(ResNetEncoder(encoder_spec("resnet18")), str(out), seed=0,
@@ -388,17 +397,17 @@ def test_cli_bad_input_exits_non_zero_without_output(resnet18_state, tmp_path, c
   truncated = tmp_path / "truncated.pth"
   torch.save({k: torch.from_numpy(v) for k, v in resnet18_state.items()}, truncated)
   truncated.write_bytes(truncated.read_bytes()[:5000])
-  assert convert_weights.main(["--kind", "resnet", "--encoder", "resnet18", "--input",
+  assert _convert_weights(*["--kind", "resnet", "--encoder", "resnet18", "--input",
                                str(truncated), "--output", str(out)]) == 1
   err = capsys.readouterr().err
   assert "truncated.pth" in err and "corrupt or truncated" in err
-  assert convert_weights.main(["--kind", "rd4ad", "--encoder", "resnet18", "--input",
+  assert _convert_weights(*["--kind", "rd4ad", "--encoder", "resnet18", "--input",
                                str(truncated.with_name("absent.pth")), "--output",
                                str(out)]) == 1
   assert "absent.pth" in capsys.readouterr().err
   whole = tmp_path / "r18.pth"
   torch.save({k: torch.from_numpy(v) for k, v in resnet18_state.items()}, whole)
-  assert convert_weights.main(["--kind", "resnet", "--encoder", "resnet50", "--input",
+  assert _convert_weights(*["--kind", "resnet", "--encoder", "resnet50", "--input",
                                str(whole), "--output", str(out)]) == 1
   assert "missing" in capsys.readouterr().err
   assert not out.exists()
