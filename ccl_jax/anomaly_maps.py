@@ -36,7 +36,8 @@ def upsample_matrix(size_in: int, size_out: int) -> np.ndarray:
   return matrix
 
 
-def blur_matrix(size: int, sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
+def blur_matrix(size: int, sigma: float = BLUR_SIGMA,
+                truncate: float = BLUR_TRUNCATE) -> np.ndarray:
   """[size, size] matrix of scipy.ndimage.gaussian_filter1d with mode='reflect'."""
   radius = int(truncate * sigma + 0.5)
   taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)

@@ -1,8 +1,11 @@
 """Fixtures shared by the end-to-end tests: one synthetic smoke dataset and one trained
 smoke model per session (generating and training once keeps the suite short)."""
 import os
+import pathlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ccl_jax import settings
 from configs import demo
@@ -54,3 +57,78 @@ def trained_smoke_run(smoke_settings, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained_smoke"))
   main.run(run_settings, workdir)
   return run_settings, workdir
+
+
+# ---------------------------------------------------------------- dataset folders
+
+def _prepared_dirs_under(data_dir):
+  """Every directory under data_dir that TFDS would treat as prepared."""
+  return sorted(str(p.parent) for p in pathlib.Path(data_dir).rglob(
+      "dataset_info.json"))
+
+
+def _incomplete_dirs_under(data_dir):
+  return [p for p in pathlib.Path(data_dir).rglob("*")
+          if p.is_dir() and "incomplete" in p.name]
+
+
+@pytest.fixture(scope="session")
+def prepared_dirs():
+  """`prepared_dirs(data_dir)`: the folders TFDS would treat as prepared."""
+  return _prepared_dirs_under
+
+
+@pytest.fixture(scope="session")
+def assert_nothing_prepared():
+  """`assert_nothing_prepared(data_dir)`: no prepared and no half-written class there."""
+  def check(data_dir):
+    assert not _prepared_dirs_under(data_dir)
+    assert not _incomplete_dirs_under(data_dir)
+  return check
+
+
+@pytest.fixture(scope="session")
+def incomplete_dirs():
+  """`incomplete_dirs(data_dir)`: half-written preparation folders."""
+  return _incomplete_dirs_under
+
+
+MVTEC_TREE = {  # class: (mode, {defect: n_images}); 3 train, 2 test good
+    "bottle": ("RGB", {"broken_large": 2, "contamination": 1}),
+    "grid": ("L", {"bent": 2}),
+}
+
+
+def _write_png(path, array):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def _make_mvtec_tree(root, classes=("bottle", "grid"), size=48):
+  rng = np.random.default_rng(0)
+  for c in classes:
+    mode, defects = MVTEC_TREE[c]
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    cdir = root / c
+    for i in range(3):
+      _write_png(cdir / "train/good" / f"{i:03d}.png",
+                 rng.integers(0, 256, shape, dtype=np.uint8))
+    for i in range(2):
+      _write_png(cdir / "test/good" / f"{i:03d}.png",
+                 rng.integers(0, 256, shape, dtype=np.uint8))
+    for d, n in defects.items():
+      for i in range(n):
+        _write_png(cdir / "test" / d / f"{i:03d}.png",
+                   rng.integers(0, 256, shape, dtype=np.uint8))
+        m = np.zeros((size, size), np.uint8)
+        m[8 + 4 * i:30, 10:20 + i] = 255
+        _write_png(cdir / "ground_truth" / d / f"{i:03d}_mask.png", m)
+  (root / "license.txt").write_text("CC BY-NC-SA 4.0")
+  return root
+
+
+@pytest.fixture(scope="session")
+def make_mvtec_tree():
+  """`make_mvtec_tree(root, classes=("bottle", "grid"), size=48)`: a tiny folder in MVTec
+  AD's layout (random images, rectangular defect masks); returns `root`."""
+  return _make_mvtec_tree

@@ -17,7 +17,6 @@ from ccl_jax import datasets as D
 from ccl_jax.datasets import builders as B
 from ccl_jax.datasets import images
 from ccl_jax.datasets.mvtec_layout import Sample
-from tests.test_datasets import make_mvtec_tree
 
 
 def _png16(array: np.ndarray) -> bytes:
@@ -145,7 +144,7 @@ def test_16bit_masks_keep_every_nonzero_pixel_as_foreground(camera, tmp_path):
   np.testing.assert_array_equal(_decode(got), np.where(mask > 0, 255, 0))
 
 
-def test_preparing_an_mvtec_folder_reads_16bit_images(camera, astronaut, tmp_path):
+def test_preparing_an_mvtec_folder_reads_16bit_images(make_mvtec_tree, camera, astronaut, tmp_path):
   root = make_mvtec_tree(tmp_path / "mvtec", classes=("grid", "bottle"), size=48)
   grey8 = camera[200:248, 240:288]
   rgb8 = astronaut[100:148, 180:228]
@@ -166,7 +165,7 @@ def test_preparing_an_mvtec_folder_reads_16bit_images(camera, astronaut, tmp_pat
     _assert_within_one_level(bottle["image"], want_rgb)
 
 
-def test_preparation_lists_unconvertible_images_before_writing(tmp_path):
+def test_preparation_lists_unconvertible_images_before_writing(make_mvtec_tree, tmp_path):
   root = make_mvtec_tree(tmp_path / "mvtec", classes=("grid",), size=48)
   bad = root / "grid/train/good/001.tif"
   (root / "grid/train/good/001.png").unlink()

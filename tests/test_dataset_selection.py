@@ -55,3 +55,21 @@ def test_holdout_class_choice_independent_of_other_classes():
   _, val_a = selection.holdout_split(a, 0.25, seed=1)
   _, val_b = selection.holdout_split(b, 0.25, seed=1)
   np.testing.assert_array_equal(val_a[a[val_a] == 0], val_b[b[val_b] == 0])
+
+
+def test_dataset_mixture_has_one_class_space(smoke_settings, make_mvtec_tree, tmp_path):
+  mvtec = tmp_path / "mvtec"
+  make_mvtec_tree(mvtec, classes=("bottle",), size=48)
+
+  def load(**data):
+    run_settings = smoke_settings(**{f"dataset.{k}": v for k, v in data.items()})
+    return selection.load_selected(run_settings.dataset, image_size=32, is_main=True)
+
+  dataset = load(name="synthetic,mvtec_ad", manual_dir=f",{mvtec}",
+                 classes="synthetic/carpet,synthetic/washer,mvtec_ad/bottle")
+  assert dataset.class_names == ("synthetic/carpet", "synthetic/washer", "mvtec_ad/bottle")
+  assert sorted(set(dataset.test_class_ids)) == list(range(len(dataset.class_names)))
+  with pytest.raises(ValueError, match="'<dataset>/<class>'"):
+    load(name="synthetic,mvtec_ad", manual_dir=f",{mvtec}", classes="bottle")
+  with pytest.raises(ValueError, match="one per dataset"):
+    load(name="synthetic,mvtec_ad", manual_dir=str(mvtec), classes="bottle")

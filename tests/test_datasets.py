@@ -25,17 +25,6 @@ def _files(root):
                 if p.is_file())
 
 
-def _prepared_dirs(data_dir):
-  """Every directory under data_dir that TFDS would treat as prepared."""
-  return sorted(str(p.parent) for p in pathlib.Path(data_dir).rglob(
-      "dataset_info.json"))
-
-
-def _incomplete_dirs(data_dir):
-  return [p for p in pathlib.Path(data_dir).rglob("*")
-          if p.is_dir() and "incomplete" in p.name]
-
-
 @pytest.fixture(scope="module")
 def tiny_raw(tmp_path_factory):
   return syn.generate(tmp_path_factory.mktemp("raw") / "tiny", **TINY)
@@ -217,11 +206,11 @@ def iter_slice(source, k):
   return (int(source[i]["class_id"]) for i in range(k))
 
 
-def test_reload_does_not_rebuild(tiny_loaded, tiny_raw):
+def test_reload_does_not_rebuild(prepared_dirs, tiny_loaded, tiny_raw):
   ds, data_dir = tiny_loaded
   stamps = {p: p.stat().st_mtime_ns
             for p in pathlib.Path(data_dir).rglob("*") if p.is_file()}
-  assert len(_prepared_dirs(data_dir)) == 3
+  assert len(prepared_dirs(data_dir)) == 3
   again = D.load("synthetic", classes=["carpet", "tile"],
                  manual_dir=tiny_raw, data_dir=data_dir, image_size=32,
                  verbose=False)
@@ -254,7 +243,7 @@ def test_load_synthetic_default_generation(tmp_path, capsys):
   assert r["class_name"] == "grid" and r["label"] == 1
 
 
-def test_class_selection_errors(tmp_path, tiny_raw):
+def test_class_selection_errors(prepared_dirs, tmp_path, tiny_raw):
   with pytest.raises(D.DatasetError, match="known classes: .*bottle.*zipper"):
     D.load("mvtec_ad", classes=["bottle", "bottel"], manual_dir=tiny_raw,
            data_dir=tmp_path, image_size=32)
@@ -266,47 +255,13 @@ def test_class_selection_errors(tmp_path, tiny_raw):
   with pytest.raises(ValueError, match="image_size"):
     D.load("synthetic", manual_dir=tiny_raw, data_dir=tmp_path,
            image_size=0)
-  assert not _prepared_dirs(tmp_path)
+  assert not prepared_dirs(tmp_path)
 
 
 # ------------------------------------------------------------------ mvtec_ad
 
-MVTEC_TREE = {  # class: (mode, {defect: n_images}); 3 train, 2 test good
-    "bottle": ("RGB", {"broken_large": 2, "contamination": 1}),
-    "grid": ("L", {"bent": 2}),
-}
-
-
-def _write_png(path, array):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
-def make_mvtec_tree(root, classes=("bottle", "grid"), size=48):
-  rng = np.random.default_rng(0)
-  for c in classes:
-    mode, defects = MVTEC_TREE[c]
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    cdir = root / c
-    for i in range(3):
-      _write_png(cdir / "train/good" / f"{i:03d}.png",
-                 rng.integers(0, 256, shape, dtype=np.uint8))
-    for i in range(2):
-      _write_png(cdir / "test/good" / f"{i:03d}.png",
-                 rng.integers(0, 256, shape, dtype=np.uint8))
-    for d, n in defects.items():
-      for i in range(n):
-        _write_png(cdir / "test" / d / f"{i:03d}.png",
-                   rng.integers(0, 256, shape, dtype=np.uint8))
-        m = np.zeros((size, size), np.uint8)
-        m[8 + 4 * i:30, 10:20 + i] = 255
-        _write_png(cdir / "ground_truth" / d / f"{i:03d}_mask.png", m)
-  (root / "license.txt").write_text("CC BY-NC-SA 4.0")
-  return root
-
-
 @pytest.fixture()
-def mvtec_root(tmp_path):
+def mvtec_root(make_mvtec_tree, tmp_path):
   return make_mvtec_tree(tmp_path / "mvtec_anomaly_detection")
 
 
@@ -356,7 +311,7 @@ def test_load_mvtec_ad(mvtec_root, tmp_path):
   np.testing.assert_array_equal(r["mask"], m > 0)
 
 
-def test_mvtec_manual_dir_errors(tmp_path):
+def test_mvtec_manual_dir_errors(prepared_dirs, tmp_path):
   data_dir = tmp_path / "tfds"
   with pytest.raises(D.DatasetError) as e:
     D.load("mvtec_ad", classes=["bottle"], data_dir=data_dir,
@@ -373,15 +328,15 @@ def test_mvtec_manual_dir_errors(tmp_path):
   with pytest.raises(D.DatasetError, match=f"{empty} is empty") as e:
     D.load("mvtec_ad", manual_dir=empty, data_dir=data_dir, image_size=32)
   assert "train/good" in str(e.value)  # says which layout is expected
-  assert not _prepared_dirs(tmp_path)
+  assert not prepared_dirs(tmp_path)
 
 
-def test_mvtec_bad_input_reports_all_problems(mvtec_root, tmp_path):
+def test_mvtec_bad_input_reports_all_problems(prepared_dirs, incomplete_dirs, mvtec_root, tmp_path):
   data_dir = tmp_path / "tfds"
   # a good class prepared earlier must survive later failures
   D.load("mvtec_ad", classes=["bottle"], manual_dir=mvtec_root,
          data_dir=data_dir, image_size=32, verbose=False)
-  prepared = _prepared_dirs(data_dir)
+  prepared = prepared_dirs(data_dir)
   stamps = {p: p.stat().st_mtime_ns
             for p in data_dir.rglob("*") if p.is_file()}
 
@@ -391,7 +346,7 @@ def test_mvtec_bad_input_reports_all_problems(mvtec_root, tmp_path):
   no_mask = bottle / "test/contamination/000.png"
   (bottle / "ground_truth/contamination/000_mask.png").unlink()
   wrong_mask = bottle / "ground_truth/broken_large/001_mask.png"
-  _write_png(wrong_mask, np.zeros((40, 48), np.uint8))
+  Image.fromarray(np.zeros((40, 48), np.uint8)).save(wrong_mask)
   for p in (grid / "train/good").iterdir():
     p.unlink()
   with pytest.raises(D.DatasetError) as e:
@@ -409,15 +364,15 @@ def test_mvtec_bad_input_reports_all_problems(mvtec_root, tmp_path):
   assert "no training images" in msg and "'cable' is missing" in msg
   assert len(err.problems) == 5
   # nothing new looks prepared, nothing half-written, bottle_32 untouched
-  assert _prepared_dirs(data_dir) == prepared
-  assert not _incomplete_dirs(data_dir)
+  assert prepared_dirs(data_dir) == prepared
+  assert not incomplete_dirs(data_dir)
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
   ok = D.load("mvtec_ad", classes=["bottle"], manual_dir=mvtec_root,
               data_dir=data_dir, image_size=32, verbose=False)
   assert len(ok.train) == 3 and ok.train[1]["image"].shape == (32, 32, 3)
 
 
-def test_builder_validates_class_itself(mvtec_root, tmp_path):
+def test_builder_validates_class_itself(prepared_dirs, incomplete_dirs, mvtec_root, tmp_path):
   """The builder used directly (no load()) also validates first."""
   import tensorflow_datasets as tfds
   (mvtec_root / "grid/ground_truth/bent/001_mask.png").unlink()
@@ -426,16 +381,16 @@ def test_builder_validates_class_itself(mvtec_root, tmp_path):
   with pytest.raises(D.DatasetError, match="bent/001.png: defective"):
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(mvtec_root)))
-  assert not _prepared_dirs(tmp_path / "tfds")
-  assert not _incomplete_dirs(tmp_path / "tfds")
+  assert not prepared_dirs(tmp_path / "tfds")
+  assert not incomplete_dirs(tmp_path / "tfds")
 
 
-def test_failure_while_writing_leaves_nothing(mvtec_root, tmp_path,
+def test_failure_while_writing_leaves_nothing(prepared_dirs, incomplete_dirs, mvtec_root, tmp_path,
                                               monkeypatch):
   data_dir = tmp_path / "tfds"
   D.load("mvtec_ad", classes=["grid"], manual_dir=mvtec_root,
          data_dir=data_dir, image_size=32, verbose=False)
-  prepared = _prepared_dirs(data_dir)
+  prepared = prepared_dirs(data_dir)
   calls = []
   real = B.encode_sample
 
@@ -450,8 +405,8 @@ def test_failure_while_writing_leaves_nothing(mvtec_root, tmp_path,
     D.load("mvtec_ad", classes=["grid", "bottle"], manual_dir=mvtec_root,
            data_dir=data_dir, image_size=32, verbose=False)
   assert calls  # TFDS had started writing bottle_32
-  assert _prepared_dirs(data_dir) == prepared
-  assert not _incomplete_dirs(data_dir)
+  assert prepared_dirs(data_dir) == prepared
+  assert not incomplete_dirs(data_dir)
   monkeypatch.setattr(B, "encode_sample", real)
   ds = D.load("mvtec_ad", classes=["grid", "bottle"], manual_dir=mvtec_root,
               data_dir=data_dir, image_size=32, verbose=False)

@@ -17,7 +17,6 @@ from PIL import Image
 from ccl_jax import datasets as D
 from ccl_jax.datasets import builders as B
 from ccl_jax.datasets import layouts as L
-from tests.test_datasets import _incomplete_dirs, _prepared_dirs
 
 RNG = np.random.default_rng(0)
 
@@ -47,11 +46,6 @@ def _check_records(ds):
       assert (r["label"] == 1) == (r["defect_type"] != "good")
       if split is ds.train:
         assert r["label"] == 0
-
-
-def _assert_nothing_prepared(data_dir):
-  assert not _prepared_dirs(data_dir)
-  assert not _incomplete_dirs(data_dir)
 
 
 # --------------------------------------------------------------------- VisA
@@ -117,7 +111,7 @@ def test_visa(tmp_path):
   assert "VisA_20220922.tar" in B.Visa.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
-def test_visa_bad_input(tmp_path):
+def test_visa_bad_input(assert_nothing_prepared, tmp_path):
   root = make_visa_tree(tmp_path / "VisA")
   data_dir = tmp_path / "tfds"
   missing = root / "candle/Data/Images/Normal/0001.JPG"
@@ -135,7 +129,7 @@ def test_visa_bad_input(tmp_path):
   assert "1cls.csv:3" in msg and "is missing" in msg
   assert "42x30 differs from image size 40x30" in msg
   assert "unreadable" in msg and len(e.value.problems) == 3
-  _assert_nothing_prepared(data_dir)
+  assert_nothing_prepared(data_dir)
   # the split file itself missing; unknown class name
   (root / "split_csv/1cls.csv").unlink()
   with pytest.raises(D.DatasetError, match="split_csv/1cls.csv") as e:
@@ -146,7 +140,7 @@ def test_visa_bad_input(tmp_path):
                      "candle, capsules"):
     D.load("visa", classes=["candel"], manual_dir=root,
            data_dir=data_dir, image_size=16)
-  _assert_nothing_prepared(data_dir)
+  assert_nothing_prepared(data_dir)
 
 
 # --------------------------------------------------------------------- BTAD
@@ -203,7 +197,7 @@ def test_btad(tmp_path):
     np.testing.assert_array_equal(r["mask"], want)
 
 
-def test_btad_bad_input(tmp_path):
+def test_btad_bad_input(assert_nothing_prepared, tmp_path):
   root = make_btad_tree(tmp_path / "btad")
   data_dir = tmp_path / "tfds"
   no_mask = root / "02/test/ko/0001.png"
@@ -222,7 +216,7 @@ def test_btad_bad_input(tmp_path):
   assert str(no_mask) in msg and str(truncated) in msg
   assert "ground_truth/ko/0001.png" in msg and "truncated" in msg
   assert len(e.value.problems) == 2 and "train/ok" in msg
-  _assert_nothing_prepared(data_dir)
+  assert_nothing_prepared(data_dir)
 
 
 # ----------------------------------------------------------------- Real-IAD
@@ -266,7 +260,7 @@ def make_real_iad_tree(root, classes=("audiojack", "pcb"),
   return root
 
 
-def test_real_iad_views_and_resolution(tmp_path):
+def test_real_iad_views_and_resolution(prepared_dirs, tmp_path):
   root = make_real_iad_tree(tmp_path / "Real-IAD", resolutions=("256",
                                                                 "512"))
   data_dir = tmp_path / "tfds"
@@ -294,9 +288,9 @@ def test_real_iad_views_and_resolution(tmp_path):
   assert all("_C1_" in n and n.startswith("realiad_512/pcb/")
              for n in names)
   assert [r["label"] for r in _all(sv.test)] == [0, 1]
-  assert len(_prepared_dirs(data_dir)) == 3
+  assert len(prepared_dirs(data_dir)) == 3
   assert any("pcb_16_resolution512_viewsC1" in p
-             for p in _prepared_dirs(data_dir))
+             for p in prepared_dirs(data_dir))
   cfg = B.RealIad.config_for("pcb", 16, views="C1", resolution=512)
   assert cfg.name == "pcb_16_resolution512_viewsC1"
   assert pickle.loads(pickle.dumps(cfg)).option_values == {
@@ -311,7 +305,7 @@ def test_real_iad_views_and_resolution(tmp_path):
   assert len(B.RealIad.CLASS_NAMES) == 30
 
 
-def test_real_iad_bad_input(tmp_path):
+def test_real_iad_bad_input(assert_nothing_prepared, tmp_path):
   root = make_real_iad_tree(tmp_path / "Real-IAD")
   data_dir = tmp_path / "tfds"
   missing = next((root / "realiad_256/pcb/OK/S0001").glob("*_C2_*.jpg"))
@@ -333,7 +327,7 @@ def test_real_iad_bad_input(tmp_path):
            data_dir=data_dir, image_size=16, resolution="1024")
   assert len(e.value.problems) == 1
   assert "realiad_1024/pcb/" in str(e.value)
-  _assert_nothing_prepared(data_dir)
+  assert_nothing_prepared(data_dir)
 
 
 # -------------------------------------------------------------------- MANTA
@@ -395,7 +389,7 @@ def test_manta_views(tmp_path):
   assert sized.test[14]["mask"].shape == (16, 16)
 
 
-def test_manta_bad_input(tmp_path):
+def test_manta_bad_input(assert_nothing_prepared, tmp_path):
   root = make_manta_tree(tmp_path / "MANTA")
   data_dir = tmp_path / "tfds"
   with pytest.raises(D.DatasetError) as e:
@@ -418,10 +412,10 @@ def test_manta_bad_input(tmp_path):
   assert len(e.value.problems) == 2
   with pytest.raises(D.DatasetError, match="needs a manual_dir"):
     D.load("manta", data_dir=data_dir, image_size=16)
-  _assert_nothing_prepared(data_dir)
+  assert_nothing_prepared(data_dir)
 
 
-def test_builder_used_directly_validates(tmp_path):
+def test_builder_used_directly_validates(assert_nothing_prepared, tmp_path):
   root = make_visa_tree(tmp_path / "VisA", classes=("candle",))
   (root / "candle/Data/Masks/Anomaly/001.png").unlink()
   b = B.Visa(config=B.Visa.config_for("candle", 16),
@@ -429,7 +423,7 @@ def test_builder_used_directly_validates(tmp_path):
   with pytest.raises(D.DatasetError, match="Anomaly/001.png"):
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(root)))
-  _assert_nothing_prepared(tmp_path / "tfds")
+  assert_nothing_prepared(tmp_path / "tfds")
 
 
 def test_manta_mask_folder_per_defect(tmp_path):
@@ -485,7 +479,7 @@ def test_real_iad_reload_and_stale_source(tmp_path):
     D.load("real_iad", **kw)
 
 
-def test_manta_stacked_views(tmp_path):
+def test_manta_stacked_views(prepared_dirs, tmp_path):
   root = make_manta_tree(tmp_path / "MANTA")
   data_dir = tmp_path / "tfds"
   ds = D.load("manta", classes=["pill_x"], manual_dir=root,
@@ -503,7 +497,7 @@ def test_manta_stacked_views(tmp_path):
   assert r["mask"].any(axis=(1, 2)).tolist() == [False, True, False,
                                                  True, False]
   assert any("/pill_x_orig_viewsstacked/" in p
-             for p in _prepared_dirs(data_dir))
+             for p in prepared_dirs(data_dir))
 
 
 def test_mixture_global_class_ids(tmp_path):

@@ -162,7 +162,8 @@ def test_class_name_forces_the_group(fitted):
 
 def test_overlays_are_pngs_of_the_input_size_scaled_to_the_threshold(fitted, tmp_path):
   rows = predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"],
-                                fitted["paths"], overlay_dir=str(tmp_path / "overlays"), batch_size=BATCH_SIZE)
+                                fitted["paths"], overlay_dir=str(tmp_path / "overlays"),
+                                batch_size=BATCH_SIZE)
   assert len({r["overlay"] for r in rows}) == len(rows)
   for row, path, anomaly_map in zip(rows, fitted["paths"], fitted["maps"]):
     with Image.open(row["overlay"]) as im:
@@ -188,7 +189,8 @@ def test_unreadable_image_is_an_error_or_an_error_row(fitted, tmp_path):
   truncated.write_bytes(open(fitted["paths"][0], "rb").read()[:60])
   paths = fitted["paths"][:2] + [str(broken)] + fitted["paths"][2:] + [str(truncated)]
   with pytest.raises(predict.UnreadableImageError, match="broken.png.*--skip_unreadable"):
-    predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths, batch_size=BATCH_SIZE)
+    predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths,
+                           batch_size=BATCH_SIZE)
   rows = predict.predict_images(fitted["detector"], fitted["groups"], fitted["thresholds"], paths,
                                 skip_unreadable=True, batch_size=BATCH_SIZE)
   assert [r["path"] for r in rows] == paths

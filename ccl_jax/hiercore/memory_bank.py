@@ -33,10 +33,11 @@ distances [B, h*w, memory_chunk] and the gathered memory [B, memory_chunk, C], n
 precision so TF32 does not perturb near-zero distances), clamped at 0 before the root.
 Padding rows of a group (beyond counts[g]) are masked to +inf. The patch-distance map is
 upsampled (bilinear, align_corners=True) and blurred (Gaussian sigma 4) to the image size
-with the operators of `ccl_jax.anomaly_maps`, as RD's maps are; the image score is the maximum of that
-map (`anomaly_maps.image_score`), so both models' scores are defined alike. PatchCore's image-score
-reweighting (by the density around the nearest memory patch) is not used: the abstract does
-not mention it and the thresholds are estimated per group from these scores directly.
+with the operators of `ccl_jax.anomaly_maps`, as RD's maps are; the image score is the
+maximum of that map (`anomaly_maps.image_score`), so both models' scores are defined alike.
+PatchCore's image-score reweighting (by the density around the nearest memory patch) is not
+used: the abstract does not mention it and the thresholds are estimated per group from these
+scores directly.
 """
 from __future__ import annotations
 
