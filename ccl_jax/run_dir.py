@@ -81,6 +81,15 @@ class RunDir:
       raise FileNotFoundError(f"{path} not found: {explanation}.")
     return path
 
+  def _read_json(self, name: str, explanation: str) -> tuple[str, Any]:
+    """(path, parsed JSON) of the run's file `name`; a missing file is explained."""
+    path = self._require(name, explanation)
+    try:
+      with open(path, encoding="utf-8") as f:
+        return path, json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+      raise ValueError(f"{path}: not valid JSON ({err})") from None
+
   # -- locking -------------------------------------------------------------------------------
 
   @contextlib.contextmanager
@@ -112,13 +121,9 @@ class RunDir:
     atomic_write(self.file(CONFIG_FILE), to_json(run_settings.to_dict()))
 
   def read_settings(self) -> settings_lib.RunSettings:
-    path = self._require(CONFIG_FILE, f"{self.path!r} is not a ccl_jax workdir (every "
-                         "training or HierCore run writes its config.json at its start)")
-    try:
-      with open(path, encoding="utf-8") as f:
-        values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    path, values = self._read_json(
+        CONFIG_FILE, f"{self.path!r} is not a ccl_jax workdir (every training or HierCore run "
+        "writes its config.json at its start)")
     return settings_lib.from_dict(values, source=path)
 
   def check_same_run(self, requested: settings_lib.RunSettings) -> None:
@@ -227,15 +232,10 @@ class RunDir:
 
   def read_decision(self) -> tuple[Groups, Thresholds, dict]:
     """(groups, thresholds, meta) of decision.json; every error names the file and key."""
-    path = self._require(
+    path, document = self._read_json(
         DECISION_FILE, "it holds the groups and thresholds that turn scores into decisions "
         "and is written at the end of training (python -m ccl_jax.main) and of HierCore "
         "fitting; finish (or rerun) that run with this workdir to create it")
-    try:
-      with open(path, encoding="utf-8") as f:
-        document = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-      raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict):
       raise ValueError(f"{path}: top level must be a JSON object; got {type(document).__name__}")
     for key in _DECISION_KEYS:
@@ -287,11 +287,6 @@ class RunDir:
     for class_name, stem, figure in heatmaps:
       atomic_write(os.path.join(self.path, HEATMAPS_DIR, class_name, f"{stem}.png"),
                    lambda f, figure=figure: Image.fromarray(figure).save(f, format="PNG"))
-
-  def read_metrics(self) -> dict[str, Any]:
-    path = self._require(METRICS_FILE, "a run writes it after its evaluation")
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
 
 
 def read_memory_bank_file(path: str) -> MemoryBank:
