@@ -156,41 +156,63 @@ def _check_fpr_limit(fpr_limit: float) -> float:
   return fpr_limit
 
 
-def _image_inputs(labels: npt.ArrayLike,
-                  scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-  labels, scores = np.asarray(labels), np.asarray(scores)
-  for name, a in (("labels", labels), ("scores", scores)):
-    if a.ndim != 1:
-      raise ValueError(
-          f"{name} must be 1-D with shape [N]; got shape {a.shape}")
-  if labels.shape != scores.shape:
-    raise ValueError(
-        f"labels and scores must have the same length; got "
-        f"{labels.shape[0]} labels and {scores.shape[0]} scores")
-  if labels.size == 0:
-    raise ValueError("labels and scores are empty; need at least 2 images")
+def _array_pair(first_name: str, first: npt.ArrayLike, second_name: str,
+                second: npt.ArrayLike, *, mismatch: str, empty: str,
+                rank: tuple[int, str] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Both inputs as arrays of one shape, holding at least one element.
+
+  Each caller words its errors for its own layout (and tests pin the
+  wording), so the messages come in as format strings over the arrays `a`
+  and `b`, completing "<first_name> and <second_name> ". `rank`, when given,
+  is the required number of dimensions and what completes "<name> " when an
+  input has another.
+  """
+  a, b = np.asarray(first), np.asarray(second)
+  if rank is not None:
+    ndim, rule = rank
+    for name, x in ((first_name, a), (second_name, b)):
+      if x.ndim != ndim:
+        raise ValueError(f"{name} {rule}; got shape {x.shape}")
+  if a.shape != b.shape:
+    raise ValueError(f"{first_name} and {second_name} " +
+                     mismatch.format(a=a, b=b))
+  if a.size == 0:
+    raise ValueError(f"{first_name} and {second_name} " +
+                     empty.format(a=a, b=b))
+  return a, b
+
+
+def _labels_and_scores(labels: np.ndarray, scores: np.ndarray,
+                       one_class_message: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(is_positive, scores) from checked binary labels and real scores."""
   scores = _as_scores("scores", scores)
   is_pos = _as_binary("labels", labels)
-  _require_both_classes(
-      is_pos, "image metrics need at least one anomalous (label 1) and one "
-      "normal (label 0) image in labels")
+  _require_both_classes(is_pos, one_class_message)
   return is_pos, scores
+
+
+def _image_inputs(labels: npt.ArrayLike,
+                  scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+  labels, scores = _array_pair(
+      "labels", labels, "scores", scores,
+      rank=(1, "must be 1-D with shape [N]"),
+      mismatch="must have the same length; got {a.shape[0]} labels and "
+      "{b.shape[0]} scores",
+      empty="are empty; need at least 2 images")
+  return _labels_and_scores(
+      labels, scores, "image metrics need at least one anomalous (label 1) "
+      "and one normal (label 0) image in labels")
 
 
 def _pixel_inputs(masks: npt.ArrayLike,
                   maps: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-  masks, maps = np.asarray(masks), np.asarray(maps)
-  for name, a in (("masks", masks), ("maps", maps)):
-    if a.ndim != 3:
-      raise ValueError(
-          f"{name} must have shape [N, H, W]; got shape {a.shape}")
-  if masks.shape != maps.shape:
-    raise ValueError(
-        f"masks and maps must have the same shape [N, H, W]; got masks "
-        f"{masks.shape} and maps {maps.shape}")
-  if maps.size == 0:
-    raise ValueError(
-        f"masks and maps are empty (shape {maps.shape}); need pixels")
+  masks, maps = _array_pair(
+      "masks", masks, "maps", maps, rank=(3, "must have shape [N, H, W]"),
+      mismatch="must have the same shape [N, H, W]; got masks {a.shape} and "
+      "maps {b.shape}",
+      empty="are empty (shape {b.shape}); need pixels")
   maps = _as_scores("maps", maps)
   _require_real("masks", masks)
   _require_finite("masks", masks)
@@ -205,19 +227,14 @@ def _pixel_inputs(masks: npt.ArrayLike,
 
 def _generic_inputs(labels: npt.ArrayLike, scores: npt.ArrayLike,
                     metric: str) -> tuple[np.ndarray, np.ndarray]:
-  labels, scores = np.asarray(labels), np.asarray(scores)
-  if labels.shape != scores.shape:
-    raise ValueError(
-        f"labels and scores must have the same shape; got labels "
-        f"{labels.shape} and scores {scores.shape}")
-  if labels.size == 0:
-    raise ValueError("labels and scores are empty")
-  scores = _as_scores("scores", scores)
-  is_pos = _as_binary("labels", labels)
-  _require_both_classes(
-      is_pos, f"{metric} needs at least one anomalous (1) and one normal "
-      f"(0) entry in labels")
-  return is_pos, scores
+  labels, scores = _array_pair(
+      "labels", labels, "scores", scores,
+      mismatch="must have the same shape; got labels {a.shape} and scores "
+      "{b.shape}",
+      empty="are empty")
+  return _labels_and_scores(
+      labels, scores, f"{metric} needs at least one anomalous (1) and one "
+      f"normal (0) entry in labels")
 
 
 # ----------------------------------------------------------------------------
