@@ -62,6 +62,25 @@ def sort_samples(samples: Sequence[Sample]) -> list[Sample]:
       s.file_name))
 
 
+def _settled_without_mask(root: pathlib.Path, split: str, image: pathlib.Path,
+                          normal: bool, anomalous: str, where: str,
+                          samples: list[Sample], problems: list) -> bool:
+  """Keeps a normal image as a sample, or reports an anomalous one that the
+  split file puts in the train split (training must see normal images only).
+
+  Returns whether the row is settled; an anomalous test image is not, since
+  the caller still has to find its mask. `anomalous` names the image in the
+  problem ('anomalous image', maybe with its defect).
+  """
+  if normal:
+    samples.append(Sample(split, image, None, 0, "good", _rel(root, image)))
+    return True
+  if split == "train":
+    problems.append((image, f"{anomalous} in the train split ({where})"))
+    return True
+  return False
+
+
 # --------------------------------------------------------------------- VisA
 
 
@@ -119,13 +138,8 @@ def scan_visa(manual_dir: pathlib.Path, class_name: str,
     if not image.is_file():
       problems.append((image, f"image listed in {where} is missing"))
       continue
-    if label == "normal":
-      samples.append(Sample(split, image, None, 0, "good",
-                            _rel(root, image)))
-      continue
-    if split == "train":
-      problems.append((image, f"anomalous image in the train split "
-                       f"({where})"))
+    if _settled_without_mask(root, split, image, label == "normal",
+                             "anomalous image", where, samples, problems):
       continue
     mask = root / row["mask"] if row["mask"] else None
     if mask is None or not mask.is_file():
@@ -253,13 +267,9 @@ def scan_real_iad(manual_dir: pathlib.Path, class_name: str, problems: list,
         problems.append((image, f"image listed in {where} is missing"))
         continue
       anomaly = str(e.get("anomaly_class") or normal)
-      if anomaly == normal:
-        samples.append(Sample(split, image, None, 0, "good",
-                              _rel(root, image)))
-        continue
-      if split == "train":
-        problems.append((image, f"anomalous image ({anomaly}) in the "
-                         f"train split ({where})"))
+      if _settled_without_mask(root, split, image, anomaly == normal,
+                               f"anomalous image ({anomaly})", where, samples,
+                               problems):
         continue
       mask = None
       if e.get("mask_path"):
