@@ -122,14 +122,22 @@ def _aa(signed_dist_px):
   return np.clip(0.5 - signed_dist_px, 0.0, 1.0).astype(np.float32)
 
 
-def _blob(rng, u, v, cx, cy, radius, irregularity=0.25, fray=0.0, size=128):
-  """Coverage in [0,1] of an irregular blob (radius in image units)."""
+def _wobble(rng, u, v, cx, cy, irregularity):
+  """Offsets (du, dv) of each pixel from (cx, cy), and a random radius factor
+  around 1 that varies smoothly with the angle (harmonics 2 to 5): the outline
+  of an irregular blob."""
   du, dv = u - cx, v - cy
   theta = np.arctan2(dv, du)
   r = np.ones_like(u)
   for k in range(2, 6):
     r += (rng.uniform(0, irregularity / k) *
           np.cos(k * theta + rng.uniform(0, 2 * np.pi)))
+  return du, dv, r
+
+
+def _blob(rng, u, v, cx, cy, radius, irregularity=0.25, fray=0.0, size=128):
+  """Coverage in [0,1] of an irregular blob (radius in image units)."""
+  du, dv, r = _wobble(rng, u, v, cx, cy, irregularity)
   rad = radius * r
   if fray > 0:
     rad = rad * (1 + fray * _noise(rng, size, 0.8))
@@ -139,12 +147,7 @@ def _blob(rng, u, v, cx, cy, radius, irregularity=0.25, fray=0.0, size=128):
 
 def _soft_blob(rng, u, v, cx, cy, radius, irregularity=0.3, softness=0.35):
   """Smooth-edged blob (stains): 1 in the core, fading out over the rim."""
-  du, dv = u - cx, v - cy
-  theta = np.arctan2(dv, du)
-  r = np.ones_like(u)
-  for k in range(2, 6):
-    r += (rng.uniform(0, irregularity / k) *
-          np.cos(k * theta + rng.uniform(0, 2 * np.pi)))
+  du, dv, r = _wobble(rng, u, v, cx, cy, irregularity)
   d = np.sqrt(du * du + dv * dv) / (radius * r)
   return np.clip((1.0 - d) / softness, 0.0, 1.0).astype(np.float32)
 
@@ -232,6 +235,31 @@ def _random_point(rng, margin=0.15):
   return rng.uniform(margin, 1 - margin, 2).astype(np.float32)
 
 
+def _random_stain(rng, sc, irregularity=0.3, softness=0.35):
+  """Coverage of a stain-sized soft blob somewhere on the image."""
+  c = _random_point(rng)
+  return _soft_blob(rng, sc.u, sc.v, *c, rng.uniform(0.08, 0.15),
+                    irregularity, softness)
+
+
+def _random_curve(rng, sc, length_range, bend, width_range):
+  """Coverage of a gently curved stroke (a quadratic Bezier) somewhere on the
+  image: its length, how far its middle strays (std) and its width in
+  pixels are drawn from the given ranges."""
+  p0 = _random_point(rng, 0.1)
+  ang = rng.uniform(0, 2 * np.pi)
+  length = rng.uniform(*length_range)
+  p2 = p0 + length * np.float32([np.cos(ang), np.sin(ang)])
+  p1 = (p0 + p2) / 2 + rng.normal(0, bend, 2).astype(np.float32)
+  dist = _polyline_dist(sc.u, sc.v, _bezier(p0, p1, p2))
+  return _line_coverage(dist, rng.uniform(*width_range) * sc.px, sc.size)
+
+
+def _pick_colour(rng, choices, std=0.03):
+  """One of `choices`, drawn uniformly, then jittered."""
+  return _jitter_colour(rng, choices[rng.integers(len(choices))], std)
+
+
 # ---- carpet: twill weave of warp/weft threads -----------------------------
 
 
@@ -277,8 +305,7 @@ def _carpet_hole(rng, sc):
 
 
 def _carpet_stain(rng, sc):
-  c = _random_point(rng)
-  cov = _soft_blob(rng, sc.u, sc.v, *c, rng.uniform(0.08, 0.15))
+  cov = _random_stain(rng, sc)
   if rng.random() < 0.5:  # dark liquid
     tint = _jitter_colour(rng, [0.5, 0.55, 0.2], 0.05)
     out = sc.clean * (1 - cov[..., None] * (1 - tint))
@@ -289,16 +316,9 @@ def _carpet_stain(rng, sc):
 
 
 def _carpet_thread(rng, sc):
-  p0 = _random_point(rng, 0.1)
-  ang = rng.uniform(0, 2 * np.pi)
-  length = rng.uniform(0.3, 0.55)
-  p2 = p0 + length * np.float32([np.cos(ang), np.sin(ang)])
-  p1 = (p0 + p2) / 2 + rng.normal(0, 0.12, 2).astype(np.float32)
-  dist = _polyline_dist(sc.u, sc.v, _bezier(p0, p1, p2))
-  cov = _line_coverage(dist, rng.uniform(1.5, 2.5) * sc.px, sc.size)
-  col = [[0.55, 0.75, 0.95], [0.92, 0.92, 0.88], [0.3, 0.7, 0.3]][
-      rng.integers(3)]
-  col = _jitter_colour(rng, col, 0.03)
+  cov = _random_curve(rng, sc, (0.3, 0.55), 0.12, (1.5, 2.5))
+  col = _pick_colour(rng, [[0.55, 0.75, 0.95], [0.92, 0.92, 0.88],
+                           [0.3, 0.7, 0.3]])
   out = sc.clean * (1 - cov[..., None]) + (col + sc.noise) * cov[..., None]
   return out, cov > 0.25
 
@@ -357,8 +377,7 @@ def _grid_contamination(rng, sc):
   c = _random_point(rng)
   cov = _blob(rng, sc.u, sc.v, *c, rng.uniform(0.035, 0.07), 0.4,
               size=sc.size)
-  col = [[0.85, 0.82, 0.7], [0.45, 0.3, 0.15]][rng.integers(2)]
-  col = _jitter_colour(rng, col, 0.03)
+  col = _pick_colour(rng, [[0.85, 0.82, 0.7], [0.45, 0.3, 0.15]])
   tex = 1 + 0.08 * _noise(rng, sc.size, 1.5 * sc.px)
   out = sc.clean + (col * tex[..., None] + sc.noise - sc.clean) * (
       0.9 * cov[..., None])
@@ -386,12 +405,7 @@ def _wood(rng, size):
 
 
 def _wood_scratch(rng, sc):
-  p0 = _random_point(rng, 0.1)
-  ang = rng.uniform(0, 2 * np.pi)
-  p2 = p0 + rng.uniform(0.3, 0.6) * np.float32([np.cos(ang), np.sin(ang)])
-  p1 = (p0 + p2) / 2 + rng.normal(0, 0.03, 2).astype(np.float32)
-  dist = _polyline_dist(sc.u, sc.v, _bezier(p0, p1, p2))
-  cov = _line_coverage(dist, rng.uniform(1.2, 2.0) * sc.px, sc.size)
+  cov = _random_curve(rng, sc, (0.3, 0.6), 0.03, (1.2, 2.0))
   col = _jitter_colour(rng, [0.95, 0.88, 0.74], 0.02)
   out = sc.clean + (col - sc.clean) * (0.75 * cov[..., None])
   return out, cov > 0.25
@@ -402,11 +416,9 @@ def _wood_hole(rng, sc):
 
 
 def _wood_color(rng, sc):
-  c = _random_point(rng)
-  cov = _soft_blob(rng, sc.u, sc.v, *c, rng.uniform(0.08, 0.15))
-  col = [[0.35, 0.4, 0.5], [0.45, 0.12, 0.1], [0.2, 0.2, 0.18]][
-      rng.integers(3)]
-  col = _jitter_colour(rng, col, 0.03)
+  cov = _random_stain(rng, sc)
+  col = _pick_colour(rng, [[0.35, 0.4, 0.5], [0.45, 0.12, 0.1],
+                           [0.2, 0.2, 0.18]])
   out = sc.clean + (col * (sc.clean.mean(-1, keepdims=True) / 0.55) -
                     sc.clean) * (0.7 * cov[..., None])
   return out, cov > 0.08
@@ -454,8 +466,7 @@ def _tile_crack(rng, sc):
 
 
 def _tile_oil(rng, sc):
-  c = _random_point(rng)
-  cov = _soft_blob(rng, sc.u, sc.v, *c, rng.uniform(0.08, 0.15), 0.4, 0.3)
+  cov = _random_stain(rng, sc, 0.4, 0.3)
   tint = _jitter_colour(rng, [0.5, 0.46, 0.32], 0.03)
   out = sc.clean * (1 - cov[..., None] * (1 - tint))
   return out, cov > 0.08
@@ -718,9 +729,8 @@ def _capsule_faulty_color(rng, sc):
   c = _capsule_point(rng, sc, 0.4)
   cov = _soft_blob(rng, sc.u, sc.v, *c, rng.uniform(0.035, 0.06), 0.4, 0.4)
   cov = cov * (sc.alpha > 0.99)
-  col = [[0.35, 0.15, 0.45], [0.3, 0.22, 0.12], [0.15, 0.35, 0.6]][
-      rng.integers(3)]
-  col = _jitter_colour(rng, col, 0.03)
+  col = _pick_colour(rng, [[0.35, 0.15, 0.45], [0.3, 0.22, 0.12],
+                           [0.15, 0.35, 0.6]])
   out = sc.clean + (col - sc.clean) * (0.8 * cov[..., None])
   return out, cov > 0.1
 
