@@ -24,7 +24,7 @@ writes the results as the Flax msgpack files the configs and ccl_jax.evaluate re
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -88,7 +88,8 @@ _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 def _torch_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   if flax_path[-1] == "kernel" and len(shape) == 4:
     return tuple(shape[i] for i in _INVERSE_4D)
-  return tuple(shape)
+  # A Dense kernel is [in, out]; torch's Linear weight is [out, in].
+  return tuple(shape[::-1] if flax_path[-1] == "kernel" else shape)
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -109,6 +110,47 @@ def _raise_if_mismatched(source: str, what: str, missing: list[str], unexpected:
     raise ValueError("\n".join(lines))
 
 
+class _Placement:
+  """The template's variables filled from a checkpoint, and every key that did not fit.
+
+  Both converters walk the state dict their own way; this holds what they share: where each
+  converted array goes, the shape check there, and the all-or-nothing result.
+  """
+
+  def __init__(self, template: Any):
+    self.template = template
+    self.want = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
+    self.got: dict[tuple[str, ...], np.ndarray] = {}
+    self.seen: set[tuple[str, ...]] = set()  # paths the checkpoint has, well-shaped or not
+    self.unexpected: list[str] = []
+    self.mis_shaped: list[str] = []
+
+  def torch_shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+    return _torch_shape(path, tuple(self.want[path].shape))
+
+  def place(self, key: str, value: Any, path: tuple[str, ...], array: np.ndarray) -> None:
+    """Puts `array` (`value` in Flax layout) at `path` if the model's shape there is its."""
+    self.seen.add(path)
+    if array.shape != tuple(self.want[path].shape):
+      self.mis_shaped.append(f"{key}: checkpoint {tuple(np.shape(value))}, model "
+                             f"{self.torch_shape(path)}")
+      return
+    self.got[path] = np.ascontiguousarray(array)
+
+  def missing(self, torch_name: Callable[[tuple[str, ...]], str],
+              order: Callable[[tuple[str, ...]], Any]) -> list[str]:
+    """The template's paths the checkpoint lacks, by torch name and shape, in `order`."""
+    return [f"{torch_name(p)} {self.torch_shape(p)}" for p in sorted(self.want, key=order)
+            if p not in self.got and p not in self.seen]
+
+  def variables(self, source: str, what: str, missing: list[str]) -> Variables:
+    """The filled variable tree; a ValueError naming every problem if there is any."""
+    _raise_if_mismatched(source, what, missing, self.unexpected, self.mis_shaped)
+    variables = flax.traverse_util.unflatten_dict(self.got)
+    check_tree(variables, self.template, source)  # final guard: the exact tree the module builds
+    return variables
+
+
 def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
              drop: tuple[str, ...], template: Any, source: str, what: str) -> Variables:
   """Renames `state` onto the template's variable tree; all-or-nothing.
@@ -116,11 +158,8 @@ def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
   `prefixes` maps a torch key prefix (e.g. 'mff_oce.') to the Flax module path it becomes
   (e.g. ('neck',)); `drop` lists torch key prefixes that are known and deliberately unused.
   """
-  want = {path: leaf for path, leaf in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(template)).items()}
-  got: dict[tuple[str, ...], np.ndarray] = {}
-  seen: set[tuple[str, ...]] = set()  # paths the checkpoint has, well-shaped or not
-  unexpected, mis_shaped = [], []
+  placement = _Placement(template)
+  unexpected = placement.unexpected
   for key, value in state.items():
     if not isinstance(key, str):
       unexpected.append(repr(key))
@@ -138,18 +177,13 @@ def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
     if target is not None:
       collection, flax_leaf = target
       path = (collection, *prefixes[prefix], *modules, flax_leaf)
-    if path is None or path not in want:
+    if path is None or path not in placement.want:
       unexpected.append(f"{key} {tuple(np.shape(value))}")
       continue
-    seen.add(path)
     array = np.asarray(value, np.float32)
     if path[-1] == "kernel":
       array = np.transpose(array, _PERMUTE_4D)
-    if array.shape != tuple(want[path].shape):
-      mis_shaped.append(f"{key}: checkpoint {tuple(np.shape(value))}, model "
-                        f"{_torch_shape(path, tuple(want[path].shape))}")
-      continue
-    got[path] = np.ascontiguousarray(array)
+    placement.place(key, value, path, array)
 
   def torch_name(path: tuple[str, ...]) -> str:
     for prefix, flax_prefix in sorted(prefixes.items(), key=lambda kv: -len(kv[1])):
@@ -162,12 +196,7 @@ def _convert(state: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ...]],
     modules = tuple(p.zfill(6) if p.isdigit() else p for p in path[1:-1])
     return modules, ("kernel", "scale", "bias", "mean", "var").index(path[-1])
 
-  missing = [f"{torch_name(p)} {_torch_shape(p, tuple(want[p].shape))}"
-             for p in sorted(want, key=module_order) if p not in got and p not in seen]
-  _raise_if_mismatched(source, what, missing, unexpected, mis_shaped)
-  variables = flax.traverse_util.unflatten_dict(got)
-  check_tree(variables, template, source)  # final guard: the exact tree the module builds
-  return variables
+  return placement.variables(source, what, placement.missing(torch_name, module_order))
 
 
 def _encoder_template(spec: EncoderSpec) -> Any:
@@ -350,23 +379,14 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, Any], *, features_only
   `{'params': ..., 'batch_stats': ...}` as float32 numpy arrays.
   """
   state = unwrap_state_dict(state_dict, source)
-  template = efficientnet_lite0_template(features_only)
-  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
+  placement = _Placement(efficientnet_lite0_template(features_only))
+  unexpected = placement.unexpected
   modules = _efficientnet_lite0_modules()
-  got: dict[tuple[str, ...], np.ndarray] = {}
-  seen: set[tuple[str, ...]] = set()
   torch_names: dict[tuple[str, ...], str] = {}
   for module, (kind, flax_module) in modules.items():
     for leaf, (collection, flax_leaf) in _EFFICIENTNET_LEAVES[kind].items():
       torch_names[(collection, *flax_module, flax_leaf)] = f"{module}.{leaf}"
 
-  def torch_shape(path: tuple[str, ...]) -> tuple[int, ...]:
-    shape = tuple(want[path].shape)
-    if path[-1] == "kernel" and len(shape) == 4:
-      return tuple(shape[i] for i in _INVERSE_4D)
-    return shape[::-1] if path[-1] == "kernel" else shape  # Dense kernel [in, out]
-
-  unexpected, mis_shaped = [], []
   for key, value in state.items():
     if not isinstance(key, str):
       unexpected.append(repr(key))
@@ -383,30 +403,21 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, Any], *, features_only
       unexpected.append(f"{key} {tuple(np.shape(value))}")
       continue
     path = (target[0], *flax_module, target[1])
-    if path not in want:
+    if path not in placement.want:
       if features_only:  # a module of the torch model that the feature maps do not use
         continue
       unexpected.append(f"{key} {tuple(np.shape(value))}")
       continue
-    seen.add(path)
     array = np.asarray(value, np.float32)
     if path[-1] == "kernel":
       if kind == "dense" and array.ndim == 2:
         array = array.T
       elif kind == "conv" and array.ndim == 4:
         array = np.transpose(array, _PERMUTE_4D)
-    if array.shape != tuple(want[path].shape):
-      mis_shaped.append(f"{key}: checkpoint {tuple(np.shape(value))}, model "
-                        f"{torch_shape(path)}")
-      continue
-    got[path] = np.ascontiguousarray(array)
+    placement.place(key, value, path, array)
 
   order = {path: i for i, path in enumerate(torch_names)}  # as torch lists them
-  missing = [f"{torch_names.get(p, '/'.join(p))} {torch_shape(p)}"
-             for p in sorted(want, key=lambda p: order.get(p, len(order)))
-             if p not in got and p not in seen]
+  missing = placement.missing(lambda p: torch_names.get(p, "/".join(p)),
+                              lambda p: order.get(p, len(order)))
   what = "EfficientNet-Lite0" + (" (features only)" if features_only else "")
-  _raise_if_mismatched(source, what, missing, unexpected, mis_shaped)
-  variables = flax.traverse_util.unflatten_dict(got)
-  check_tree(variables, template, source)
-  return variables
+  return placement.variables(source, what, missing)
