@@ -116,12 +116,22 @@ def batch_norm(train: bool, *, name: str, dtype: Any, scale_init=nn.initializers
                       scale_init=scale_init, name=name)
 
 
-class Shortcut(nn.Module):
+class _ResidualModule(nn.Module, kw_only=True):
+  """The attributes every residual module below shares.
+
+  `transpose`: RD's decoder variant, upsampling with Deconv2x2 where the encoder's stride-2
+  convolutions (and their 1x1 shortcut) downsample. `dtype`: the compute dtype.
+  Keyword-only: inherited fields come first and these have defaults, so the subclasses'
+  required fields could not follow them positionally.
+  """
+  transpose: bool = False
+  dtype: Any = jnp.float32
+
+
+class Shortcut(_ResidualModule):
   """torchvision's `downsample` (conv1x1 + BN) or RD's `upsample` (Deconv2x2 + BN) branch."""
   features: int
   stride: int = 1
-  transpose: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -132,13 +142,11 @@ class Shortcut(nn.Module):
     return batch_norm(train, name="1", dtype=self.dtype)(x)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_ResidualModule):
   """ResNet BasicBlock; with `transpose` the stride-2 conv becomes RD's Deconv2x2 upsampling."""
   planes: int
   stride: int = 1
   shortcut: bool = False
-  transpose: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -150,19 +158,17 @@ class BasicBlock(nn.Module):
     y = conv(self.planes, 3, name="conv2", dtype=self.dtype)(y)
     y = batch_norm(train, name="bn2", dtype=self.dtype)(y)
     if self.shortcut:
-      x = Shortcut(self.planes, self.stride, self.transpose, self.dtype,
+      x = Shortcut(self.planes, self.stride, transpose=self.transpose, dtype=self.dtype,
                    name="upsample" if self.transpose else "downsample")(x, train)
     return nn.relu(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualModule):
   """ResNet v1.5 Bottleneck (stride on the 3x3 conv); `transpose` as in BasicBlock."""
   planes: int
   stride: int = 1
   shortcut: bool = False
   width_per_group: int = 64
-  transpose: bool = False
-  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
@@ -178,12 +184,13 @@ class Bottleneck(nn.Module):
     y = conv(self.planes * self.expansion, 1, name="conv3", dtype=self.dtype)(y)
     y = batch_norm(train, name="bn3", dtype=self.dtype)(y)
     if self.shortcut:
-      x = Shortcut(self.planes * self.expansion, self.stride, self.transpose, self.dtype,
+      x = Shortcut(self.planes * self.expansion, self.stride, transpose=self.transpose,
+                   dtype=self.dtype,
                    name="upsample" if self.transpose else "downsample")(x, train)
     return nn.relu(y + x)
 
 
-class Stage(nn.Module):
+class Stage(_ResidualModule):
   """One `layerN` of a ResNet: blocks named '0', '1', ... as in torchvision.
 
   `in_features` is the input channel count: torchvision adds the shortcut projection
@@ -195,8 +202,6 @@ class Stage(nn.Module):
   stride: int
   in_features: int
   width_per_group: int = 64
-  transpose: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
