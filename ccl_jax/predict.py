@@ -51,7 +51,7 @@ from absl import app, flags
 from PIL import Image
 
 from ccl_jax import detectors, grouping, thresholds, visualize
-from ccl_jax.datasets import builders, mvtec_layout
+from ccl_jax.datasets import builders, images, mvtec_layout
 from ccl_jax.files import atomic_write
 from ccl_jax.run_dir import RunDir
 
@@ -114,7 +114,7 @@ def _load(path: str, image_size: int, keep_original: bool) -> _Loaded:
     original = None
     if keep_original:
       with Image.open(path) as im:
-        original = np.asarray(im.convert("RGB"), np.uint8)
+        original = np.asarray(images.to_rgb(im, path), np.uint8)
   except Exception as e:  # noqa: BLE001 - PIL raises many unrelated types on bad files
     return _Loaded(path, error=f"{type(e).__name__}: {e}")
   return _Loaded(path, image, original)

@@ -184,7 +184,10 @@ def test_predict_feeds_the_model_a_16bit_image_like_its_8bit_original(camera, tm
   Image.fromarray(_to16(camera)).save(tmp_path / "grey16.png")
   Image.fromarray(camera).save(tmp_path / "grey8.png")
   load = predict._load  # pylint: disable=protected-access
-  got = load(str(tmp_path / "grey16.png"), 64, keep_original=False)
-  want = load(str(tmp_path / "grey8.png"), 64, keep_original=False)
+  got = load(str(tmp_path / "grey16.png"), 64, keep_original=True)
+  want = load(str(tmp_path / "grey8.png"), 64, keep_original=True)
   assert not got.error and not want.error
   _assert_within_one_level(got.image, want.image)
+  # The overlay's background too: the image at its own size, not a white sheet.
+  assert got.original.shape == want.original.shape == camera.shape + (3,)
+  _assert_within_one_level(got.original, want.original)
