@@ -367,11 +367,6 @@ def apply_params(img: jax.Array, params: AugParams,
   return jnp.clip(img, 0.0, 1.0)
 
 
-def augment_image(key, img: jax.Array, config: AugmentConfig = DEFAULT_CONFIG) -> jax.Array:
-  """One augmented view of one `[H, W, 3]` image."""
-  return apply_params(img, sample_params(key, img.shape[0], img.shape[1], config), config)
-
-
 def sample_batch_params(key, batch: int, height: int, width: int,
                         config: AugmentConfig = DEFAULT_CONFIG) -> AugParams:
   """Independent parameters for each of `batch` images (the ones `augment_batch` uses)."""

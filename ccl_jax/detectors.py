@@ -198,12 +198,6 @@ def network_template(network: ReverseDistillation, encoder: nn.Module, encoder_v
   return jax.eval_shape(network.init, jax.random.key(0), features)
 
 
-def reverse_distillation_detector(run_settings: RunSettings, variables: Any, encoder: nn.Module,
-                                  encoder_variables: Any) -> ReverseDistillationDetector:
-  return ReverseDistillationDetector(run_settings.model_name, run_settings.image_size, encoder,
-                                     encoder_variables, build_network(run_settings), variables)
-
-
 def hiercore_detector(run_settings: RunSettings, bank: hiercore.MemoryBank, encoder: nn.Module,
                       encoder_variables: Any) -> HierCoreDetector:
   return HierCoreDetector(run_settings.image_size, encoder, encoder_variables,

@@ -63,6 +63,7 @@ decision.json, and validates it key by key when reading it back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -290,11 +291,11 @@ def estimate_thresholds(normal_scores: np.ndarray, group_ids: np.ndarray, num_gr
     raise ValueError(
         f"rule {rule!r} needs at least {_MIN_SCORES[rule]} normal scores in total; "
         f"got {scores.size}")
-  agnostic = _apply_rule(scores, rule, params)
+  threshold = functools.partial(threshold_from_normal_scores, rule=rule, **params)
+  agnostic = threshold(scores)
   counts = np.bincount(group_ids, minlength=num_groups)
-  per_group = np.array([
-      _apply_rule(scores[group_ids == g], rule, params) if counts[g] >= _MIN_SCORES[rule]
-      else agnostic for g in range(num_groups)])
+  per_group = np.array([threshold(scores[group_ids == g]) if counts[g] >= _MIN_SCORES[rule]
+                        else agnostic for g in range(num_groups)])
   return Thresholds(per_group, agnostic, rule, params, tuple(int(c) for c in counts))
 
 

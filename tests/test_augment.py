@@ -254,10 +254,11 @@ def test_augment_batch_per_image_independence():
   same = jnp.asarray(np.stack([img, img, img]))
   out = np.asarray(A.augment_batch(jax.random.key(7), same))
   assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])
-  # ... and each image's view is exactly `augment_image` with its own split key.
+  # ... and each image's view is exactly the one its own split key draws.
   keys = jax.random.split(jax.random.key(7), 3)
   for i in range(3):
-    single = np.asarray(A.augment_image(keys[i], jnp.asarray(img)))
+    single = np.asarray(A.apply_params(jnp.asarray(img), A.sample_params(
+        keys[i], img.shape[0], img.shape[1], A.DEFAULT_CONFIG), A.DEFAULT_CONFIG))
     np.testing.assert_allclose(out[i], single, atol=1e-6)
 
 
