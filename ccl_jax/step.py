@@ -31,8 +31,11 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
+@functools.lru_cache(maxsize=8)
 def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
-  """Adam with the projector on its own learning rate, after global-norm clipping."""
+  """Adam with the projector on its own learning rate, after global-norm clipping. One
+  object per settings: the state's tree structure holds it, so a new one would recompile
+  every jitted function of the state."""
   def label(params):
     return {name: jax.tree_util.tree_map(lambda _: "projector" if name == "projector"
                                          else "rest", subtree)
@@ -63,10 +66,16 @@ def initial_state(network: ReverseDistillation, encoder: nn.Module, encoder_vari
                   sharding) -> TrainState:
   """The initial train state, created directly with `sharding` (never whole on one device
   first)."""
+  return _jitted_initial_state(network, encoder, optimizer, image_size, sharding)(
+      encoder_variables, jax.random.PRNGKey(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_initial_state(network: ReverseDistillation, encoder: nn.Module,
+                          optimizer: OptimizerSettings, image_size: int, sharding):
   tx = make_optimizer(optimizer)
   return jax.jit(lambda enc_vars, key: create_train_state(
-      network, encoder, enc_vars, tx, image_size, key), out_shardings=sharding)(
-          encoder_variables, jax.random.PRNGKey(seed))
+      network, encoder, enc_vars, tx, image_size, key), out_shardings=sharding)
 
 
 def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array], *,
@@ -140,8 +149,10 @@ def train_step(state: TrainState, encoder_variables, batch: dict[str, jax.Array]
   return state, metrics
 
 
+@functools.lru_cache(maxsize=8)
 def jit_train_step(encoder: nn.Module, settings: LossSettings) -> Callable:
-  """The jitted step; the state argument is donated so its buffers are updated in place."""
+  """The jitted step; the state argument is donated so its buffers are updated in place.
+  One per encoder and loss, so a resumed run in the same process reuses its compilation."""
   return jax.jit(functools.partial(train_step, encoder=encoder, settings=settings),
                  donate_argnums=0)
 

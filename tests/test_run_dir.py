@@ -206,9 +206,12 @@ def test_a_non_finite_state_is_never_saved(smoke_settings, tmp_path):
   step, state = _latest_params(workdir)
   assert step == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
-  # ... so the same command with a sane learning rate resumes from it and finishes.
-  result = train.train_and_evaluate(good, workdir)
-  assert result["step"] == 18 and np.isfinite(result["metrics"]["mean"]["image_auroc"])
+  # ... so the same command with a sane learning rate resumes from it.
+  result = train.train_and_evaluate(good, workdir, stop_after_steps=3)
+  assert result["step"] == 3
+  step, state = _latest_params(workdir)
+  assert step == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
 
 
 def test_a_kill_between_the_best_and_latest_saves_resumes(smoke_settings, tmp_path,
