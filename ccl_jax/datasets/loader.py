@@ -250,7 +250,14 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
                        f"{', '.join(BUILDERS)}", [(name, "unknown")])
   builder_cls = BUILDERS[name]
   class_names = _select_classes(builder_cls, classes, manual_dir or None)
-  builder_cls.check_class_names(class_names)
+  try:
+    builder_cls.check_class_names(class_names)
+  except DatasetError:
+    if manual_dir:
+      # Report refused names together with every other problem of the folder.
+      builder_cls.scan_classes(manual_dir, class_names, verify=True,
+                               options=options)
+    raise
   image_size = _check_image_size(image_size)
   data_dir = pathlib.Path(data_dir).expanduser().absolute()
   num_workers = check_num_workers(num_workers)
