@@ -50,6 +50,7 @@ def _make_folder(root, *, defects=True):
   brick-wall  MVTec AD layout, 8-bit grey PNG, test good + 'hole' (disks) with masks
   Grass.v2    flat layout, RGB JPEG normals, abnormal/scratch/ BMP, mask/scratch/*_mask
   gravel_16   flat layout, 16-bit grey PNG normals, abnormal/ RGBA PNG with plain-stem masks
+  coffee.beans  flat layout, RGB PNG normals only (a class without defects)
   With defects=False the defective images and masks are left out (normal images only) and
   brick-wall has no test/ folder at all.
   """
@@ -67,6 +68,8 @@ def _make_folder(root, *, defects=True):
     _save(root / "Grass.v2/normal" / f"g{i:02d}.jpg", np.stack([c] * 3, -1), quality=95)
   for i, c in enumerate(_crops(gravel, 10, 4)):
     _save(root / "gravel_16/normal" / f"{i:02d}.png", c.astype(np.uint16) * 257)
+  for i, c in enumerate(_crops(skimage.data.coffee(), 10, 7)):
+    _save(root / "coffee.beans/normal" / f"{i:02d}.png", c)
   if defects:
     for i, c in enumerate(_crops(grass, 3, 5)):
       image, mask = _defect(c, 10 + i, "scratch")
@@ -107,7 +110,7 @@ def _predict(workdir, images, output):
 def test_both_layouts_read_as_documented(photo_folder, tmp_path):
   ds = D.load("folder", manual_dir=photo_folder, data_dir=tmp_path, image_size=SIZE,
               verbose=False)
-  assert ds.class_names == ("Grass.v2", "brick-wall", "gravel_16")
+  assert ds.class_names == ("Grass.v2", "brick-wall", "coffee.beans", "gravel_16")
   test = [ds.test[i] for i in range(len(ds.test))]
   by_class = {c: [r for r in test if r["class_name"] == c] for c in ds.class_names}
 
@@ -141,6 +144,9 @@ def test_both_layouts_read_as_documented(photo_folder, tmp_path):
   np.testing.assert_array_equal(
       gravel[2]["mask"], np.asarray(Image.open(photo_folder / "gravel_16/mask/d0.tif")) > 0)
   assert all(r["image"].shape == (SIZE, SIZE, 3) for r in test)
+  # A class of normal images only: 8 train, 2 test normals.
+  assert [r["label"] for r in by_class["coffee.beans"]] == [0, 0]
+  assert np.sum(ds.train_class_ids == 2) == 8
 
 
 def test_normal_test_share_is_an_option_with_its_own_config(photo_folder, tmp_path):
@@ -197,13 +203,20 @@ def test_mixture_with_another_dataset(photo_folder, make_mvtec_tree, tmp_path,
 
 def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke_settings):
   workdir = tmp_path / "run"
-  main.run(_settings(smoke_settings, photo_folder, tmp_path / "tfds"), str(workdir))
+  main.run(_settings(smoke_settings, photo_folder, tmp_path / "tfds", **{
+      "loss.local_weight": 0.0, "loss.global_weight": 0.0}), str(workdir))
   saved = json.loads((workdir / "metrics.json").read_text())
   rows = saved["metrics"]["per_class"]
-  assert set(rows) == {"Grass.v2", "brick-wall", "gravel_16"}
-  for row in rows.values():  # every class has both labels and masks: nothing skipped
-    assert all(0.0 <= v <= 1.0 for v in row.values())
-  assert "skipped" not in saved["metrics"]
+  assert set(rows) == {"Grass.v2", "brick-wall", "coffee.beans", "gravel_16"}
+  with_defects = ("Grass.v2", "brick-wall", "gravel_16")
+  for name in with_defects:  # both labels and masks: every metric
+    assert all(0.0 <= v <= 1.0 for v in rows[name].values())
+  # The class without defects is skipped, named with its reason, and out of the means.
+  assert set(saved["metrics"]["skipped"]) == {"coffee.beans"}
+  assert "2 normal and 0 anomalous" in saved["metrics"]["skipped"]["coffee.beans"]["image_ap"]
+  assert all(v is None for v in rows["coffee.beans"].values())
+  for key, mean in saved["metrics"]["mean"].items():
+    assert mean == pytest.approx(np.mean([rows[c][key] for c in with_defects]))
   assert set(saved["classwise"]["per_class"]) == set(rows)
   assert (workdir / "decision.json").is_file()
   assert (workdir / "heatmaps" / "brick-wall").is_dir()
@@ -211,18 +224,21 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
   predicted = _predict(workdir, photo_folder / "brick-wall" / "test", tmp_path / "out.csv")
   assert len(predicted) == 6
   assert {r["decision"] for r in predicted} <= {"normal", "anomalous"}
-  assert {r["class"] for r in predicted} <= {"Grass.v2", "brick-wall", "gravel_16"}
+  assert {r["class"] for r in predicted} <= set(rows)
 
 
-def test_normal_images_only_train_and_report_what_was_skipped(tmp_path, smoke_settings):
+def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_settings):
   root = _make_folder(tmp_path / "raw", defects=False)
   workdir = tmp_path / "run"
-  main.run(_settings(smoke_settings, root, tmp_path / "tfds"), str(workdir))
+  # HierCore (a memory bank) keeps this short; the run above trains CCL/RD with a class
+  # of normal images only.
+  main.run(_settings(smoke_settings, root, tmp_path / "tfds", **{"model.kind": "hiercore"}),
+           str(workdir))
   saved = json.loads((workdir / "metrics.json").read_text())
   metrics = saved["metrics"]
   # brick-wall has no test/ folder; the flat classes have 2 test normals each.
   assert metrics["skipped"]["brick-wall"]["image_auroc"] == "no test images"
-  for name in ("Grass.v2", "gravel_16"):
+  for name in ("Grass.v2", "coffee.beans", "gravel_16"):
     reasons = metrics["skipped"][name]
     assert set(reasons) == {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc",
                             "pixel_ap", "pixel_f1_max", "aupro"}
