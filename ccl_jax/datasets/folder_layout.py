@@ -126,7 +126,7 @@ def _pair_masks(defective: list[tuple[str, pathlib.Path, list[pathlib.Path]]],
   return [Sample("test", img, mask, 1, t, rel(img)) for t, img, mask in found]
 
 
-def _scan_mvtec_form(root: pathlib.Path, cdir: pathlib.Path, class_name: str,
+def _scan_mvtec_form(cdir: pathlib.Path, class_name: str,
                      problems: list, rel) -> list[Sample]:
   train = _images_in(cdir / "train" / "good")
   if not train:
@@ -141,7 +141,7 @@ def _scan_mvtec_form(root: pathlib.Path, cdir: pathlib.Path, class_name: str,
   return samples + _pair_masks(defective, rel, problems)
 
 
-def _scan_flat_form(root: pathlib.Path, cdir: pathlib.Path, class_name: str,
+def _scan_flat_form(cdir: pathlib.Path, class_name: str,
                     problems: list, rel, share: float) -> list[Sample]:
   normal = _images_in(cdir / "normal")
   names = [rel(p) for p in normal]
@@ -191,9 +191,9 @@ def scan_folder(manual_dir: pathlib.Path, class_name: str, problems: list, *,
                      "nor in the flat layout (no normal/)"))
     return []
   if mvtec_form:
-    samples = _scan_mvtec_form(root, cdir, class_name, problems, rel)
+    samples = _scan_mvtec_form(cdir, class_name, problems, rel)
   else:
-    samples = _scan_flat_form(root, cdir, class_name, problems, rel,
+    samples = _scan_flat_form(cdir, class_name, problems, rel,
                               parse_share(normal_test_share))
   return sorted(samples, key=lambda s: (s.split != "train", s.label,
                                         s.defect_type if s.label else "", s.file_name))
