@@ -66,11 +66,14 @@ def evaluate_test_set(detector: Detector, dataset, group_ids: np.ndarray, *,
   """Threshold-free metrics per class and mean over the whole test split (each image in
   group `group_ids[i]`), plus the raw outputs."""
   indices = np.arange(len(dataset.test))
-  outputs = inference.run_inference(
-      score_fn(detector), dataset.test, indices, outputs=("anomaly_map", "score"),
-      batch_fields=("mask", "label"), per_image_inputs={"group_id": group_ids},
-      global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-      worker_count=worker_count)
+  if not len(indices):
+    outputs = _no_test_outputs(dataset)
+  else:
+    outputs = inference.run_inference(
+        score_fn(detector), dataset.test, indices, outputs=("anomaly_map", "score"),
+        batch_fields=("mask", "label"), per_image_inputs={"group_id": group_ids},
+        global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+        worker_count=worker_count)
   per_class = {}
   for class_id, name in enumerate(dataset.class_names):
     rows = dataset.test_class_ids == class_id
@@ -80,6 +83,14 @@ def evaluate_test_set(detector: Detector, dataset, group_ids: np.ndarray, *,
   if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
     summary["per_dataset"] = per_dataset_means(summary["per_class"])
   return summary, outputs
+
+
+def _no_test_outputs(dataset) -> dict[str, np.ndarray]:
+  """Empty outputs shaped like real ones, for a run whose classes have no test images
+  (normal images only): the metrics then say what was skipped instead of failing."""
+  size = dataset.train[0]["mask"].shape if len(dataset.train) else (0, 0)
+  return {"anomaly_map": np.zeros((0, *size), np.float32), "score": np.zeros(0, np.float32),
+          "mask": np.zeros((0, *size), np.uint8), "label": np.zeros(0, np.int32)}
 
 
 def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -171,6 +182,13 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
   Returns the result dict and the raw per-image outputs (incl. 'group_id').
   """
   indices = np.arange(len(dataset.test))
+  if not len(indices):
+    # Nothing to decide on: the thresholds (decision.json) still serve predict.
+    summary, outputs = evaluate_test_set(detector, dataset, np.zeros(0, np.int32),
+                                         global_batch_size=global_batch_size,
+                                         batch_sharding=batch_sharding)
+    outputs["group_id"] = np.zeros(0, np.int32)
+    return {"metrics": summary}, outputs
   embeddings = embeddings_of(detector, dataset.test, indices,
                              global_batch_size=global_batch_size,
                              batch_sharding=batch_sharding)
@@ -225,14 +243,31 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
 
 def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
                   outputs: dict[str, np.ndarray], num_heatmaps_per_class: int) -> None:
-  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation."""
+  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation.
+
+  A metric that could not be computed is null in metrics.json (JSON has no NaN) and
+  `metrics.skipped[class][metric]` says why; results.md lists the same below its table.
+  """
   table = metrics.format_table(result["metrics"])
+  skipped = metrics.format_skipped(result["metrics"])
+  if skipped:
+    table += "\n\n" + skipped
   if "classwise" in result:
     table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
               "false-alarm rate):\n\n" + format_decision_table(result))
-  run_dir.write_results(result, table, heatmap_figures(dataset, outputs,
-                                                       num_heatmaps_per_class))
+  run_dir.write_results(_nan_to_none(result), table,
+                        heatmap_figures(dataset, outputs, num_heatmaps_per_class))
   print(table, flush=True)
+
+
+def _nan_to_none(value):
+  if isinstance(value, dict):
+    return {k: _nan_to_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_nan_to_none(v) for v in value]
+  if isinstance(value, (float, np.floating)) and np.isnan(value):
+    return None
+  return value
 
 
 def heatmap_figures(dataset, outputs: dict[str, np.ndarray],

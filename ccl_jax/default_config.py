@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.dataset = ml_collections.ConfigDict()
-  # mvtec_ad | visa | btad | real_iad | manta | synthetic (built-in demo data), or several
+  # mvtec_ad | visa | btad | real_iad | manta | folder (your own images, any class names) |
+  # synthetic (built-in demo data), or several
   # comma-separated ('mvtec_ad,visa'; 'all_in_all' = mvtec_ad,visa,btad,real_iad)
   config.dataset.name = "mvtec_ad"
   config.dataset.manual_dir = ""       # the downloaded folder(s), comma-separated for several
@@ -22,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.classes = "all"       # 'all', or a comma-separated list / tuple of names
   config.dataset.class_labels = "true"  # 'true' | 'kmeans' (pseudo-classes, paper Table 3)
   config.dataset.num_pseudo_classes = 30  # K for 'kmeans' (the paper's best of 15/30/60)
+  # dataset 'folder', flat layout (<class>/normal/): share of the normal images held out as
+  # test normals, picked by file name (ccl_jax/datasets/folder_layout.py)
+  config.dataset.normal_test_share = 0.2
 
   config.model = ml_collections.ConfigDict()
   # reverse_distillation (CCL, or RD with both contrastive weights 0) | hiercore (memory

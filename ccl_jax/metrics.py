@@ -468,7 +468,9 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
   Returns:
     ``{"per_class": {cls: {metric: float}}, "mean": {metric: float}}`` with
     the metrics of `METRICS` as fractions in [0, 1]. ``mad`` is the mean of
-    the other seven (ADer's mAD).
+    the other seven (ADer's mAD). When some metric is undefined for some
+    class, a third entry ``"skipped": {cls: {metric: reason}}`` says which
+    and why, in words meant for the person reading the results.
 
   A metric that is undefined for a class (image metrics when its test set
   lacks anomalous or normal images, pixel metrics when its masks are all
@@ -477,11 +479,13 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
   defined metrics (NaN if none is). The ``mean`` row averages each metric,
   ``mad`` included, over the classes where it is not NaN, so with missing
   metrics ``mean["mad"]`` need not equal the mean of the other mean values.
+  A class without test images (empty arrays) has every metric undefined.
   Any other bad input raises ValueError.
   """
   if not per_class:
     raise ValueError("per_class is empty; need at least one class")
   rows: dict[str, dict[str, float]] = {}
+  skipped: dict[str, dict[str, str]] = {}
   for name, data in per_class.items():
     missing = [key for key in _REQUIRED_KEYS if key not in data]
     if missing:
@@ -494,6 +498,13 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
           f"per_class[{name!r}]: labels has {len(labels)} images but "
           f"masks has {len(masks)}; both come from the same test set")
     values: dict[str, float] = {}
+    if labels.size == 0:
+      # A class of normal images only may have no test split at all.
+      rows[name] = dict.fromkeys(METRICS, math.nan)
+      skipped[name] = dict.fromkeys(METRICS[:-1], "no test images")
+      warnings.warn(f"class {name!r}: no test images, so no metric; left out of the "
+                    "mean", RuntimeWarning, stacklevel=2)
+      continue
     for metrics, compute in (
             (_IMAGE_METRICS,
              functools.partial(_image_metrics, labels, data["scores"])),
@@ -504,6 +515,9 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
         values.update(compute())
       except UndefinedMetricError as err:
         values.update(dict.fromkeys(metrics, math.nan))
+        reason = (_image_skip_reason(labels) if metrics is _IMAGE_METRICS
+                  else _pixel_skip_reason(labels, masks))
+        skipped.setdefault(name, {}).update(dict.fromkeys(metrics, reason))
         warnings.warn(
             f"class {name!r}: {', '.join(metrics)} undefined ({err}); "
             f"recorded as NaN and left out of the mean",
@@ -512,7 +526,27 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
     rows[name]["mad"] = _nanmean(list(values.values()))
   mean = {key: _nanmean([row[key] for row in rows.values()])
           for key in METRICS}
-  return {"per_class": rows, "mean": mean}
+  summary = {"per_class": rows, "mean": mean}
+  if skipped:
+    summary["skipped"] = skipped
+  return summary
+
+
+def _image_skip_reason(labels: np.ndarray) -> str:
+  n_anomalous = int(np.count_nonzero(labels))
+  n_normal = labels.size - n_anomalous
+  return (f"needs both normal and anomalous test images; the class has {n_normal} "
+          f"normal and {n_anomalous} anomalous")
+
+
+def _pixel_skip_reason(labels: np.ndarray, masks: np.ndarray) -> str:
+  n_anomalous = int(np.count_nonzero(labels))
+  if n_anomalous == 0:
+    return "needs anomalous test images with masks; the class has none"
+  if not np.any(masks):
+    return (f"needs defect masks; none of the {n_anomalous} anomalous test images has "
+            "a marked pixel (no masks given)")
+  return "needs both normal and anomalous pixels; every mask pixel is anomalous"
 
 
 def _nanmean(values: list[float]) -> float:
@@ -538,4 +572,21 @@ def format_table(summary: Mapping[str, Mapping]) -> str:
     escaped = str(name).replace("|", "\\|")
     lines.append(f"| {escaped} | {cells(row)} |")
   lines.append(f"| mean | {cells(summary['mean'])} |")
+  return "\n".join(lines)
+
+
+def format_skipped(summary: Mapping[str, Mapping]) -> str:
+  """The metrics `summarize` could not compute, one line per class and reason
+  (empty when none was skipped); says that means leave those classes out."""
+  skipped = summary.get("skipped") or {}
+  if not skipped:
+    return ""
+  lines = ["Skipped metrics (n/a above; each mean is over the classes where the "
+           "metric exists):", ""]
+  for name, reasons in skipped.items():
+    by_reason: dict[str, list[str]] = {}
+    for metric, reason in reasons.items():
+      by_reason.setdefault(reason, []).append(metric)
+    for reason, names in by_reason.items():
+      lines.append(f"- {name}: {', '.join(names)}: {reason}")
   return "\n".join(lines)

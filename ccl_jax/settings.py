@@ -42,6 +42,7 @@ class DataSettings:
   classes: str | tuple[str, ...]  # 'all' or class names
   class_labels: Literal["true", "kmeans"]
   num_pseudo_classes: int
+  normal_test_share: float  # dataset 'folder', flat layout only
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -208,9 +209,9 @@ _BLOCKS = {"dataset": DataSettings, "model": ModelSettings, "loss": LossSettings
 # refitted or only read after training (decision.*, evaluation and logging keys).
 RUN_IDENTITY_KEYS = (
     "dataset.name", "dataset.classes", "dataset.class_labels",
-    "dataset.num_pseudo_classes", "model.kind", "model.encoder", "model.encoder_weights",
-    "model.projector", "model.neck_width_per_group", "model.decoder_width_per_group",
-    "model.feature_noise_probability", "model.dtype", "loss.local_weight", "loss.global_weight",
+    "dataset.num_pseudo_classes", "dataset.normal_test_share", "model.kind", "model.encoder",
+    "model.encoder_weights", "model.projector", "model.neck_width_per_group",
+    "model.decoder_width_per_group", "model.feature_noise_probability", "model.dtype", "loss.local_weight", "loss.global_weight",
     "loss.temperature", "loss.window", "loss.local_negatives", "loss.same_class_positive",
     "loss.global_views", "optimizer.projector_learning_rate", "optimizer.learning_rate",
     "optimizer.b1", "optimizer.b2", "optimizer.clip_norm", "hiercore.coreset_fraction",
@@ -302,6 +303,8 @@ def validate(s: RunSettings) -> list[str]:
   choice("dataset.class_labels", d.class_labels, ("true", "kmeans"))
   check("dataset.num_pseudo_classes", d.num_pseudo_classes, integer(d.num_pseudo_classes, 2),
         "an integer >= 2")
+  check("dataset.normal_test_share", d.normal_test_share,
+        number(d.normal_test_share) and 0 <= d.normal_test_share < 1, "a share in [0, 1)")
   choice("model.kind", m.kind, MODEL_KINDS)
   choice("model.encoder", m.encoder, tuple(ENCODERS))
   choice("model.projector", m.projector, ("auto", "on", "off"))

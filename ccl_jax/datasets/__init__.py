@@ -2,15 +2,16 @@
 
 Datasets (``load(name, ...)``): 'mvtec_ad', 'synthetic', 'visa', 'btad',
 'real_iad' (options ``resolution``, ``views``), 'manta' (option ``views``:
-'split' or 'stacked').
+'split' or 'stacked'), 'folder' (your own images; option
+``normal_test_share``).
 
 Main entry points: :func:`load` and, for several datasets in one class-id
 space, :func:`load_mixture` (see :mod:`ccl_jax.datasets.loader`).
 """
 
-from ccl_jax.datasets import images, layouts, synthetic
+from ccl_jax.datasets import folder_layout, images, layouts, synthetic
 from ccl_jax.datasets.builders import (
-    AnomalyBuilderConfig, AnomalyDetectionBuilder, Btad, Manta,
+    AnomalyBuilderConfig, AnomalyDetectionBuilder, Btad, Folder, Manta,
     MVTEC_AD_CLASSES, MvtecAd, RealIad, SyntheticAd, Visa)
 from ccl_jax.datasets.layouts import realiad_view
 from ccl_jax.datasets.loader import (
@@ -20,9 +21,9 @@ from ccl_jax.datasets.report import KNOWN_TOTALS, check_totals
 
 __all__ = [
     "AnomalyBuilderConfig", "AnomalyDataset", "AnomalyDetectionBuilder",
-    "BUILDERS", "Btad", "DatasetError", "KNOWN_TOTALS", "MVTEC_AD_CLASSES",
+    "BUILDERS", "Btad", "DatasetError", "Folder", "KNOWN_TOTALS", "MVTEC_AD_CLASSES",
     "Manta",
     "MvtecAd", "RealIad", "RecordSource", "Sample", "SyntheticAd", "Visa",
-    "images", "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
+    "folder_layout", "images", "layouts", "load", "load_mixture", "realiad_view", "scan_classes",
     "check_totals", "synthetic",
 ]

@@ -15,6 +15,8 @@ VisA, Real-IAD and MANTA), plus reading ``OPTIONS`` where it has any:
              realiad_<resolution>/<cls>/...              views (all|C1..C5)
   manta      [<domain>/]<cls>/{train,test-pixel}         - (open class set;
              (5 views side by side; one sample each)       views split)
+  folder     <cls>/{train,test,ground_truth} or          normal_test_share
+             <cls>/{normal,abnormal,mask}                  (0.2; open class set)
   =========  ==========================================  ==================
 
 Non-default options are part of the config name (e.g.
@@ -77,7 +79,8 @@ import tqdm
 from etils import epath
 from PIL import Image
 
-from ccl_jax.datasets import images, layouts, mvtec_layout, synthetic
+from ccl_jax.datasets import (
+    folder_layout, images, layouts, mvtec_layout, synthetic)
 from ccl_jax.datasets.mvtec_layout import (
     DatasetError, Sample, check_manual_dir, fingerprint, ordered_map)
 
@@ -87,6 +90,7 @@ __all__ = [
     "MVTEC_AD_CLASSES",
     "MVTEC_AD_URL",
     "Btad",
+    "Folder",
     "Manta",
     "MvtecAd",
     "RealIad",
@@ -366,6 +370,13 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
     return _make_configs([class_name], [image_size], options=opts)[0]
 
   @classmethod
+  def check_class_names(cls, class_names) -> None:
+    """Raises one DatasetError naming every class name the builder refuses
+    (only open class sets refuse names; a fixed set is checked on
+    selection)."""
+    del class_names
+
+  @classmethod
   def list_classes(cls, manual_dir=None) -> tuple[str, ...] | None:
     """Known class names: ``CLASS_NAMES``; for an open class set, those
     found in ``manual_dir`` (None if it is not given)."""
@@ -452,11 +463,12 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
         options=cfg.option_values)[cfg.class_name]
     self.info.metadata["source_fingerprint"] = fingerprint(samples)
     self.info.metadata["source_dir"] = str(manual_dir)
-    return {
-        split: self._generate_examples(
-            [s for s in samples if s.split == split], split)
-        for split in ("train", "test")
-    }
+    by_split = {split: [s for s in samples if s.split == split]
+                for split in ("train", "test")}
+    # TFDS cannot write an empty split; a class of normal images only may
+    # have no test split (the loader reads its absence as empty).
+    return {split: self._generate_examples(part, split)
+            for split, part in by_split.items() if part}
 
   def _generate_examples(self, samples, split: str = ""):
     cfg = self.builder_config
@@ -664,6 +676,91 @@ class Manta(AnomalyDetectionBuilder):
     return None
 
 
+class Folder(AnomalyDetectionBuilder):
+  """Your own images: any class names, one folder per class.
+
+  Each sub-folder of manual_dir is a class (or those of
+  ``dataset.classes``), in MVTec AD's layout or in a flat one::
+
+      <class>/train/good/*   <class>/test/{good,<type>}/*
+      <class>/ground_truth/<type>/<stem>_mask.*          (masks optional)
+  or
+      <class>/normal/*       <class>/abnormal/[<type>/]*  (optional)
+      <class>/mask/[<type>/]<stem>[_mask].*               (optional)
+
+  Flat layout: option ``normal_test_share`` (default '0.2') is the share of
+  the normal images held out as test normals, chosen by the SHA-256 of each
+  file name (deterministic, independent of the machine); the rest train.
+  Masks pair with images by stem; within a class every defective image
+  has a mask or none has (then pixel metrics are skipped for it). A class
+  without defective images, or without test images, is valid: it trains
+  and evaluation reports what can be computed. Class names may hold only
+  ASCII letters, digits, '_', '-' and '.' (first a letter or digit): they
+  become TFDS config and folder names, are comma-separated in
+  ``dataset.classes`` and '/'-qualified in mixtures. See
+  :mod:`.folder_layout` for the exact rules.
+  """
+
+  CLASS_NAMES = ()
+  OPEN_CLASS_SET = True
+  TITLE = "Image folder"
+  OPTIONS = {"normal_test_share": (str(folder_layout.DEFAULT_NORMAL_TEST_SHARE),)}
+  LAYOUT = folder_layout.LAYOUT_DESCRIPTION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass the folder holding one sub-folder per class as manual_dir "
+      "(dataset.manual_dir); each class folder holds train/good/ (MVTec AD "
+      "layout) or normal/ (flat layout).")
+  BUILDER_CONFIGS = []
+
+  @classmethod
+  def check_options(cls, options: dict) -> tuple[tuple[str, str], ...]:
+    # The share is a number, not one of a few listed values; it is written
+    # canonically ('0.3', never '0.30') so that equal shares share a config.
+    problems, out = [], []
+    for key in sorted(options):
+      if key not in cls.OPTIONS:
+        problems.append((key, f"unknown option of {cls.TITLE} (known "
+                         f"options: {', '.join(cls.OPTIONS)})"))
+        continue
+      try:
+        value = f"{folder_layout.parse_share(options[key]):g}"
+      except (TypeError, ValueError):
+        problems.append((key, f"value {options[key]!r} is not a share in "
+                         "[0, 1)"))
+        continue
+      if value != cls.OPTIONS[key][0]:
+        out.append((key, value))
+    if problems:
+      raise DatasetError(f"{cls.TITLE}: invalid option(s)", problems)
+    return tuple(out)
+
+  @classmethod
+  def check_class_names(cls, class_names) -> None:
+    problems = [(name, folder_layout.class_name_problem(name))
+                for name in class_names
+                if folder_layout.class_name_problem(name)]
+    if problems:
+      raise DatasetError(
+          f"{cls.TITLE}: {len(problems)} class name(s) refused; rename the "
+          "folders or select other classes with dataset.classes", problems)
+
+  @classmethod
+  def config_for(cls, class_name, image_size, **options):
+    cls.check_class_names([class_name])
+    return super().config_for(class_name, image_size, **options)
+
+  @classmethod
+  def list_classes(cls, manual_dir=None):
+    if manual_dir is None or not pathlib.Path(manual_dir).is_dir():
+      return None
+    return folder_layout.list_classes(manual_dir)
+
+  @classmethod
+  def scan_class(cls, manual_dir, class_name, problems, **options):
+    return folder_layout.scan_folder(manual_dir, class_name, problems,
+                                     **options)
+
+
 _BUILDER_CLASSES = {"mvtec_ad": MvtecAd, "synthetic_ad": SyntheticAd,
                     "visa": Visa, "btad": Btad, "real_iad": RealIad,
-                    "manta": Manta}
+                    "manta": Manta, "folder": Folder}

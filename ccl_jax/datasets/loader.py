@@ -32,7 +32,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from ccl_jax.datasets import report, synthetic
 from ccl_jax.datasets.builders import (
-    AnomalyDetectionBuilder, Btad, Manta, MvtecAd, RealIad, SyntheticAd, Visa,
+    AnomalyDetectionBuilder, Btad, Folder, Manta, MvtecAd, RealIad, SyntheticAd, Visa,
     _check_image_size, check_num_workers)
 from ccl_jax.datasets.mvtec_layout import (
     DatasetError, check_manual_dir, fingerprint)
@@ -48,6 +48,7 @@ BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
     "btad": Btad,
     "real_iad": RealIad,
     "manta": Manta,
+    "folder": Folder,
 }
 SYNTHETIC_RAW_DIRNAME = "synthetic_raw"
 
@@ -218,7 +219,7 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
 
   Args:
     name: one of ``BUILDERS``: 'mvtec_ad', 'synthetic', 'visa', 'btad',
-      'real_iad', 'manta'.
+      'real_iad', 'manta', 'folder' (your own images, any class names).
     classes: 'all' or a sequence of class names; the order defines the
       global class ids.
     manual_dir: the raw dataset as distributed (see each builder's
@@ -249,6 +250,14 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
                        f"{', '.join(BUILDERS)}", [(name, "unknown")])
   builder_cls = BUILDERS[name]
   class_names = _select_classes(builder_cls, classes, manual_dir or None)
+  try:
+    builder_cls.check_class_names(class_names)
+  except DatasetError:
+    if manual_dir:
+      # Report refused names together with every other problem of the folder.
+      builder_cls.scan_classes(manual_dir, class_names, verify=True,
+                               options=options)
+    raise
   image_size = _check_image_size(image_size)
   data_dir = pathlib.Path(data_dir).expanduser().absolute()
   num_workers = check_num_workers(num_workers)
@@ -300,7 +309,8 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
   for gid, b in enumerate(builders):
     sources = b.as_data_source()
     train_parts.append((sources["train"], gid))
-    test_parts.append((sources["test"], gid))
+    # Absent when the class has no test images (see the builders).
+    test_parts.append((sources.get("test", ()), gid))
   _report(name, builders, train_parts, test_parts, verbose)
   train, test = RecordSource(train_parts), RecordSource(test_parts)
   return AnomalyDataset(class_names=class_names, train=train, test=test,

@@ -24,10 +24,12 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   """
   names = list(data.names)
   data_dir = os.path.expanduser(data.data_dir)
+  def options(name):
+    return {"normal_test_share": data.normal_test_share} if name == "folder" else {}
   if len(names) == 1:
     def read():
       return load(names[0], classes=data.classes, manual_dir=data.manual_dir or None,
-                  data_dir=data_dir, image_size=image_size)
+                  data_dir=data_dir, image_size=image_size, **options(names[0]))
   else:
     # Empty entries stay: '' asks the synthetic dataset to generate itself.
     manual_dirs = [m.strip() for m in str(data.manual_dir).split(",")]
@@ -46,7 +48,7 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
           raise ValueError(f"dataset.classes entry {qualified!r}: for a mixture write "
                            f"'<dataset>/<class>' with <dataset> one of {names}.")
         per_dataset[prefix].append(name)
-    parts = [{"name": n, "manual_dir": m or None, "classes": per_dataset[n]}
+    parts = [{"name": n, "manual_dir": m or None, "classes": per_dataset[n], **options(n)}
              for n, m in zip(names, manual_dirs) if per_dataset[n]]
 
     def read():
