@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import train, xla_options
+from ccl_jax import distributed, train, xla_options
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
@@ -23,6 +23,9 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
 flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
                   "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_integer("heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+                     "With --distributed: seconds after which a silent (dead) process stops "
+                     "the others.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +42,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   xla_options.use_cpu_low_memory_schedule(FLAGS.config.xla_cpu_low_memory_schedule)
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    distributed.initialize(heartbeat_timeout_s=FLAGS.heartbeat_timeout)
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
