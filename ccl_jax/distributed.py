@@ -18,7 +18,8 @@
   Python exception keeps sending heartbeats while its exit waits, up to JAX's shutdown
   timeout (300 s), at the shutdown barrier for the others, and they wait for it inside a
   collective: so in a multi-process run an uncaught exception ends the process at once,
-  and the others stop within the heartbeat timeout.
+  and the others stop within the heartbeat timeout. (A survivor blocked in a collective
+  may also see the dead peer's connection drop first: that is such an exception too.)
 """
 from __future__ import annotations
 
@@ -116,9 +117,11 @@ def _exit_at_once_on_uncaught_exceptions() -> None:
       previous(kind, value, tb)
     except Exception:  # the report must not stop the exit
       traceback.print_exception(kind, value, tb)
-    print(f"ccl_jax: process {jax.process_index()} of {jax.process_count()} failed (above); "
-          "exiting now so that the other processes stop within the heartbeat timeout "
-          "instead of waiting for this one.", file=sys.stderr, flush=True)
+    print(f"ccl_jax: process {jax.process_index()} of {jax.process_count()} stopped on the "
+          "error above (a lost connection or a failed collective usually means that another "
+          "process died first: see its log). Exiting now, so that the other processes stop "
+          "within the heartbeat timeout instead of waiting for this one.",
+          file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Not sys.exit: a normal exit first waits at JAX's shutdown barrier for processes that
     # are themselves waiting for this one.
