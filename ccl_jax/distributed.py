@@ -81,6 +81,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   Arguments left None come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID, or else from the TPU, SLURM or Open MPI environment (JAX's detection).
+  Returns with JAX's backend started (it asks for the process count), and, in a run of
+  several processes, with an uncaught exception set to end this process at once.
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None:
