@@ -12,10 +12,11 @@ smoke config for one epoch of 9 steps) are shared by the tests:
   resumed1  a copy of crashed's workdir, resumed by 1 process x 4 devices to the end.
 
 They run on the smoke config's RD baseline by default (no contrastive terms and no
-augmented view: a third of the compilation, which is nearly all of the time here), and on
-the CCL smoke config itself with `pytest -m slow` (about 3x longer). The contrastive terms
-add only more cross-device reductions of the same kind, whose equality across device
-layouts tests/test_step.py checks on one process.
+augmented view: a third of the compilation, which is nearly all of the time here; the
+file takes 2.4 min on an idle 2-core machine), and on the CCL smoke config itself with
+`pytest -m slow` (about twice as long). The contrastive terms add only more cross-device
+reductions of the same kind, whose equality across device layouts tests/test_step.py
+checks on one process.
 
 All run in float64 (x64, float64 model) for the reason tests/test_step.py gives: in float32
 the reduction order of the cross-device sums (gloo between processes, XLA's own within one)
