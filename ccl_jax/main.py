@@ -9,10 +9,10 @@ command resumes it; a command with other settings is refused with the differing 
 (`ccl_jax.run_dir`), and two programs never write one workdir at the same time.
 
 Multi-host (TPU pods, multi-node GPU): pass `--distributed` (or set CCL_JAX_DISTRIBUTED=1)
-on every host; `jax.distributed.initialize()` then discovers the cluster from the TPU
-metadata, SLURM or Open MPI environment, or from JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single multi-GPU host needs no flag: every local
-device is used.
+on every process; `ccl_jax.distributed.initialize()` then finds the cluster in
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or in the TPU metadata, SLURM
+or Open MPI environment (docs/multihost.md). A single multi-GPU host needs no flag: every
+local device is used.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import settings as settings_lib, xla_options
+from ccl_jax import distributed, settings as settings_lib, xla_options
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -34,8 +34,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, heatmaps.",
                       flag_values=flag_values)
   flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
-                    "Call jax.distributed.initialize() (multi-host runs).",
+                    "Join a multi-process run (ccl_jax.distributed.initialize).",
                     flag_values=flag_values)
+  flags.DEFINE_integer("heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+                       "With --distributed: seconds after which a silent (dead) process "
+                       "stops the others.", flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
@@ -77,7 +80,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   xla_options.use_cpu_low_memory_schedule(run_settings.xla_cpu_low_memory_schedule)
   if flags.FLAGS.distributed:
-    jax.distributed.initialize()
+    distributed.initialize(heartbeat_timeout_s=flags.FLAGS.heartbeat_timeout)
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

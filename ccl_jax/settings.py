@@ -308,7 +308,7 @@ def validate(s: RunSettings) -> list[str]:
   choice("model.kind", m.kind, MODEL_KINDS)
   choice("model.encoder", m.encoder, tuple(ENCODERS))
   choice("model.projector", m.projector, ("auto", "on", "off"))
-  choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+  choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
   for key in ("neck_width_per_group", "decoder_width_per_group"):
     value = getattr(m, key)
     check(f"model.{key}", value, integer(value, 0), "an integer >= 0 (0 = the encoder's)")
