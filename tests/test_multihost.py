@@ -47,11 +47,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccl_jax import train
+from ccl_jax.datasets import selection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from tests.conftest import smoke_config  # noqa: E402
 
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
 STEPS = 9            # one epoch: 72 training images (80 less the 10% held out) / batch 8
@@ -199,12 +197,12 @@ class Runs:
 
 
 @pytest.fixture(scope="module", params=["rd", pytest.param("ccl", marks=pytest.mark.slow)])
-def runs(request, smoke_data_dir, tmp_path_factory):
+def runs(request, smoke_data_dir, smoke_settings, tmp_path_factory):
   variant = request.param
   root = tmp_path_factory.mktemp(f"multihost_{variant}")
   cache_dir = str(root / "jax_cache")
   # Prepared once, here: the launches below would otherwise race to generate it.
-  dataset = train.load_dataset(smoke_config(smoke_data_dir), is_main=True)
+  dataset = selection.load_selected(smoke_settings().dataset, image_size=32, is_main=True)
   num_test_images = {name: int(np.sum(dataset.test_class_ids == c))
                      for c, name in enumerate(dataset.class_names)}
   launch = lambda name, processes, *args: _launch(
