@@ -16,6 +16,7 @@ local device is used.
 """
 from __future__ import annotations
 
+import contextlib
 import logging as logging_std
 import os
 from typing import Any
@@ -58,19 +59,11 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
   from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   run_dir = RunDir(workdir)
-  with run_dir.lock() if jax.process_index() == 0 else _nothing():
+  with run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext():
     run_dir.check_same_run(run_settings)
     if run_settings.model.kind == "hiercore":
       return fit.fit(run_settings, workdir)
     return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps)
-
-
-class _nothing:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def main(argv):

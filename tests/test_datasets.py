@@ -372,7 +372,7 @@ def test_mvtec_bad_input_reports_all_problems(prepared_dirs, incomplete_dirs, mv
   assert len(ok.train) == 3 and ok.train[1]["image"].shape == (32, 32, 3)
 
 
-def test_builder_validates_class_itself(prepared_dirs, incomplete_dirs, mvtec_root, tmp_path):
+def test_builder_validates_class_itself(assert_nothing_prepared, mvtec_root, tmp_path):
   """The builder used directly (no load()) also validates first."""
   import tensorflow_datasets as tfds
   (mvtec_root / "grid/ground_truth/bent/001_mask.png").unlink()
@@ -381,8 +381,7 @@ def test_builder_validates_class_itself(prepared_dirs, incomplete_dirs, mvtec_ro
   with pytest.raises(D.DatasetError, match="bent/001.png: defective"):
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(mvtec_root)))
-  assert not prepared_dirs(tmp_path / "tfds")
-  assert not incomplete_dirs(tmp_path / "tfds")
+  assert_nothing_prepared(tmp_path / "tfds")
 
 
 def test_failure_while_writing_leaves_nothing(prepared_dirs, incomplete_dirs, mvtec_root, tmp_path,
