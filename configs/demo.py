@@ -4,11 +4,12 @@ r"""The built-in demo: CCL on the synthetic 7-class dataset (generated on first 
 
 The data is synthetic (procedural textures and objects with exact defect masks, see
 ccl_jax/datasets/synthetic.py), so the figures say the pipeline works, not how CCL does on
-real parts. Expected (means over the 7 classes, %; 2-core AMD EPYC CPU, 2026-11-25, data
-already prepared):
-  configs/demo.py                 I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6 in 4 min 34 s
-  configs/demo.py:rd              I-AUROC 89.6, P-AUROC 96.2, AUPRO 90.7 in 2 min 28 s
-  configs/demo.py:random_encoder  I-AUROC 51.4, P-AUROC 79.5, AUPRO 48.8 in 4 min 43 s
+real parts. Expected (means over the 7 classes, %; 2-core AMD EPYC CPU, 2026-11-25; the
+CCL run takes 3 min 38 s with the data already prepared):
+  configs/demo.py                 I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6
+  configs/demo.py:rd              I-AUROC 89.6, P-AUROC 96.2, AUPRO 90.7
+  configs/demo.py:hiercore        I-AUROC 86.2, P-AUROC 90.9, AUPRO 78.2
+  configs/demo.py:random_encoder  I-AUROC 51.4, P-AUROC 79.5, AUPRO 48.8
 
 Variants (`configs/demo.py:<variant>`):
   rd              the same run as the RD joint baseline (both contrastive weights 0).
