@@ -52,7 +52,10 @@ F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). No value
 is ever NaN: an empty denominator means no error could be made, so precision
 (nothing flagged), recall (no anomalous image), F1 (neither) are 1.0 and the
 false-alarm rate (no normal image) is 0.0. These agree with F1 = 2PR/(P + R)
-in every case. Each class also reports its counts so such cases can be seen.
+in every case. Threshold efficiency = F1 / F1-max, where F1-max is the F1 at
+the best cut of the same images' scores (`metrics.f1_max`; 1.0 when the class
+has one label only, where flagging none or all is exact): how much of what the
+ranking allows the estimated threshold delivers, 1.0 at the best threshold. Each class also reports its counts so such cases can be seen.
 The mean and spread (population std, min, max) are taken over the classes
 that have test images.
 
@@ -70,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from ccl_jax import metrics
 from ccl_jax.grouping import Groups
 
 RULES = ("quantile", "mean_std", "max")
@@ -86,7 +90,7 @@ _MIN_SCORES = {"quantile": 1, "mean_std": 2, "max": 1}
 # alpha = 0.05); float rounding must not push ceil() one order statistic up.
 _CEIL_SLACK = 1e-9
 
-_RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate")
+_RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate", "threshold_efficiency")
 
 
 # ----------------------------------------------------------------------------
@@ -308,16 +312,30 @@ def _ratio(numerator: int, denominator: int, empty: float) -> float:
   return numerator / denominator if denominator else empty
 
 
-def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray) -> dict:
+def _best_f1(is_anomalous: np.ndarray, scores: np.ndarray) -> float:
+  """F1 at the best cut of `scores`; with one label only, flagging all (anomalies only) or
+  none (normals only) is exact, so the best is 1."""
+  if is_anomalous.all() or not is_anomalous.any():
+    return 1.0
+  return metrics.f1_max(is_anomalous, scores)
+
+
+def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray,
+           scores: np.ndarray) -> dict:
   tp = int(np.count_nonzero(flagged & is_anomalous))
   fp = int(np.count_nonzero(flagged & ~is_anomalous))
   fn = int(np.count_nonzero(~flagged & is_anomalous))
   tn = int(np.count_nonzero(~flagged & ~is_anomalous))
+  f1 = _ratio(2 * tp, 2 * tp + fp + fn, 1.0)
+  f1_max = _best_f1(is_anomalous, scores)
   return {
       "precision": _ratio(tp, tp + fp, 1.0),
       "recall": _ratio(tp, tp + fn, 1.0),
-      "f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+      "f1": f1,
       "false_alarm_rate": _ratio(fp, fp + tn, 0.0),
+      "f1_max": f1_max,
+      # f1_max >= 1 / (n_normal + 1) > 0 whenever anomalies exist, and 1 otherwise.
+      "threshold_efficiency": f1 / f1_max,
       "threshold_mean": float(thresholds.mean()),
       "n_normal": fp + tn, "n_anomalous": tp + fn,
       "tp": tp, "fp": fp, "fn": fn, "tn": tn,
@@ -325,8 +343,10 @@ def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray
 
 
 def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_image: np.ndarray,
-                     class_ids: np.ndarray, class_names: Sequence[str]) -> dict:
-  """Precision, recall, F1 and false-alarm rate at given per-image thresholds.
+                     class_ids: np.ndarray, class_names: Sequence[str], *,
+                     support_per_image: np.ndarray | None = None) -> dict:
+  """Precision, recall, F1, false-alarm rate and threshold efficiency at given per-image
+  thresholds.
 
   Args:
     scores: [N] image scores of the evaluated (test) images.
@@ -335,14 +355,19 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
       ``Thresholds.per_image(route(...))``, or the agnostic one everywhere).
     class_ids: [N] true class index of each image in [0, C), for reporting.
     class_names: the C class names.
+    support_per_image: [N] optional; how many normal scores set each image's
+      threshold (``Thresholds.num_normal`` of its group). A class row then
+      holds ``threshold_support``, the median over its images.
 
   Returns:
     ``{'per_class': {name: row}, 'mean': {metric: float},
     'spread': {metric: {'std', 'min', 'max'}}, 'overall': row}`` where a row
-    holds precision, recall, f1, false_alarm_rate, threshold_mean, n_normal,
-    n_anomalous and the counts tp, fp, fn, tn; mean and spread cover the four
-    rates over the classes that have images (classes without images are left
-    out of per_class). ``overall`` pools all images. Image i is flagged iff
+    holds precision, recall, f1, false_alarm_rate, f1_max (F1 at the best
+    cut of the row's scores), threshold_efficiency (f1 / f1_max),
+    threshold_mean, n_normal, n_anomalous and the counts tp, fp, fn, tn; mean
+    and spread cover the rates and the efficiency over the classes that have
+    images (classes without images are left out of per_class). ``overall``
+    pools all images. Image i is flagged iff
     ``scores[i] > thresholds_per_image[i]``.
   """
   scores = _as_scores("scores", scores)
@@ -365,20 +390,29 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
   if class_ids.shape != (n,):
     raise ValueError(f"class_ids must have shape [N] = ({n},); got {class_ids.shape}")
 
+  if support_per_image is not None:
+    support_per_image = np.asarray(support_per_image)
+    if support_per_image.shape != (n,) or support_per_image.dtype.kind not in "iu":
+      raise ValueError(f"support_per_image must be [N] = ({n},) integers; got shape "
+                       f"{support_per_image.shape}, dtype {support_per_image.dtype}")
+
   is_anomalous = labels.astype(bool)
   flagged = scores > thresholds
   per_class = {}
   for c, name in enumerate(class_names):
     member = class_ids == c
     if member.any():
-      per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member])
+      per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member],
+                               scores[member])
+      if support_per_image is not None:
+        per_class[name]["threshold_support"] = int(np.median(support_per_image[member]))
   table = {m: np.array([row[m] for row in per_class.values()]) for m in _RATE_METRICS}
   return {
       "per_class": per_class,
       "mean": {m: float(v.mean()) for m, v in table.items()},
       "spread": {m: {"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
                  for m, v in table.items()},
-      "overall": _rates(is_anomalous, flagged, thresholds),
+      "overall": _rates(is_anomalous, flagged, thresholds, scores),
   }
 
 
