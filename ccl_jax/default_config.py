@@ -70,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.hiercore.reweight_neighbours = 0
 
   config.decision = ml_collections.ConfigDict()  # thresholds: see ccl_jax/decisions.py
-  config.decision.rule = "quantile"    # quantile | mean_std | max (ccl_jax/thresholds.py)
-  config.decision.rule_params = {"alpha": 0.05}  # quantile: alpha; mean_std: k
+  config.decision.rule = "quantile"    # quantile | lognormal | mean_std | max (thresholds.py)
+  config.decision.rule_params = {"alpha": 0.05}  # quantile, lognormal: alpha; mean_std: k
   config.decision.num_groups = 0       # groups without class labels; 0 = chosen automatically
   config.decision.max_groups = 20      # the automatic choice's upper bound
 

@@ -21,7 +21,7 @@ from ccl_jax import default_config
 from ccl_jax.models import ENCODERS
 
 MODEL_KINDS = ("reverse_distillation", "hiercore")
-THRESHOLD_RULES = ("quantile", "mean_std", "max")
+THRESHOLD_RULES = ("quantile", "lognormal", "mean_std", "max")
 # The paper's all-in-all setting (60 classes).
 ALL_IN_ALL = ("mvtec_ad", "visa", "btad", "real_iad")
 # The encoders' deepest feature map has stride 16 and the neck halves it once more, so the

@@ -46,6 +46,19 @@ def test_threshold_efficiency_of_one_label_classes_is_the_f1():
   assert defects["threshold_efficiency"] == pytest.approx(2 / 3)
 
 
+def test_lognormal_rule_meets_alpha_on_average_at_small_n():
+  rng = np.random.default_rng(3)
+  draws = np.exp(rng.normal(1.0, 0.4, size=(4000, 7)))
+  exceeded = [draws[i, 6] > thresholds.threshold_from_normal_scores(
+      draws[i, :6], rule="lognormal", alpha=0.1) for i in range(4000)]
+  # Exact for Gaussian log scores: 0.1 +- 3 binomial standard errors.
+  assert abs(np.mean(exceeded) - 0.1) < 3 * np.sqrt(0.1 * 0.9 / 4000)
+  # The max of 6 scores, the quantile rule's answer at n = 6, is exceeded 1/7 of the time.
+  assert np.mean(draws[:, 6] > draws[:, :6].max(axis=1)) == pytest.approx(1 / 7, abs=0.02)
+  with pytest.raises(ValueError, match="needs positive scores"):
+    thresholds.threshold_from_normal_scores(np.array([0.5, -0.1]), rule="lognormal")
+
+
 def test_holdout_floor_keeps_at_least_min_images_per_class():
   class_ids = np.repeat([0, 1, 2], [60, 10, 3])
   _, plain = selection.holdout_split(class_ids, 0.05, seed=0)
@@ -167,3 +180,22 @@ def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp
   assert saved["classwise"]["alpha"] == 0.05
   with open(os.path.join(run_dir.path, "results.md")) as f:
     assert "FAR (class-wise)" in f.read()
+
+
+def test_scenarios_measure_routing_on_look_alike_classes(smoke_settings, tmp_path):
+  from data_prep import photo_parts  # pylint: disable=import-outside-toplevel
+  classes = photo_parts.write_photo_parts(tmp_path / "lookalike", photo_set="lookalike",
+                                          train=8, test_good=3, test_defective=3, size=32)
+  run_settings = smoke_settings(**{
+      "model.kind": "hiercore", "dataset.name": "folder",
+      "dataset.manual_dir": str(tmp_path / "lookalike"), "dataset.classes": "all",
+      "dataset.data_dir": str(tmp_path / "prepared"), "hiercore.threshold_folds": 2,
+      "decision.num_groups": 4, "num_heatmaps_per_class": 0})
+  rows = scenarios.run_scenarios(run_settings, str(tmp_path / "runs"))
+  labelled = rows["labels_at_training/labels_at_evaluation"]["routing"]
+  assert labelled["v_measure"] == 1.0 and labelled["accuracy"] == 1.0
+  # Without labels, two photographs at two scales are not told apart perfectly.
+  routed = rows["no_labels_at_training/no_labels_at_evaluation"]["routing"]
+  assert 0.0 <= routed["v_measure"] < 1.0 and routed["num_groups"] == 4
+  assert set(rows["no_labels_at_training/no_labels_at_evaluation"]["classwise"]["per_class"]) \
+      == set(classes)
