@@ -28,9 +28,11 @@ Rules (``RULES``; n = number of normal scores, s_(1) <= ... <= s_(n) sorted):
   hold-out draws, at ANY n: where ``quantile`` can only return the max of a
   few scores (whose false-alarm rate is 1 / (n + 1) and whose value is as
   noisy as the largest of n draws), this bound uses every score. Image scores
-  are maxima of anomaly maps, right-skewed and positive, and their logs are
-  close to Gaussian. If that fails (heavy tails, mixtures), the realised
-  false-alarm rate can exceed alpha; ``metrics.json`` reports it.
+  are positive maxima of anomaly maps, often right-skewed; the log removes
+  part of the skew, but Gaussian logs are an assumption (Shapiro-Wilk
+  rejects it for about half the classes of docs/thresholds.md's set, raw or
+  log). Where it fails the realised false-alarm rate can differ from alpha;
+  ``metrics.json`` reports it.
 * ``mean_std`` (``k`` = 3.0): mean + k * std with the sample std (ddof = 1);
   needs n >= 2. Assumes roughly Gaussian scores; image scores are maxima of
   anomaly maps, i.e. right-skewed, so the implied false-alarm rate is
