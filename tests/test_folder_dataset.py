@@ -250,9 +250,9 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   results = (workdir / "results.md").read_text()
   assert "Skipped metrics" in results and "- brick-wall: " in results
   assert "nan" not in results.lower()
-  # Thresholds come from the held-out normals, so predict works on this run.
+  # Thresholds come from cross-fitted normal scores, so predict works on this run.
   decision = json.loads((workdir / "decision.json").read_text())
-  assert decision["meta"]["num_holdout_images"] > 0
+  assert decision["meta"]["num_cross_fitted_images"] > 0
   predicted = _predict(workdir, root / "gravel_16" / "normal", tmp_path / "out.json")
   assert len(predicted) == 10
   assert {r["decision"] for r in predicted} <= {"normal", "anomalous"}
