@@ -50,7 +50,7 @@ kept for comparison only.
 
 Small groups: the agnostic threshold (rule applied to all normal scores
 pooled) is always computed. A group with fewer normal scores than the rule
-needs (0 for every rule, 1 for ``mean_std``) takes the agnostic threshold;
+needs (0 for every rule, 1 for ``lognormal`` and ``mean_std``) takes the agnostic threshold;
 ``Thresholds.num_normal`` records each group's count so this is visible.
 
 Decisions: an image is flagged anomalous iff ``score > threshold`` (strict).
@@ -68,7 +68,8 @@ false-alarm rate (no normal image) is 0.0. These agree with F1 = 2PR/(P + R)
 in every case. Threshold efficiency = F1 / F1-max, where F1-max is the F1 at
 the best cut of the same images' scores (`metrics.f1_max`; 1.0 when the class
 has one label only, where flagging none or all is exact): how much of what the
-ranking allows the estimated threshold delivers, 1.0 at the best threshold. Each class also reports its counts so such cases can be seen.
+ranking allows the estimated threshold delivers, 1.0 at the best threshold.
+Each class also reports its counts so such cases can be seen.
 The mean and spread (population std, min, max) are taken over the classes
 that have test images.
 
