@@ -208,10 +208,11 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
 
 
 def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int, *,
-             memory_chunk: int) -> tuple[jax.Array, jax.Array]:
+             memory_chunk: int, rows: bool = True) -> tuple[jax.Array, jax.Array]:
   """Squared distances and bank rows [B, P, k] of the k nearest points of each query [B, P, C]
   in its image's group coreset, nearest first; the memory axis is scanned in chunks with a
-  running top-k. Where the group has fewer than k points the rest are +inf."""
+  running top-k. Where the group has fewer than k points the rest are +inf. `rows` False
+  (k = 1 only) skips the rows (returned as zeros): a running minimum is the cheapest scan."""
   features = jnp.asarray(bank.features, jnp.float32)
   counts = jnp.asarray(bank.counts)
   batch, num_queries, channels = queries.shape
@@ -235,32 +236,44 @@ def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int,
                - 2.0 * jnp.einsum("bpc,bmc->bpm", queries, memory,
                                   precision=jax.lax.Precision.HIGHEST))
     squared = jnp.where(valid[:, None, :], squared, jnp.inf)
+    if k == 1 and not rows:
+      return (jnp.minimum(running[0], jnp.min(squared, axis=-1, keepdims=True)),
+              running[1]), None
+    if k == 1:
+      # min/argmin: a top-k merge costs several times more on CPU for the common case.
+      best = jnp.argmin(squared, axis=-1)[..., None]
+      nearer = jnp.take_along_axis(squared, best, axis=-1) < running[0]
+      return (jnp.where(nearer, jnp.take_along_axis(squared, best, axis=-1), running[0]),
+              jnp.where(nearer, slots[best], running[1])), None
     merged = jnp.concatenate([running[0], squared], axis=-1)
-    rows = jnp.concatenate([running[1], jnp.broadcast_to(slots, squared.shape)], axis=-1)
+    merged_rows = jnp.concatenate([running[1], jnp.broadcast_to(slots, squared.shape)],
+                                  axis=-1)
     negative, picked = jax.lax.top_k(-merged, k)
-    return (-negative, jnp.take_along_axis(rows, picked, axis=-1)), None
+    return (-negative, jnp.take_along_axis(merged_rows, picked, axis=-1)), None
 
   running = (jnp.full((batch, num_queries, k), jnp.inf, jnp.float32),
              jnp.zeros((batch, num_queries, k), jnp.int32))
-  (squared, rows), _ = jax.lax.scan(step, running, jnp.arange(math.ceil(size / chunk)))
-  return squared, rows
+  (squared, nearest), _ = jax.lax.scan(step, running, jnp.arange(math.ceil(size / chunk)))
+  return squared, nearest
 
 
 def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
                       memory_chunk: int = 1024) -> jax.Array:
   """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
   coreset, scanning the memory axis in chunks of `memory_chunk`. Jittable."""
-  return _nearest_patches(bank, patch_features, group_ids, memory_chunk=memory_chunk)[0]
+  return _nearest_patches(bank, patch_features, group_ids, memory_chunk=memory_chunk,
+                          rows=False)[0]
 
 
 def _nearest_patches(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
-                     memory_chunk: int) -> tuple[jax.Array, jax.Array]:
-  """Distances [B, h, w] to the nearest coreset point, and that point's row [B, h*w]."""
+                     memory_chunk: int, rows: bool) -> tuple[jax.Array, jax.Array]:
+  """Distances [B, h, w] to the nearest coreset point, and that point's row [B, h*w] (zeros
+  unless `rows`)."""
   batch, height, width, channels = patch_features.shape
-  squared, rows = _nearest(bank, patch_features.reshape(batch, height * width, channels),
-                           group_ids, 1, memory_chunk=memory_chunk)
+  squared, nearest = _nearest(bank, patch_features.reshape(batch, height * width, channels),
+                              group_ids, 1, memory_chunk=memory_chunk, rows=rows)
   distances = jnp.sqrt(jnp.maximum(squared[..., 0], 0.0)).reshape(batch, height, width)
-  return distances, rows[..., 0]
+  return distances, nearest[..., 0]
 
 
 def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array,
@@ -297,7 +310,7 @@ def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
   each image score by `reweighting`. Jittable; `image_size`, `memory_chunk`, `blur` and
   `reweight_neighbours` are static."""
   distances, rows = _nearest_patches(bank, patch_features, group_ids,
-                                     memory_chunk=memory_chunk)
+                                     memory_chunk=memory_chunk, rows=bool(reweight_neighbours))
   maps = anomaly_maps.resize_maps(distances, image_size, blur=blur)
   image_scores = anomaly_maps.image_score(maps)
   if reweight_neighbours:
