@@ -24,8 +24,7 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   """
   names = list(data.names)
   data_dir = os.path.expanduser(data.data_dir)
-  def options(name):
-    return {"normal_test_share": data.normal_test_share} if name == "folder" else {}
+  options = data.reading_options
   if len(names) == 1:
     def read():
       return load(names[0], classes=data.classes, manual_dir=data.manual_dir or None,
