@@ -88,6 +88,33 @@ def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
       jnp.sum(has_positive), 1)
 
 
+def authors_global_loss(embeddings: jax.Array, class_ids: jax.Array,
+                        temperature: float) -> jax.Array:
+  """The global loss of the authors' code (LGC-AD/AD-LGC loss/base_loss.py `SCLLoss`).
+
+  With log p_ij = log_softmax_j(<z_i, z_j> / tau) over the WHOLE row (self included):
+  mean_i[-mean_{j same class} log p_ij] + mean_i[-mean_{j other class} log p_ij], where
+  "same class" includes j = i, and each mean over j divides by (count + 1e-6) as theirs
+  does. Unlike SupCon (`global_contrastive_loss`) it rewards other-class similarity too:
+  at tau 0.05 it is lowest with other-class embeddings at cosine ~0.9, not -1.
+  """
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
+  if class_ids.shape != embeddings.shape[:1]:
+    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  z = _normalize(embeddings)
+  log_prob = jax.nn.log_softmax(z @ z.T / temperature, axis=-1)
+  same = (class_ids[:, None] == class_ids[None, :]).astype(log_prob.dtype)
+  other = 1.0 - same
+
+  def mean_over(mask):
+    return -jnp.sum(mask * log_prob, axis=-1) / (jnp.sum(mask, axis=-1) + 1e-6)
+
+  return jnp.mean(mean_over(same)) + jnp.mean(mean_over(other))
+
+
 def _check_window(window: int | None) -> None:
   if window is not None and (not isinstance(window, int) or window < 1 or window % 2 == 0):
     raise ValueError(f"window must be None (whole map) or a positive odd int, got {window!r}.")

@@ -104,7 +104,9 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
   else:
     features = encode(encoder, encoder_variables, images01)
     features_aug = None
-  embed_augmented = settings.global_weight > 0 and settings.global_views == "both"
+  embed_augmented = settings.embeds_augmented_view
+  global_loss = {"supcon": losses.global_contrastive_loss,
+                 "authors": losses.authors_global_loss}[settings.global_form]
 
   def loss_fn(params):
     outputs, updates = state.apply_fn(
@@ -123,12 +125,12 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
                                           features_aug, scale_keys)]
     global_ = jnp.zeros((), jnp.float32)
     if settings.global_weight > 0:
-      if embed_augmented:
+      if settings.global_views == "both":
         embeddings = jnp.concatenate([outputs.embedding, outputs.embedding_aug])
         ids = jnp.concatenate([class_ids, class_ids])
       else:
         embeddings, ids = outputs.embedding, class_ids
-      global_ = losses.global_contrastive_loss(embeddings, ids, settings.temperature)
+      global_ = global_loss(embeddings, ids, settings.temperature)
     terms = losses.total_loss(kd, local, global_, local_weight=settings.local_weight,
                               global_weight=settings.global_weight)
     return terms.total, (terms, updates["batch_stats"])

@@ -76,6 +76,27 @@ def test_rd_baseline_has_no_contrastive_terms_and_skips_the_augmented_view():
   assert "augment_batch" in ccl_jaxpr and "augment_batch" not in jaxpr
 
 
+def test_neck_on_the_augmented_view_moves_only_the_batchnorm_statistics():
+  authors = LossSettings(global_views="original", global_form="authors")
+  encoder, _, encoder_variables, state, batch = _setup(authors)
+  batch = {k: v[:4] for k, v in batch.items()}  # four classes, eager: a short test
+  run = lambda s: step.gradients(state, encoder_variables, batch, encoder=encoder, settings=s)
+  grads, terms, stats = run(authors)
+  grads_n, terms_n, stats_n = run(LossSettings(global_views="original", global_form="authors",
+                                               neck_on_augmented_view=True))
+  # The augmented embedding feeds no loss: same terms and gradients ...
+  np.testing.assert_allclose(terms_n.total, terms.total, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads_n), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # ... but the neck's running statistics saw both views, as when the global loss reads
+  # both (where the neck always runs on the augmented view); the decoder's did not change.
+  _, _, stats_both = run(LossSettings(global_views="both", global_form="authors"))
+  assert any(jax.tree_util.tree_leaves(_changed(stats["neck"], stats_n["neck"])))
+  for a, b in zip(jax.tree_util.tree_leaves(stats_n), jax.tree_util.tree_leaves(stats_both)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert not any(jax.tree_util.tree_leaves(_changed(stats["decoder"], stats_n["decoder"])))
+
+
 def test_predict_outputs():
   settings = LossSettings()
   encoder, model, encoder_variables, state, batch = _setup(settings)
