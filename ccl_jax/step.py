@@ -85,6 +85,8 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
 
   An optional 'image_aug' (float [B,H,W,3] in [0, 1]) replaces the on-device augmentation
   with a given second view: parity tests and benchmarks feed both frameworks the same one.
+  An optional 'image_source' (uint8 [B,H',W',3], H' > H: the same images prepared larger)
+  is what the augmented view is cut from (`augmented_view_source_size`).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   aug_key, noise_key, negative_key = jax.random.split(step_key, 3)
@@ -95,7 +97,10 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
     # Both views through the encoder in one call: it is in inference mode, so stacking
     # them changes nothing but the launch count.
     augmented = batch.get("image_aug")
-    if augmented is None:
+    if augmented is None and "image_source" in batch:
+      augmented = augment.augment_batch(aug_key, batch["image_source"].astype(jnp.float32)
+                                        / 255.0, size=images01.shape[1:3])
+    elif augmented is None:
       augmented = augment.augment_batch(aug_key, images01)
     views = jnp.concatenate([images01, augmented.astype(jnp.float32)])
     both = encode(encoder, encoder_variables, views)
