@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import detectors, step
+from ccl_jax import anomaly_maps, detectors, step
 from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
 from ccl_jax.settings import LossSettings, OptimizerSettings
 
@@ -105,6 +105,14 @@ def test_predict_outputs():
   assert out["anomaly_map"].shape == (8, SIZE, SIZE)
   np.testing.assert_allclose(out["score"], np.max(np.asarray(out["anomaly_map"]), axis=(1, 2)))
   assert out["kd"].shape == (8,)
+  # The authors' evaluator scale: maps and scores exactly 1/9, the KD loss untouched.
+  scaled = detectors.rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
+                                network=model, encoder=encoder,
+                                map_scale=anomaly_maps.AUTHORS_ANOMALY_MAP_SCALE)
+  np.testing.assert_allclose(9 * np.asarray(scaled["anomaly_map"]), out["anomaly_map"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(9 * np.asarray(scaled["score"]), out["score"], rtol=1e-5)
+  np.testing.assert_array_equal(scaled["kd"], out["kd"])
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""

@@ -60,6 +60,24 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   return dataset
 
 
+def load_view_source(data: DataSettings, dataset: AnomalyDataset, *, size: int,
+                     is_main: bool):
+  """The training records of `dataset` prepared at `size`, index for index: what the
+  augmented view is cut from (`augmented_view_source_size`). Preparing reads the same raw
+  files in the same order; a source that does not line up is refused."""
+  larger = load_selected(data, image_size=size, is_main=is_main)
+  same = (len(larger.train) == len(dataset.train)
+          and np.array_equal(larger.train_class_ids, dataset.train_class_ids))
+  for i in sorted({0, len(dataset.train) - 1}) if same and len(dataset.train) else ():
+    same = same and larger.train[i]["file_name"] == dataset.train[i]["file_name"]
+  if not same:
+    raise ValueError(f"The training images prepared at augmented_view_source_size={size} do "
+                     f"not match those at the run's image size ({len(larger.train)} vs "
+                     f"{len(dataset.train)} records); delete the stale prepared data under "
+                     f"{data.data_dir} and rerun.")
+  return larger.train
+
+
 def training_split(run_settings: RunSettings,
                    dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray]:
   """Training and held-out normal images. The hold-out (validation loss, thresholds) is
