@@ -5,6 +5,8 @@ Every key a run reads is defined here, so a locked config turns a mistyped overr
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import ml_collections
 
 from ccl_jax.anomaly_maps import AUTHORS_ANOMALY_MAP_SCALE
@@ -178,3 +180,18 @@ def as_paper(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.evaluate_checkpoint = "best"
   config.model.anomaly_map_scale = 1.0       # Sec. 4.1: "followed the RD approach" (a sum)
   return config
+
+
+def variant(config: ml_collections.ConfigDict, arg: str | None, source: str,
+            **extra: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+            ) -> ml_collections.ConfigDict:
+  """`config` (a dataset's default) as the variant `arg` of the config file `source`:
+  '' or None (the default), 'authors', 'paper', 'rd' (the RD joint baseline of the default)
+  or one of the file's own `extra` variants."""
+  presets = {"authors": as_authors, "paper": as_paper, "rd": as_rd_baseline, **extra}
+  if arg in (None, ""):
+    return config
+  if arg not in presets:
+    raise ValueError(f"Unknown variant {arg!r} of {source}; expected one of "
+                     f"{', '.join(presets)}.")
+  return presets[arg](config)
