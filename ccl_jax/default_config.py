@@ -182,6 +182,15 @@ def as_paper(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def for_dataset(name: str, **dataset_keys) -> ml_collections.ConfigDict:
+  """The default config reading dataset `name`, with other `dataset.*` keys set."""
+  config = base_config()
+  config.dataset.name = name
+  for key, value in dataset_keys.items():
+    config.dataset[key] = value
+  return config
+
+
 def variant(config: ml_collections.ConfigDict, arg: str | None, source: str,
             **extra: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
             ) -> ml_collections.ConfigDict:

@@ -52,6 +52,15 @@ def kd_loss(encoder_features: Sequence[jax.Array], decoder_features: Sequence[ja
   return total if per_sample else jnp.mean(total)
 
 
+def _check_embeddings(embeddings: jax.Array, class_ids: jax.Array, temperature: float) -> None:
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
+  if class_ids.shape != embeddings.shape[:1]:
+    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+
 def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
                             temperature: float) -> jax.Array:
   """Supervised contrastive loss (Khosla et al. 2020, L_out; paper Eq. 1 and 5).
@@ -66,12 +75,7 @@ def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
   over all j != i. Anchors without any positive are left out of the mean; if no anchor has
   one the loss is 0.
   """
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
-  if class_ids.shape != embeddings.shape[:1]:
-    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  _check_embeddings(embeddings, class_ids, temperature)
   z = _normalize(embeddings)
   logits = z @ z.T / temperature
   n = z.shape[0]
@@ -98,12 +102,7 @@ def authors_global_loss(embeddings: jax.Array, class_ids: jax.Array,
   does. Unlike SupCon (`global_contrastive_loss`) it rewards other-class similarity too:
   at tau 0.05 it is lowest with other-class embeddings at cosine ~0.9, not -1.
   """
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
-  if class_ids.shape != embeddings.shape[:1]:
-    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  _check_embeddings(embeddings, class_ids, temperature)
   z = _normalize(embeddings)
   log_prob = jax.nn.log_softmax(z @ z.T / temperature, axis=-1)
   same = (class_ids[:, None] == class_ids[None, :]).astype(log_prob.dtype)

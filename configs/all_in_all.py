@@ -16,11 +16,8 @@ built on.
 Variants (`configs/all_in_all.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_joint.py as
 their code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "all_in_all"
-  config.dataset.real_iad_resolution = "1024"
-  return variant(config, arg, "configs/all_in_all.py")
+  return variant(for_dataset("all_in_all", real_iad_resolution="1024"), arg, "configs/all_in_all.py")

@@ -14,10 +14,8 @@ built on.
 Variants (`configs/btad.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_btad.py as their
 code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "btad"
-  return variant(config, arg, "configs/btad.py")
+  return variant(for_dataset("btad"), arg, "configs/btad.py")

@@ -19,11 +19,8 @@ Variants (`configs/manta.py:<variant>`): authors (the authors' RD + CCL code as 
 repository has no MANTA config, so the settings are those of configs/rd/rd_mvtec.py), paper,
 rd (the RD joint baseline).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "manta"
-  config.dataset.manta_views = "split"
-  return variant(config, arg, "configs/manta.py")
+  return variant(for_dataset("manta", manta_views="split"), arg, "configs/manta.py")

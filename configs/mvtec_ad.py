@@ -23,7 +23,7 @@ Variants (`configs/mvtec_ad.py:<variant>`):
   smoke    2 classes, resnet18, 64x64, 1 epoch: a quick check of the whole pipeline on a CPU
            (random encoder unless encoder_weights is given; the numbers are meaningless).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def _smoke(config):
@@ -38,6 +38,4 @@ def _smoke(config):
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "mvtec_ad"
-  return variant(config, arg, "configs/mvtec_ad.py", smoke=_smoke)
+  return variant(for_dataset("mvtec_ad"), arg, "configs/mvtec_ad.py", smoke=_smoke)

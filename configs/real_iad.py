@@ -19,11 +19,8 @@ be downloaded on the machines it was built on.
 Variants (`configs/real_iad.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_realiad.py
 as their code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "real_iad"
-  config.dataset.real_iad_resolution = "1024"
-  return variant(config, arg, "configs/real_iad.py")
+  return variant(for_dataset("real_iad", real_iad_resolution="1024"), arg, "configs/real_iad.py")

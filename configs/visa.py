@@ -16,10 +16,8 @@ their run did not.
 Variants (`configs/visa.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_visa.py as their
 code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import base_config, variant
+from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  config = base_config()
-  config.dataset.name = "visa"
-  return variant(config, arg, "configs/visa.py")
+  return variant(for_dataset("visa"), arg, "configs/visa.py")
