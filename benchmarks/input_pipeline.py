@@ -7,7 +7,8 @@ r"""Does the input pipeline keep up with the training step? Both measured in one
 Times the training stream alone (`input_pipeline.train_batches`: class-mixed epoch order,
 decoding, batching; nothing else running; the config's sampler, and with
 augmented_view_source_size the second read of each row from the larger prepared images) and
-then the jitted training step of the same config on a batch already in memory, and prints images/s of each and their ratio. The
+then the jitted training step of the same config on a batch already in memory, and prints
+images/s of each and their ratio. The
 pipeline should deliver several times what the step consumes, so the step never waits.
 """
 from __future__ import annotations

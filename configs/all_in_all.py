@@ -1,7 +1,7 @@
 r"""The paper's all-in-all setting: MVTec AD, VisA, BTAD and Real-IAD (60 classes), one model.
 
   python -m ccl_jax.main --config configs/all_in_all.py:authors --workdir ~/runs/all_authors \
-      --config.dataset.manual_dir=/data/mvtec,/data/VisA,/data/BTech_Dataset_transformed,/data/Real-IAD \
+      --config.dataset.manual_dir=/data/mvtec,/data/VisA,/data/BTAD,/data/Real-IAD \
       --config.model.encoder_weights=/path/to/wide_resnet50_2_racm.msgpack
 
 One manual_dir per dataset, comma-separated, in the order mvtec_ad, visa, btad, real_iad;
@@ -20,4 +20,5 @@ from ccl_jax.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):
-  return variant(for_dataset("all_in_all", real_iad_resolution="1024"), arg, "configs/all_in_all.py")
+  return variant(for_dataset("all_in_all", real_iad_resolution="1024"), arg,
+                 "configs/all_in_all.py")
