@@ -4,12 +4,12 @@ r"""Does the input pipeline keep up with the training step? Both measured in one
   python -m benchmarks.input_pipeline --config configs/demo.py --batches 100
   python -m benchmarks.input_pipeline --augmented_view_source_size 192   # view cut from 192 px
 
-Times the training stream alone (`input_pipeline.train_batches`: class-mixed epoch order,
-decoding, batching; nothing else running; the config's sampler, and with
-augmented_view_source_size the second read of each row from the larger prepared images) and
-then the jitted training step of the same config on a batch already in memory, and prints
-images/s of each and their ratio. The
-pipeline should deliver several times what the step consumes, so the step never waits.
+Times the training stream alone (`input_pipeline.train_batches`: the config's sampler's
+epoch order, decoding, batching, and with augmented_view_source_size the second read of each
+row from the larger prepared images; nothing else running) and then the jitted training step
+of the same config on a batch already in memory, and prints images/s of each and their
+ratio. The pipeline should deliver several times what the step consumes, so the step never
+waits.
 """
 from __future__ import annotations
 
