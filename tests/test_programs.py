@@ -104,3 +104,16 @@ def test_scenarios_program_writes_four_rows(smoke_data_dir, repo_root, tmp_path)
   for name in ("labels_at_training", "no_labels_at_training"):
     assert RunDir(str(tmp_path / name)).read_settings().dataset.class_labels == (
         "true" if name == "labels_at_training" else "kmeans")
+
+
+def test_main_reports_a_bad_dataset_folder_in_one_message(repo_root, tmp_path):
+  # '~' is the user's home; a folder there that does not exist is named, expanded.
+  missing = "~/ccl_jax_no_such_folder_for_tests"
+  out = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", "configs/demo.py:smoke",
+       f"--workdir={tmp_path / 'run'}", "--config.dataset.name=folder",
+       f"--config.dataset.manual_dir={missing}", f"--config.dataset.data_dir={tmp_path}"],
+      capture_output=True, text=True, cwd=repo_root, timeout=300)
+  assert out.returncode == 1
+  assert os.path.expanduser(missing) in out.stderr and "error: " in out.stderr
+  assert "Traceback" not in out.stderr

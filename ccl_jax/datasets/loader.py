@@ -248,6 +248,8 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
     raise DatasetError(f"unknown dataset {name!r}; known datasets: "
                        f"{', '.join(BUILDERS)}", [(name, "unknown")])
   builder_cls = BUILDERS[name]
+  if manual_dir:
+    manual_dir = pathlib.Path(manual_dir).expanduser()
   class_names = _select_classes(builder_cls, classes, manual_dir or None)
   try:
     builder_cls.check_class_names(class_names)
