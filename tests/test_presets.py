@@ -1,5 +1,6 @@
 """The `:authors` and `:paper` presets: complete against docs/faithfulness.md and README.md,
-and `:authors` runs end to end (with the random-encoder warning a real dataset gets)."""
+and `:authors` runs end to end (with the random-encoder warning a real dataset gets; slow,
+`pytest -m slow tests/test_presets.py`)."""
 import json
 import logging
 import os
@@ -80,6 +81,7 @@ def test_every_difference_between_default_and_presets_is_one_table_row(repo_root
         assert shown == actual or (actual is None and shown == "None"), (key, shown, actual)
 
 
+@pytest.mark.slow
 def test_authors_preset_runs_end_to_end_and_warns_about_the_random_encoder(
     make_mvtec_tree, prepared_dirs, tmp_path, caplog):
   from ccl_jax import main  # pylint: disable=import-outside-toplevel
@@ -113,6 +115,44 @@ def test_authors_preset_runs_end_to_end_and_warns_about_the_random_encoder(
   names = [os.path.basename(os.path.dirname(p)) for p in prepared_dirs(tmp_path / "data")]
   assert sorted(names) == sorted(f"{c}_{s}_mask_resizebilinear_threshold"
                                  for c in ("bottle", "grid") for s in (32, 64))
+
+
+def test_the_warning_is_logged_before_any_work(tmp_path, caplog):
+  from ccl_jax import main  # pylint: disable=import-outside-toplevel
+  from ccl_jax.datasets import DatasetError  # pylint: disable=import-outside-toplevel
+  config = mvtec_ad.get_config("smoke")
+  config.dataset.manual_dir = str(tmp_path / "not_downloaded")
+  config.dataset.data_dir = str(tmp_path / "data")
+  with caplog.at_level(logging.WARNING), pytest.raises(DatasetError):
+    main.run(settings.from_config(config), str(tmp_path / "run"))
+  assert "the resnet18 encoder is randomly initialised" in caplog.text
+
+
+def test_the_warning_heads_metrics_json_and_results_md(tmp_path):
+  from ccl_jax import decisions, metrics  # pylint: disable=import-outside-toplevel
+  from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  masks = np.zeros((4, 8, 8), np.uint8)
+  masks[2:, 2:5, 2:5] = 1
+  summary = metrics.summarize({"bottle": {"labels": np.array([0, 0, 1, 1]),
+                                          "scores": rng.random(4), "masks": masks,
+                                          "maps": rng.random((4, 8, 8))}})
+  dataset = type("Dataset", (), {"class_names": ("bottle",),
+                                 "test_class_ids": np.zeros(4, np.int32)})()
+  for weights, expected in (("none", True), ("/weights/resnet18.msgpack", False)):
+    config = mvtec_ad.get_config("smoke")
+    config.model.encoder_weights = weights
+    config.num_heatmaps_per_class = 0
+    run_settings = settings.from_config(config)
+    run_dir = RunDir(str(tmp_path / weights.replace("/", "_")))
+    decisions.write_results(run_dir, {"metrics": summary}, dataset, {}, run_settings)
+    written = json.load(open(run_dir.file("metrics.json"), encoding="utf-8"))
+    table = open(run_dir.file("results.md"), encoding="utf-8").read()
+    assert ("warnings" in written) == expected
+    assert table.startswith("**Warning:** model.encoder_weights='none'") == expected
+    if expected:
+      assert written["warnings"] == list(run_settings.warnings)
+    assert "| bottle |" in table
 
 
 def test_the_warning_is_only_for_a_random_encoder_on_real_data():
