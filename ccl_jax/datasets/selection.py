@@ -66,10 +66,10 @@ def load_view_source(data: DataSettings, dataset: AnomalyDataset, *, size: int,
   augmented view is cut from (`augmented_view_source_size`). Preparing reads the same raw
   files in the same order; a source that does not line up is refused."""
   larger = load_selected(data, image_size=size, is_main=is_main)
+  ends = {0, len(dataset.train) - 1} if len(dataset.train) else set()
   same = (len(larger.train) == len(dataset.train)
-          and np.array_equal(larger.train_class_ids, dataset.train_class_ids))
-  for i in sorted({0, len(dataset.train) - 1}) if same and len(dataset.train) else ():
-    same = same and larger.train[i]["file_name"] == dataset.train[i]["file_name"]
+          and np.array_equal(larger.train_class_ids, dataset.train_class_ids)
+          and all(larger.train[i]["file_name"] == dataset.train[i]["file_name"] for i in ends))
   if not same:
     raise ValueError(f"The training images prepared at augmented_view_source_size={size} do "
                      f"not match those at the run's image size ({len(larger.train)} vs "
