@@ -6,8 +6,8 @@ r"""The paper's all-in-all setting: MVTec AD, VisA, BTAD and Real-IAD (60 classe
 
 One manual_dir per dataset, comma-separated, in the order mvtec_ad, visa, btad, real_iad;
 classes become '<dataset>/<class>'. Real-IAD is read from realiad_1024 (the official
-download), every view a sample. The variants are those of configs/mvtec_ad.py
-(docs/faithfulness.md has every setting with its source).
+download), every view a sample. The variants are those of configs/mvtec_ad.py, with its
+readings of ambiguous text (docs/faithfulness.md has every setting with its source).
 
 Expected (paper Table 1, ImageNet encoder): I-AUROC 90.6, P-AUROC 97.9, PRO 90.6. Not
 reproduced with this code: no ImageNet weights can be downloaded on the machines it was

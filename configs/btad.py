@@ -5,7 +5,8 @@ r"""BTAD, its 3 classes in one model (the paper's domain-in-all setting).
       --config.model.encoder_weights=/path/to/wide_resnet50_2_racm.msgpack
 
 manual_dir holds 01, 02, 03/{train/ok,test/ok,test/ko,ground_truth/ko}. The variants are those
-of configs/mvtec_ad.py (docs/faithfulness.md has every setting with its source).
+of configs/mvtec_ad.py, with its readings of ambiguous text (docs/faithfulness.md has every
+setting with its source).
 
 Expected (paper Table 1, ImageNet encoder): I-AUROC 95.7, P-AUROC 98.0, PRO 80.2. Not
 reproduced with this code: no ImageNet weights can be downloaded on the machines it was

@@ -8,8 +8,8 @@ manual_dir holds the five extracted domain folders. Each MANTA file shows 5 view
 side; dataset.manta_views=split (this config) makes each view one sample, labelled defective
 only where its strip of the mask is (the authors' loader labels all 5 views of a defective
 image defective); 'stacked' keeps the 5 views in one record (multi-view methods only). The
-variants are those of configs/mvtec_ad.py (docs/faithfulness.md has every setting with its
-source).
+variants are those of configs/mvtec_ad.py, with its readings of ambiguous text
+(docs/faithfulness.md has every setting with its source).
 
 Expected (paper Table 1, ImageNet encoder): I-AUROC 84.3, P-AUROC 93.7, PRO 81.9. Not
 reproduced with this code: no ImageNet weights can be downloaded on the machines it was

@@ -18,7 +18,11 @@ be downloaded on the machines it was built on.
 Variants (`configs/mvtec_ad.py:<variant>`):
   authors  the authors' run as their code executes it (LGC-AD/AD-LGC configs/rd/rd_mvtec.py,
            trainer/rdlgc_trainer.py); give it timm's wide_resnet50_2.racm_in1k weights.
-  paper    the paper's text where explicit, the authors' code where it is silent.
+  paper    the paper's text where explicit, the authors' code where it is silent. Where the
+           text is ambiguous it reads "all other spatial features" (Sec. 3.2) as the local
+           negatives at the same position in every other-class image of the batch, and
+           "early stopping based on validation loss" (Sec. 4.1, no patience given) as
+           evaluating the lowest-validation-loss checkpoint of the full 100 epochs.
   rd       the RD joint baseline: both contrastive weights 0.
   smoke    2 classes, resnet18, 64x64, 1 epoch: a quick check of the whole pipeline on a CPU
            (random encoder unless encoder_weights is given; the numbers are meaningless).

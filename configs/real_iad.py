@@ -7,7 +7,8 @@ r"""Real-IAD, all 30 classes and all 5 views in one model (the paper's domain-in
 manual_dir holds realiad_jsons/ and realiad_1024/ (the official download; this config reads
 dataset.real_iad_resolution=1024, and 256, 512 or raw folders work the same). Every view C1..C5
 is a sample (dataset.real_iad_views=all; C1..C5 keeps one view). The variants are those of
-configs/mvtec_ad.py (docs/faithfulness.md has every setting with its source). The authors
+configs/mvtec_ad.py, with its readings of ambiguous text (docs/faithfulness.md has every
+setting with its source). The authors
 train on their own 512-pixel copy (data/gen_benchmark/resize_realiad.py, bicubic); the
 presets prepare 256 (and, for the augmented view, 512) pixels from realiad_1024 with PIL's
 antialiased bilinear filter instead.

@@ -5,7 +5,8 @@ r"""VisA, all 12 classes in one model (the paper's domain-in-all setting).
       --config.model.encoder_weights=/path/to/wide_resnet50_2_racm.msgpack
 
 manual_dir holds split_csv/1cls.csv and <class>/Data/{Images,Masks}. The variants are those of
-configs/mvtec_ad.py (docs/faithfulness.md has every setting with its source).
+configs/mvtec_ad.py, with its readings of ambiguous text (docs/faithfulness.md has every
+setting with its source).
 
 Expected (paper Table 1, ImageNet encoder): I-AUROC 95.9, P-AUROC 98.5, PRO 92.6 (RD joint
 baseline, ADer: 90.6 / 98.0 / 91.9). Not reproduced with this code: no ImageNet weights can
