@@ -242,12 +242,15 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
 
 
 def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
-                  outputs: dict[str, np.ndarray], num_heatmaps_per_class: int) -> None:
+                  outputs: dict[str, np.ndarray], run_settings: RunSettings) -> None:
   """metrics.json, results.md (printed too) and heatmaps/ of an evaluation.
 
   A metric that could not be computed is null in metrics.json (JSON has no NaN) and
   `metrics.skipped[class][metric]` says why; results.md lists the same below its table.
+  The settings' warnings (`RunSettings.warnings`) head both files.
   """
+  if run_settings.warnings:
+    result = {"warnings": list(run_settings.warnings), **result}
   table = metrics.format_table(result["metrics"])
   skipped = metrics.format_skipped(result["metrics"])
   if skipped:
@@ -255,8 +258,9 @@ def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
   if "classwise" in result:
     table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
               "false-alarm rate):\n\n" + format_decision_table(result))
+  table = "".join(f"**Warning:** {w}\n\n" for w in run_settings.warnings) + table
   run_dir.write_results(_nan_to_none(result), table,
-                        heatmap_figures(dataset, outputs, num_heatmaps_per_class))
+                        heatmap_figures(dataset, outputs, run_settings.num_heatmaps_per_class))
   print(table, flush=True)
 
 

@@ -57,7 +57,7 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   variables = variable_files.load(variables_path, template, "--variables")
   detector = detectors.ReverseDistillationDetector(
       run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-      variables)
+      variables, map_scale=run_settings.model.anomaly_map_scale)
   summary, outputs = decisions.evaluate_test_set(
       detector, dataset, np.zeros(len(dataset.test), np.int32),
       global_batch_size=run_settings.global_eval_batch_size,
@@ -65,8 +65,7 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   result = {"metrics": summary, "variables": os.path.abspath(variables_path),
             "classes": list(dataset.class_names)}
   if jax.process_index() == 0:
-    decisions.write_results(RunDir(workdir), result, dataset, outputs,
-                            run_settings.num_heatmaps_per_class)
+    decisions.write_results(RunDir(workdir), result, dataset, outputs, run_settings)
   return result
 
 

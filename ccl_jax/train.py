@@ -92,6 +92,11 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
 
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=is_main)
+  view_source = None
+  if run_settings.augmented_view_source_size and run_settings.loss.uses_augmented_view:
+    view_source = selection.load_view_source(
+        run_settings.dataset, dataset, size=run_settings.augmented_view_source_size,
+        is_main=is_main)
   train_indices, val_indices = selection.training_split(run_settings, dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), run_settings.batch_size)
   total_steps = steps_per_epoch * run_settings.num_epochs
@@ -122,7 +127,7 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   def detector_of(state) -> detectors.ReverseDistillationDetector:
     return detectors.ReverseDistillationDetector(
         run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-        step.variables_of(state))
+        step.variables_of(state), map_scale=run_settings.model.anomaly_map_scale)
 
   train_class_ids = dataset.train_class_ids[train_indices]
   if run_settings.dataset.class_labels == "kmeans":
@@ -143,7 +148,8 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
       dataset.train, train_indices, train_class_ids,
       global_batch_size=run_settings.batch_size, seed=run_settings.seed, start_step=first_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=run_settings.worker_count)
+      worker_count=run_settings.worker_count, sampler=run_settings.sampler,
+      view_source=view_source)
   last_step = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
 
   def end_of_epoch(state, meta) -> bool:
@@ -224,6 +230,5 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   result.update({"evaluated_step": int(final.step), "step": step_number,
                  "history": meta["history"], "pseudo_classes": meta.get("pseudo_classes")})
   if is_main:
-    decisions.write_results(run_dir, result, dataset, outputs,
-                            run_settings.num_heatmaps_per_class)
+    decisions.write_results(run_dir, result, dataset, outputs, run_settings)
   return result
