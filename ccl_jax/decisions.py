@@ -315,8 +315,9 @@ def format_decision_table(result: dict[str, Any]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
   def row(name, classwise, agnostic):
-    values = [100 * block[c] for block in (classwise, agnostic) for c in DECISION_COLUMNS]
-    return "| " + " | ".join([name] + [f"{v:.1f}" for v in values]) + " |"
+    values = [block[c] for block in (classwise, agnostic) for c in DECISION_COLUMNS]
+    return "| " + " | ".join([name] + ["n/a" if v is None or np.isnan(v) else f"{100 * v:.1f}"
+                                       for v in values]) + " |"
 
   classwise, agnostic = result["classwise"], result["agnostic"]
   for name in classwise["per_class"]:
@@ -324,4 +325,7 @@ def format_decision_table(result: dict[str, Any]) -> str:
   lines.append(row("**mean**", classwise["mean"], agnostic["mean"]))
   lines.append(row("spread (std)", {c: classwise["spread"][c]["std"] for c in DECISION_COLUMNS},
                    {c: agnostic["spread"][c]["std"] for c in DECISION_COLUMNS}))
-  return "\n".join(lines)
+  table = "\n".join(lines)
+  # Both blocks decide on the same images, so a rate is undefined for the same classes.
+  skipped = metrics.format_skipped(classwise)
+  return table + "\n\n" + skipped if skipped else table

@@ -218,6 +218,16 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
   for key, mean in saved["metrics"]["mean"].items():
     assert mean == pytest.approx(np.mean([rows[c][key] for c in with_defects]))
   assert set(saved["classwise"]["per_class"]) == set(rows)
+  # Its decisions: no precision, recall or F1 without defects (not 1.0), so out of the means.
+  for block in ("classwise", "agnostic"):
+    decided = saved[block]
+    assert [decided["per_class"]["coffee.beans"][m] for m in ("precision", "recall", "f1")] \
+        == [None] * 3
+    assert "no anomalous test images" in decided["skipped"]["coffee.beans"]["recall"]
+    assert decided["mean"]["f1"] == pytest.approx(
+        np.mean([decided["per_class"][c]["f1"] for c in with_defects]))
+  assert "coffee.beans: precision, recall, f1: no anomalous" in (
+      workdir / "results.md").read_text()
   assert (workdir / "decision.json").is_file()
   assert (workdir / "heatmaps" / "brick-wall").is_dir()
 
