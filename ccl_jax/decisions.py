@@ -37,7 +37,7 @@ import numpy as np
 import sklearn.metrics
 from absl import logging
 
-from ccl_jax import grouping, inference, metrics, thresholds, visualize
+from ccl_jax import events, grouping, inference, metrics, report, thresholds, visualize
 from ccl_jax.detectors import Detector, Router
 from ccl_jax.run_dir import RunDir
 from ccl_jax.settings import DecisionSettings, RunSettings
@@ -199,6 +199,7 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
                                        global_batch_size=global_batch_size,
                                        batch_sharding=batch_sharding)
   outputs["group_id"] = group_ids
+  outputs["threshold"] = estimated.per_image(group_ids)
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
                              class_ids=dataset.test_class_ids, class_names=dataset.class_names)
@@ -243,7 +244,8 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
 
 def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
                   outputs: dict[str, np.ndarray], num_heatmaps_per_class: int) -> None:
-  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation.
+  """metrics.json, results.md (printed too), heatmaps/, report.html and the final
+  TensorBoard events of an evaluation.
 
   A metric that could not be computed is null in metrics.json (JSON has no NaN) and
   `metrics.skipped[class][metric]` says why; results.md lists the same below its table.
@@ -257,6 +259,12 @@ def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
               "false-alarm rate):\n\n" + format_decision_table(result))
   run_dir.write_results(_nan_to_none(result), table,
                         heatmap_figures(dataset, outputs, num_heatmaps_per_class))
+  gallery = report.gallery(dataset, outputs)
+  run_dir.write_report(report.build_html(result, dataset, outputs, gallery, run_dir.path))
+  writer = run_dir.event_writer()
+  events.log_results(writer, result.get("evaluated_step") or 0, result,
+                     report.worst_per_class(gallery))
+  writer.close()
   print(table, flush=True)
 
 

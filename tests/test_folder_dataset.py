@@ -260,6 +260,8 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   results = (workdir / "results.md").read_text()
   assert "Skipped metrics" in results and "- brick-wall: " in results
   assert "nan" not in results.lower()
+  page = (workdir / "report.html").read_text()
+  assert 'class="na" title="no test images"' in page and ">nan<" not in page.lower()
   # Thresholds come from the held-out normals, so predict works on this run.
   decision = json.loads((workdir / "decision.json").read_text())
   assert decision["meta"]["num_holdout_images"] > 0
