@@ -319,7 +319,8 @@ def build_html(result: Mapping[str, Any], dataset, outputs: Mapping[str, np.ndar
                          "metrics"))
   sections.append(_reasons(summary))
   if summary.get("per_dataset"):
-    sections.append(_table(summary["per_dataset"], None, {}, "per_dataset"))
+    sections += ["<h3>Means per dataset</h3>",
+                 _table(summary["per_dataset"], None, {}, "per_dataset")]
   for key, heading in (("classwise", "Decisions at the class-wise thresholds"),
                        ("agnostic", "Decisions at the class-agnostic threshold")):
     if key in result:

@@ -237,7 +237,8 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
   assert {r["class"] for r in predicted} <= set(rows)
 
 
-def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_settings):
+def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_settings,
+                                                            read_events):
   root = _make_folder(tmp_path / "raw", defects=False)
   workdir = tmp_path / "run"
   # HierCore (a memory bank) keeps this short; the run above trains CCL/RD with a class
@@ -262,6 +263,10 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   assert "nan" not in results.lower()
   page = (workdir / "report.html").read_text()
   assert 'class="na" title="no test images"' in page and ">nan<" not in page.lower()
+  # TensorBoard gets what is defined: false-alarm rates, no image metric.
+  tags = read_events(str(workdir / "events")).Tags()["scalars"]
+  assert "final_classwise/false_alarm_rate/gravel_16" in tags
+  assert not [tag for tag in tags if tag.startswith("final/")]
   # Thresholds come from the held-out normals, so predict works on this run.
   decision = json.loads((workdir / "decision.json").read_text())
   assert decision["meta"]["num_holdout_images"] > 0
