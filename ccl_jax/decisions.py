@@ -199,14 +199,16 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
                                        global_batch_size=global_batch_size,
                                        batch_sharding=batch_sharding)
   outputs["group_id"] = group_ids
+  # The thresholds each image was decided at, for report.html.
   outputs["threshold"] = estimated.per_image(group_ids)
+  outputs["agnostic_threshold"] = np.full(len(group_ids), estimated.agnostic)
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
                              class_ids=dataset.test_class_ids, class_names=dataset.class_names)
   result = {
       "metrics": summary,
-      "classwise": decide(estimated.per_image(group_ids)),
-      "agnostic": decide(np.full(len(scores), estimated.agnostic)),
+      "classwise": decide(outputs["threshold"]),
+      "agnostic": decide(outputs["agnostic_threshold"]),
       "routing": routing_quality(groups, group_ids, dataset.test_class_ids,
                                  dataset.class_names),
   }

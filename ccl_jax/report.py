@@ -251,9 +251,7 @@ def _curves(result: Mapping[str, Any]) -> str:
   return '<div class="charts">' + "".join(charts) + "</div>"
 
 
-def _distributions(result: Mapping[str, Any], dataset,
-                   outputs: Mapping[str, np.ndarray]) -> str:
-  agnostic = result.get("agnostic", {}).get("overall", {}).get("threshold_mean")
+def _distributions(dataset, outputs: Mapping[str, np.ndarray]) -> str:
   charts = []
   for class_id, name in enumerate(dataset.class_names):
     rows = dataset.test_class_ids == class_id
@@ -261,10 +259,9 @@ def _distributions(result: Mapping[str, Any], dataset,
       continue
     scores, labels = outputs["score"][rows], outputs["label"][rows]
     lines = []
-    if "threshold" in outputs:
-      lines += [("classwise", float(t)) for t in np.unique(outputs["threshold"][rows])]
-    if agnostic is not None:
-      lines.append(("agnostic", float(agnostic)))
+    for kind, key in (("classwise", "threshold"), ("agnostic", "agnostic_threshold")):
+      if key in outputs:
+        lines += [(kind, float(t)) for t in np.unique(outputs[key][rows])]
     charts.append(_histogram(name, scores[labels == 0], scores[labels == 1], lines))
   legend = (f'<p><span style="color:{_NORMAL_COLOUR}">&#9632; normal</span> '
             f'<span style="color:{_DEFECT_COLOUR}">&#9632; defective</span> test images; '
@@ -305,8 +302,8 @@ def _gallery_html(items: Sequence[GalleryItem]) -> str:
 def build_html(result: Mapping[str, Any], dataset, outputs: Mapping[str, np.ndarray],
                items: Sequence[GalleryItem], title: str) -> str:
   """The page of an evaluation `result` (as written to metrics.json, before NaN -> null),
-  its per-image `outputs` (score, label, and 'threshold' when it has decisions), and the
-  `gallery` items."""
+  its per-image `outputs` (score, label, and with decisions the 'threshold' and
+  'agnostic_threshold' each image was decided at), and the `gallery` items."""
   summary = result["metrics"]
   sections = [f"<h1>{html.escape(title)}</h1>"]
   facts = {key: result[key] for key in ("evaluated_step", "step") if result.get(key) is not None}
@@ -333,7 +330,7 @@ def build_html(result: Mapping[str, Any], dataset, outputs: Mapping[str, np.ndar
     sections.append("<p>Routing: " + ", ".join(
         f"{html.escape(k)} {v:.3g}" for k, v in result["routing"].items()) + "</p>")
   sections += ["<h2>Score distributions of the test images</h2>",
-               _distributions(result, dataset, outputs),
+               _distributions(dataset, outputs),
                "<h2>Training curves</h2>", _curves(result),
                "<h2>Heatmaps, worst misses first</h2>",
                "<p>Each: image | ground truth (red contour) | anomaly map (one colour scale "
