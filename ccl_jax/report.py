@@ -116,7 +116,7 @@ def worst_per_class(items: Sequence[GalleryItem]) -> list[tuple[str, np.ndarray]
 
 
 def _is_undefined(value: Any) -> bool:
-  return value is None or (isinstance(value, float) and math.isnan(value))
+  return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
 def _cell(column: str, value: Any) -> str:
