@@ -128,16 +128,20 @@ def test_the_warning_is_logged_before_any_work(tmp_path, caplog):
   assert "the resnet18 encoder is randomly initialised" in caplog.text
 
 
-def test_the_warning_heads_metrics_json_and_results_md(tmp_path):
+def test_the_warning_heads_metrics_json_results_md_and_the_report(tmp_path):
   from ccl_jax import decisions, metrics  # pylint: disable=import-outside-toplevel
   from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   masks = np.zeros((4, 8, 8), np.uint8)
   masks[2:, 2:5, 2:5] = 1
-  summary = metrics.summarize({"bottle": {"labels": np.array([0, 0, 1, 1]),
-                                          "scores": rng.random(4), "masks": masks,
-                                          "maps": rng.random((4, 8, 8))}})
-  dataset = type("Dataset", (), {"class_names": ("bottle",),
+  outputs = {"label": np.array([0, 0, 1, 1]), "score": rng.random(4), "mask": masks,
+             "anomaly_map": rng.random((4, 8, 8)).astype(np.float32)}
+  summary = metrics.summarize({"bottle": {"labels": outputs["label"],
+                                          "scores": outputs["score"], "masks": masks,
+                                          "maps": outputs["anomaly_map"]}})
+  test = [{"image": np.full((8, 8, 3), 99, np.uint8), "file_name": f"{i}.png"}
+          for i in range(4)]
+  dataset = type("Dataset", (), {"class_names": ("bottle",), "test": test,
                                  "test_class_ids": np.zeros(4, np.int32)})()
   for weights, expected in (("none", True), ("/weights/resnet18.msgpack", False)):
     config = mvtec_ad.get_config("smoke")
@@ -145,10 +149,12 @@ def test_the_warning_heads_metrics_json_and_results_md(tmp_path):
     config.num_heatmaps_per_class = 0
     run_settings = settings.from_config(config)
     run_dir = RunDir(str(tmp_path / weights.replace("/", "_")))
-    decisions.write_results(run_dir, {"metrics": summary}, dataset, {}, run_settings)
+    decisions.write_results(run_dir, {"metrics": summary}, dataset, outputs, run_settings)
     written = json.load(open(run_dir.file("metrics.json"), encoding="utf-8"))
     table = open(run_dir.file("results.md"), encoding="utf-8").read()
+    page = open(run_dir.file("report.html"), encoding="utf-8").read()
     assert ("warnings" in written) == expected
+    assert ("<strong>Warning:</strong> model.encoder_weights=" in page) == expected
     assert table.startswith("**Warning:** model.encoder_weights='none'") == expected
     if expected:
       assert written["warnings"] == list(run_settings.warnings)
