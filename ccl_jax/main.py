@@ -60,6 +60,8 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   from ccl_jax import train  # pylint: disable=import-outside-toplevel
   from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
   from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  for warning in run_settings.warnings:
+    logging.warning(warning)
   run_dir = RunDir(workdir)
   with run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext():
     run_dir.check_same_run(run_settings)

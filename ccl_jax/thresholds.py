@@ -61,17 +61,19 @@ thresholds with ``>=``; that only matters for ranking curves, not here.)
 
 Decision metrics, per true class and pooled: with TP/FP/FN/TN counted at the
 per-image thresholds, precision = TP / (TP + FP), recall = TP / (TP + FN),
-F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). No value
-is ever NaN: an empty denominator means no error could be made, so precision
-(nothing flagged), recall (no anomalous image), F1 (neither) are 1.0 and the
-false-alarm rate (no normal image) is 0.0. These agree with F1 = 2PR/(P + R)
-in every case. Threshold efficiency = F1 / F1-max, where F1-max is the F1 at
-the best cut of the same images' scores (`metrics.f1_max`; 1.0 when the class
-has one label only, where flagging none or all is exact): how much of what the
-ranking allows the estimated threshold delivers, 1.0 at the best threshold.
-Each class also reports its counts so such cases can be seen.
-The mean and spread (population std, min, max) are taken over the classes
-that have test images.
+F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). A class
+without anomalous test images (normal images only) has no precision, recall
+or F1, and one without normal test images no false-alarm rate: these are NaN
+and ``skipped[class][metric]`` says why. (A 1.0 or 0.0 by convention would
+be counted in the means as if the class had been tested.) With anomalous
+images present but nothing flagged, precision is 1.0 (no false alarm was
+made), so F1 = 2PR/(P + R) still holds. Threshold efficiency = F1 / F1-max,
+where F1-max is the F1 at the best cut of the same images' scores
+(`metrics.f1_max`; 1.0 with anomalous images only, where flagging all is
+exact): how much of what the ranking allows the estimated threshold delivers,
+1.0 at the best threshold; undefined where F1 is. Each class also reports
+its counts. The mean and spread (population std, min, max) of each metric are
+taken over the classes where it is defined (NaN when it is defined for none).
 
 ``ccl_jax.run_dir`` stores groups + thresholds + a meta dict as a run's
 decision.json, and validates it key by key when reading it back.
@@ -330,14 +332,15 @@ def estimate_thresholds(normal_scores: np.ndarray, group_ids: np.ndarray, num_gr
 # ----------------------------------------------------------------------------
 
 
-def _ratio(numerator: int, denominator: int, empty: float) -> float:
-  return numerator / denominator if denominator else empty
+_NO_ANOMALOUS = ("no anomalous test images: precision, recall and F1 measure how defects "
+                 "are found; the false-alarm rate covers this class")
+_NO_NORMAL = "no normal test images, so no false alarm could be made"
 
 
 def _best_f1(is_anomalous: np.ndarray, scores: np.ndarray) -> float:
-  """F1 at the best cut of `scores`; with one label only, flagging all (anomalies only) or
-  none (normals only) is exact, so the best is 1."""
-  if is_anomalous.all() or not is_anomalous.any():
+  """F1 at the best cut of `scores` (some anomalous); with anomalous images only, flagging
+  all is exact, so the best is 1."""
+  if is_anomalous.all():
     return 1.0
   return metrics.f1_max(is_anomalous, scores)
 
@@ -348,16 +351,17 @@ def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray
   fp = int(np.count_nonzero(flagged & ~is_anomalous))
   fn = int(np.count_nonzero(~flagged & is_anomalous))
   tn = int(np.count_nonzero(~flagged & ~is_anomalous))
-  f1 = _ratio(2 * tp, 2 * tp + fp + fn, 1.0)
-  f1_max = _best_f1(is_anomalous, scores)
+  has_anomalous = tp + fn > 0
+  f1 = 2 * tp / (2 * tp + fp + fn) if has_anomalous else math.nan
+  f1_max = _best_f1(is_anomalous, scores) if has_anomalous else math.nan
   return {
-      "precision": _ratio(tp, tp + fp, 1.0),
-      "recall": _ratio(tp, tp + fn, 1.0),
+      "precision": (tp / (tp + fp) if tp + fp else 1.0) if has_anomalous else math.nan,
+      "recall": tp / (tp + fn) if has_anomalous else math.nan,
       "f1": f1,
-      "false_alarm_rate": _ratio(fp, fp + tn, 0.0),
+      "false_alarm_rate": fp / (fp + tn) if fp + tn else math.nan,
       "f1_max": f1_max,
-      # f1_max >= 1 / (n_normal + 1) > 0 whenever anomalies exist, and 1 otherwise.
-      "threshold_efficiency": f1 / f1_max,
+      # f1_max >= 1 / (n_normal + 1) > 0 whenever anomalies exist.
+      "threshold_efficiency": f1 / f1_max if has_anomalous else math.nan,
       "threshold_mean": float(thresholds.mean()),
       "n_normal": fp + tn, "n_anomalous": tp + fn,
       "tp": tp, "fp": fp, "fn": fn, "tn": tn,
@@ -387,9 +391,11 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
     holds precision, recall, f1, false_alarm_rate, f1_max (F1 at the best
     cut of the row's scores), threshold_efficiency (f1 / f1_max),
     threshold_mean, n_normal, n_anomalous and the counts tp, fp, fn, tn; mean
-    and spread cover the rates and the efficiency over the classes that have
-    images (classes without images are left out of per_class). ``overall``
-    pools all images. Image i is flagged iff
+    and spread cover the rates and the efficiency over the classes where each
+    is defined (classes without images are left out of per_class). When a
+    rate is undefined for some class (NaN, see the module docstring)
+    ``'skipped': {name: {metric: reason}}`` says why.
+    ``overall`` pools all images. Image i is flagged iff
     ``scores[i] > thresholds_per_image[i]``.
   """
   scores = _as_scores("scores", scores)
@@ -428,14 +434,23 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
                                scores[member])
       if support_per_image is not None:
         per_class[name]["threshold_support"] = int(np.median(support_per_image[member]))
-  table = {m: np.array([row[m] for row in per_class.values()]) for m in _RATE_METRICS}
-  return {
+  defined = {m: np.array([row[m] for row in per_class.values() if not math.isnan(row[m])])
+             for m in _RATE_METRICS}
+  result = {
       "per_class": per_class,
-      "mean": {m: float(v.mean()) for m, v in table.items()},
-      "spread": {m: {"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
-                 for m, v in table.items()},
+      "mean": {m: float(v.mean()) if v.size else math.nan for m, v in defined.items()},
+      "spread": {m: ({"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+                     if v.size else dict.fromkeys(("std", "min", "max"), math.nan))
+                 for m, v in defined.items()},
       "overall": _rates(is_anomalous, flagged, thresholds, scores),
   }
+  skipped = {name: {m: _NO_NORMAL if m == "false_alarm_rate" else _NO_ANOMALOUS
+                    for m in _RATE_METRICS if math.isnan(row[m])}
+             for name, row in per_class.items()}
+  skipped = {name: reasons for name, reasons in skipped.items() if reasons}
+  if skipped:
+    result["skipped"] = skipped
+  return result
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from ccl_jax import hiercore
 # Each program's flags and defaults, as they were when the programs used argparse.
 DEFAULTS = {
     "cpu_schedule": {"settings": ["small"], "rounds": 5, "worker": None},
-    "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5},
+    "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5,
+                       "augmented_view_source_size": None},
     "memory_bank": {
         "encoders": ["efficientnet_lite0", "resnet18"], "num_images": [200, 1000],
         "image_size": 96, "num_groups": 4, "coreset_fraction": 0.1, "chunk_images": 64,

@@ -1,6 +1,7 @@
 """Calibrated decisions: threshold efficiency, cross-fitted HierCore thresholds, the hold-out
 floor, PatchCore's image-score reweighting and routing on look-alike classes."""
 import json
+import math
 import os
 
 import jax
@@ -35,15 +36,19 @@ def test_threshold_efficiency_is_f1_over_the_best_cut():
   assert low["per_class"]["a"]["threshold_efficiency"] == pytest.approx((6 / 9) / (6 / 7))
 
 
-def test_threshold_efficiency_of_one_label_classes_is_the_f1():
+def test_threshold_efficiency_of_one_label_classes():
   scores = np.array([0.1, 0.7, 0.2, 0.9])
   labels = np.array([0, 0, 1, 1])
   result = thresholds.decision_metrics(scores, labels, np.full(4, 0.5), np.array([0, 0, 1, 1]),
                                        ["normals", "defects"])
   normals, defects = result["per_class"]["normals"], result["per_class"]["defects"]
-  assert normals["f1_max"] == defects["f1_max"] == 1.0
-  assert normals["threshold_efficiency"] == 0.0  # one false alarm, nothing to find
+  # Nothing to find among normals only: undefined like F1, and said why.
+  assert math.isnan(normals["threshold_efficiency"]) and math.isnan(normals["f1_max"])
+  assert "threshold_efficiency" in result["skipped"]["normals"]
+  # Defects only: flagging all is the best cut, so the efficiency is the F1.
+  assert defects["f1_max"] == 1.0
   assert defects["threshold_efficiency"] == pytest.approx(2 / 3)
+  assert result["mean"]["threshold_efficiency"] == pytest.approx(2 / 3)
 
 
 def test_lognormal_rule_meets_alpha_on_average_at_small_n():

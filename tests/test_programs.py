@@ -39,6 +39,9 @@ def test_evaluate_program_reproduces_the_runs_own_metrics(trained_smoke_run, rep
   assert evaluated["classwise"]["mean"] == pytest.approx(own["classwise"]["mean"], abs=1e-6)
   assert evaluated["evaluated_step"] == own["evaluated_step"]
   assert os.path.exists(os.path.join(workdir, "eval", "results.md"))
+  # Its report.html carries the training curves of the run the model came from.
+  with open(os.path.join(workdir, "eval", "report.html"), encoding="utf-8") as f:
+    assert f.read().count('class="curve"') == 7
 
 
 def test_evaluate_scores_saved_variables_like_the_run(trained_smoke_run, smoke_settings,
