@@ -226,7 +226,7 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
     assert "no anomalous test images" in decided["skipped"]["coffee.beans"]["recall"]
     assert decided["mean"]["f1"] == pytest.approx(
         np.mean([decided["per_class"][c]["f1"] for c in with_defects]))
-  assert "coffee.beans: precision, recall, f1: no anomalous" in (
+  assert "coffee.beans: precision, recall, f1, threshold_efficiency: no anomalous" in (
       workdir / "results.md").read_text()
   assert (workdir / "decision.json").is_file()
   assert (workdir / "heatmaps" / "brick-wall").is_dir()
