@@ -155,10 +155,17 @@ def fit_decision(detector: Detector, dataset, train_indices: np.ndarray,
   estimated = estimate_thresholds(
       detector, dataset.train, holdout_indices, holdout_groups, groups.num_groups,
       decision=decision, global_batch_size=global_batch_size, batch_sharding=batch_sharding)
-  meta = {"labels_at_training": labels_at_training,
+  meta = {"labels_at_training": labels_at_training, "threshold_source": "holdout",
           "num_holdout_images": int(len(holdout_indices)),
           "embedding_dim": int(groups.centroids.shape[1])}
   return groups, estimated, meta
+
+
+def thresholds_of_scores(normal_scores: np.ndarray, group_ids: np.ndarray, num_groups: int,
+                         decision: DecisionSettings) -> thresholds.Thresholds:
+  """Thresholds from out-of-model normal scores computed elsewhere (HierCore's cross-fit)."""
+  return thresholds.estimate_thresholds(normal_scores, group_ids, num_groups,
+                                        rule=decision.rule, **decision.rule_kwargs)
 
 
 def fit_training_groups(embeddings: np.ndarray, class_ids: np.ndarray | None,
@@ -205,10 +212,15 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
                              class_ids=dataset.test_class_ids, class_names=dataset.class_names)
+  support = (np.asarray(estimated.num_normal)[group_ids] if estimated.num_normal else None)
+  pooled = int(sum(estimated.num_normal)) if estimated.num_normal else None
+  nominal = {"alpha": estimated.params.get("alpha")}
   result = {
       "metrics": summary,
-      "classwise": decide(outputs["threshold"]),
-      "agnostic": decide(outputs["agnostic_threshold"]),
+      "classwise": dict(decide(outputs["threshold"], support_per_image=support), **nominal),
+      "agnostic": dict(decide(outputs["agnostic_threshold"],
+                              support_per_image=None if pooled is None
+                              else np.full(len(scores), pooled)), **nominal),
       "routing": routing_quality(groups, group_ids, dataset.test_class_ids,
                                  dataset.class_names),
   }
@@ -217,13 +229,22 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
 
 def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: RunDir, dataset,
                      train_indices: np.ndarray, holdout_indices: np.ndarray, *, batch_sharding,
-                     groups: grouping.Groups | None = None
+                     groups: grouping.Groups | None = None,
+                     fitted: tuple[thresholds.Thresholds, dict[str, Any]] | None = None
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Groups and class-wise thresholds (decision.json), then the test-set evaluation with
-  threshold-free metrics and decisions (evaluation labels as at training)."""
+  threshold-free metrics and decisions (evaluation labels as at training).
+
+  `fitted`: thresholds and their decision.json meta estimated elsewhere (with `groups`);
+  then `holdout_indices` is not used.
+  """
   labels_at_training = run_settings.dataset.labels_at_training
   global_batch_size = run_settings.global_eval_batch_size
-  if not len(holdout_indices):
+  if fitted is not None:
+    if groups is None:
+      raise ValueError("fitted thresholds need the groups they were estimated in.")
+    estimated, decision_meta = fitted
+  elif not len(holdout_indices):
     logging.warning("validation_fraction=0: no held-out normal images, so no thresholds and "
                     "no decision.json; `python -m ccl_jax.predict` needs them.")
     summary, outputs = evaluate_test_set(
@@ -231,10 +252,12 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
         worker_count=run_settings.worker_count)
     return {"metrics": summary, "classes": list(dataset.class_names)}, outputs
-  groups, estimated, decision_meta = fit_decision(
-      detector, dataset, train_indices, holdout_indices, labels_at_training=labels_at_training,
-      decision=run_settings.decision, seed=run_settings.seed,
-      global_batch_size=global_batch_size, batch_sharding=batch_sharding, groups=groups)
+  else:
+    groups, estimated, decision_meta = fit_decision(
+        detector, dataset, train_indices, holdout_indices,
+        labels_at_training=labels_at_training, decision=run_settings.decision,
+        seed=run_settings.seed, global_batch_size=global_batch_size,
+        batch_sharding=batch_sharding, groups=groups)
   if jax.process_index() == 0:
     run_dir.write_decision(groups, estimated, dict(decision_meta, model=detector.name))
   result, outputs = evaluate_decisions(
@@ -260,8 +283,11 @@ def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
   if skipped:
     table += "\n\n" + skipped
   if "classwise" in result:
+    alpha = result["classwise"].get("alpha")
+    nominal = f", nominal {100 * alpha:.1f}" if alpha is not None else ""
     table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
-              "false-alarm rate):\n\n" + format_decision_table(result))
+              f"false-alarm rate{nominal}; Eff threshold efficiency = F1 / F1-max; n normal "
+              "scores that set the threshold):\n\n" + format_decision_table(result))
   table = "".join(f"**Warning:** {w}\n\n" for w in run_settings.warnings) + table
   run_dir.write_results(_nan_to_none(result), table,
                         heatmap_figures(dataset, outputs, run_settings.num_heatmaps_per_class))
@@ -319,19 +345,22 @@ def routing_quality(groups: grouping.Groups, group_ids: np.ndarray, class_ids: n
   return quality
 
 
-DECISION_COLUMNS = ("precision", "recall", "f1", "false_alarm_rate")
+DECISION_COLUMNS = ("precision", "recall", "f1", "false_alarm_rate", "threshold_efficiency")
 
 
 def format_decision_table(result: dict[str, Any]) -> str:
   """Markdown table of decisions per class at class-wise and class-agnostic thresholds."""
   header = ["class"] + [f"{c} ({kind})" for kind in ("class-wise", "agnostic")
-                        for c in ("P", "R", "F1", "FAR")]
+                        for c in ("P", "R", "F1", "FAR", "Eff", "n")]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
   def row(name, classwise, agnostic):
-    values = [block[c] for block in (classwise, agnostic) for c in DECISION_COLUMNS]
-    return "| " + " | ".join([name] + ["n/a" if v is None or np.isnan(v) else f"{100 * v:.1f}"
-                                       for v in values]) + " |"
+    cells = [name]
+    for block in (classwise, agnostic):
+      cells += ["n/a" if block[c] is None or np.isnan(block[c]) else f"{100 * block[c]:.1f}"
+                for c in DECISION_COLUMNS]
+      cells.append(str(block.get("threshold_support", "")))
+    return "| " + " | ".join(cells) + " |"
 
   classwise, agnostic = result["classwise"], result["agnostic"]
   for name in classwise["per_class"]:

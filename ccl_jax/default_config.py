@@ -77,10 +77,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.hiercore.feature_dim = 0       # patch feature channels; 0 = all (no pooling)
   config.hiercore.projection_dim = 128  # random projection for the k-center search; 0 = off
   config.hiercore.chunk_images = 64     # images per streaming coreset reduction
+  # Thresholds from K-fold cross-fitted scores: banks of K-1 folds score the held-out fold,
+  # the final bank holds every training image (no hold-out); 0 or 1 = validation hold-out.
+  config.hiercore.threshold_folds = 5
+  # How images are dealt to folds: 'random' | 'clusters' (k-means of the routing
+  # embeddings per group, so a held-out fold looks unlike the bank, as new parts do)
+  config.hiercore.fold_split = "clusters"
+  # PatchCore Eq. 7 image-score reweighting over the nearest patch's b neighbours; 0 = off
+  config.hiercore.reweight_neighbours = 0
 
   config.decision = ml_collections.ConfigDict()  # thresholds: see ccl_jax/decisions.py
-  config.decision.rule = "quantile"    # quantile | mean_std | max (ccl_jax/thresholds.py)
-  config.decision.rule_params = {"alpha": 0.05}  # quantile: alpha; mean_std: k
+  config.decision.rule = "quantile"    # quantile | lognormal | mean_std | max (thresholds.py)
+  config.decision.rule_params = {"alpha": 0.05}  # quantile, lognormal: alpha; mean_std: k
   config.decision.num_groups = 0       # groups without class labels; 0 = chosen automatically
   config.decision.max_groups = 20      # the automatic choice's upper bound
 
@@ -96,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   # authors crop it from the full-resolution file); 0: from the image_size image.
   config.augmented_view_source_size = 0
   config.validation_fraction = 0.05    # held-out normal training images, per class
+  # at least this many held out per class (thresholds of RD/CCL), one always kept; 0 = off
+  config.validation_min_images = 0
   config.early_stopping_patience = 0   # epochs without validation improvement; 0 = off
   config.evaluate_checkpoint = "best"  # 'best' (lowest validation loss) | 'last'
   config.eval_every_epochs = 0         # test-set metrics during training; 0 = only at the end

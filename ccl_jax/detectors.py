@@ -118,13 +118,15 @@ class HierCoreDetector(Detector):
   """HierCore: patch distances to the coreset of each image's group."""
 
   def __init__(self, image_size: int, encoder: nn.Module, encoder_variables: Any,
-               bank: hiercore.MemoryBank, feature_dim: int | None):
+               bank: hiercore.MemoryBank, feature_dim: int | None,
+               reweight_neighbours: int = 0):
     super().__init__("hiercore", image_size, encoder, encoder_variables)
     self.bank = bank
     self.feature_dim = feature_dim
+    self.reweight_neighbours = reweight_neighbours
 
   def _score(self, images: jax.Array, group_ids: jax.Array) -> Scores:
-    outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim)(
+    outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim, self.reweight_neighbours)(
         self.bank, self.encoder_variables, images, group_ids)
     return Scores(outputs["anomaly_map"], outputs["score"])
 
@@ -169,9 +171,11 @@ def _jitted_global_embedding(network: ReverseDistillation, encoder: nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_hiercore_scores(encoder: nn.Module, feature_dim: int | None):
+def _jitted_hiercore_scores(encoder: nn.Module, feature_dim: int | None,
+                            reweight_neighbours: int):
   return jax.jit(functools.partial(hiercore.score_images, encoder=encoder,
-                                   feature_dim=feature_dim))
+                                   feature_dim=feature_dim,
+                                   reweight_neighbours=reweight_neighbours))
 
 
 def build_network(run_settings: RunSettings) -> ReverseDistillation:
@@ -207,7 +211,8 @@ def hiercore_detector(run_settings: RunSettings, bank: hiercore.MemoryBank, enco
                       encoder_variables: Any) -> HierCoreDetector:
   return HierCoreDetector(run_settings.image_size, encoder, encoder_variables,
                           jax.device_put(bank, inference.replicated_sharding()),
-                          run_settings.hiercore.feature_dim or None)
+                          run_settings.hiercore.feature_dim or None,
+                          run_settings.hiercore.reweight_neighbours)
 
 
 def load_detector(path: str, *, checkpoint: str = "best") -> Detector:

@@ -97,7 +97,7 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     result.update({key: trained[key] for key in ("history", "training_log") if key in trained})
   if jax.process_index() == 0:
     decisions.write_results(RunDir(os.path.join(run_dir.path, "eval")), result, dataset,
-                            outputs, run_settings.num_heatmaps_per_class)
+                            outputs, run_settings)
   return result
 
 

@@ -126,7 +126,7 @@ def _cell(column: str, value: Any) -> str:
     return "n/a"
   if isinstance(value, (bool, int, np.integer)):
     return str(int(value))
-  if "threshold" in column:
+  if column == "threshold_mean":  # a score, not a rate (threshold_efficiency is a rate)
     return f"{value:.4g}"
   return f"{100 * value:.1f}"
 

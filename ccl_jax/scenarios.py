@@ -10,9 +10,9 @@ ccl_jax/decisions.py). The model is trained (or its memory bank built) once per 
 scenario, in <workdir>/labels_at_training and <workdir>/no_labels_at_training; a rerun
 resumes or reuses them. For each of the four scenarios it reports the threshold-free
 metrics (image/pixel AUROC, AUPRO, ...) and the decisions at class-wise and class-agnostic
-thresholds estimated from normal held-out training images (per-class precision, recall, F1,
-false-alarm rate, their mean and spread over classes). Writes <workdir>/scenarios.json and
-<workdir>/scenarios.md and prints the table.
+thresholds estimated from normal training images (per-class precision, recall, F1,
+false-alarm rate, threshold efficiency, their mean and spread over classes). Writes
+<workdir>/scenarios.json and <workdir>/scenarios.md and prints the table.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run_scenarios(run_settings: settings_lib.RunSettings, workdir: str) -> dict:
 def format_scenarios(rows: dict) -> str:
   """One markdown row per scenario: means over classes, F1 and false-alarm spread (std)."""
   header = ("| model | training | evaluation | groups | routing V | I-AUROC | P-AUROC | AUPRO "
-            "| F1 class-wise | FAR class-wise | F1 agnostic | FAR agnostic "
+            "| F1 class-wise | FAR class-wise | Eff class-wise | F1 agnostic | FAR agnostic "
             "| F1 std class-wise | F1 std agnostic |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for key, row in rows.items():
@@ -72,7 +72,8 @@ def format_scenarios(rows: dict) -> str:
     mean = row["metrics"]["mean"]
     cw, ag = row["classwise"], row["agnostic"]
     values = [mean["image_auroc"], mean["pixel_auroc"], mean["aupro"], cw["mean"]["f1"],
-              cw["mean"]["false_alarm_rate"], ag["mean"]["f1"], ag["mean"]["false_alarm_rate"],
+              cw["mean"]["false_alarm_rate"], cw["mean"]["threshold_efficiency"],
+              ag["mean"]["f1"], ag["mean"]["false_alarm_rate"],
               cw["spread"]["f1"]["std"], ag["spread"]["f1"]["std"]]
     lines.append("| " + " | ".join(
         [row["model"], training.replace("_at_training", ""),

@@ -23,7 +23,7 @@ from ccl_jax.datasets.layouts import MANTA_VIEW_MODES, REAL_IAD_RESOLUTIONS, REA
 from ccl_jax.models import ENCODERS
 
 MODEL_KINDS = ("reverse_distillation", "hiercore")
-THRESHOLD_RULES = ("quantile", "mean_std", "max")
+THRESHOLD_RULES = ("quantile", "lognormal", "mean_std", "max")
 # The paper's all-in-all setting (60 classes).
 ALL_IN_ALL = ("mvtec_ad", "visa", "btad", "real_iad")
 # The encoders' deepest feature map has stride 16 and the neck halves it once more, so the
@@ -140,6 +140,13 @@ class HierCoreSettings:
   feature_dim: int
   projection_dim: int
   chunk_images: int
+  threshold_folds: int  # 0 / 1: thresholds from the validation hold-out
+  fold_split: Literal["random", "clusters"]
+  reweight_neighbours: int  # 0: image score = maximum of the map (no reweighting)
+
+  @property
+  def cross_fitted(self) -> bool:
+    return self.threshold_folds >= 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +179,7 @@ class RunSettings:
   sampler: Literal["class_mixing", "shuffle"]
   augmented_view_source_size: int
   validation_fraction: float
+  validation_min_images: int
   early_stopping_patience: int
   evaluate_checkpoint: Literal["best", "last"]
   eval_every_epochs: int
@@ -260,8 +268,9 @@ RUN_IDENTITY_KEYS = (
     "loss.global_form", "loss.neck_on_augmented_view", "optimizer.projector_learning_rate",
     "optimizer.learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.clip_norm",
     "hiercore.coreset_fraction", "hiercore.feature_dim", "hiercore.projection_dim",
+    "hiercore.threshold_folds", "hiercore.fold_split", "hiercore.reweight_neighbours",
     "image_size", "batch_size", "seed", "sampler", "augmented_view_source_size",
-    "validation_fraction")
+    "validation_fraction", "validation_min_images")
 
 
 def from_config(config: ml_collections.ConfigDict) -> RunSettings:
@@ -395,6 +404,11 @@ def validate(s: RunSettings) -> list[str]:
   check("hiercore.projection_dim", h.projection_dim, integer(h.projection_dim, 0),
         "an integer >= 0 (0 = no projection)")
   check("hiercore.chunk_images", h.chunk_images, integer(h.chunk_images, 1), "an integer >= 1")
+  check("hiercore.threshold_folds", h.threshold_folds, integer(h.threshold_folds, 0),
+        "an integer >= 0 (0 or 1 = thresholds from the validation hold-out)")
+  choice("hiercore.fold_split", h.fold_split, ("random", "clusters"))
+  check("hiercore.reweight_neighbours", h.reweight_neighbours,
+        integer(h.reweight_neighbours, 0), "an integer >= 0 (0 = no reweighting)")
   choice("decision.rule", c.rule, THRESHOLD_RULES)
   check("decision.num_groups", c.num_groups, integer(c.num_groups, 0),
         "an integer >= 0 (0 = chosen automatically)")
@@ -417,6 +431,8 @@ def validate(s: RunSettings) -> list[str]:
   check("validation_fraction", s.validation_fraction,
         number(s.validation_fraction) and 0 <= s.validation_fraction < 1,
         "a fraction in [0, 1)")
+  check("validation_min_images", s.validation_min_images,
+        integer(s.validation_min_images, 0), "an integer >= 0 (0 = validation_fraction only)")
   choice("evaluate_checkpoint", s.evaluate_checkpoint, ("best", "last"))
   for key in ("early_stopping_patience", "eval_every_epochs", "checkpoint_every_steps",
               "num_heatmaps_per_class", "worker_count"):

@@ -20,6 +20,19 @@ Rules (``RULES``; n = number of normal scores, s_(1) <= ... <= s_(n) sorted):
   false-alarm rate exceeds alpha for small n. When n < 1 / alpha - 1 (n < 19
   at alpha = 0.05) no order statistic can guarantee alpha and the rule gives
   the max, whose guarantee is 1 / (n + 1).
+* ``lognormal`` (``alpha`` = 0.05): the one-sided Gaussian prediction bound
+  of the log scores, exp(m + t_{n-1, 1-alpha} * s * sqrt(1 + 1/n)) with m, s
+  the mean and sample std (ddof = 1) of log s_i; needs n >= 2 and positive
+  scores. If the log scores of a group's normal images are Gaussian, a new
+  normal image exceeds it with probability exactly alpha, averaged over
+  hold-out draws, at ANY n: where ``quantile`` can only return the max of a
+  few scores (whose false-alarm rate is 1 / (n + 1) and whose value is as
+  noisy as the largest of n draws), this bound uses every score. Image scores
+  are positive maxima of anomaly maps, often right-skewed; the log removes
+  part of the skew, but Gaussian logs are an assumption (Shapiro-Wilk
+  rejects it for about half the classes of docs/thresholds.md's set, raw or
+  log). Where it fails the realised false-alarm rate can differ from alpha;
+  ``metrics.json`` reports it.
 * ``mean_std`` (``k`` = 3.0): mean + k * std with the sample std (ddof = 1);
   needs n >= 2. Assumes roughly Gaussian scores; image scores are maxima of
   anomaly maps, i.e. right-skewed, so the implied false-alarm rate is
@@ -37,7 +50,7 @@ kept for comparison only.
 
 Small groups: the agnostic threshold (rule applied to all normal scores
 pooled) is always computed. A group with fewer normal scores than the rule
-needs (0 for every rule, 1 for ``mean_std``) takes the agnostic threshold;
+needs (0 for every rule, 1 for ``lognormal`` and ``mean_std``) takes the agnostic threshold;
 ``Thresholds.num_normal`` records each group's count so this is visible.
 
 Decisions: an image is flagged anomalous iff ``score > threshold`` (strict).
@@ -54,9 +67,13 @@ or F1, and one without normal test images no false-alarm rate: these are NaN
 and ``skipped[class][metric]`` says why. (A 1.0 or 0.0 by convention would
 be counted in the means as if the class had been tested.) With anomalous
 images present but nothing flagged, precision is 1.0 (no false alarm was
-made), so F1 = 2PR/(P + R) still holds. Each class also reports its counts.
-The mean and spread (population std, min, max) of each metric are taken over
-the classes where it is defined (NaN when it is defined for none).
+made), so F1 = 2PR/(P + R) still holds. Threshold efficiency = F1 / F1-max,
+where F1-max is the F1 at the best cut of the same images' scores
+(`metrics.f1_max`; 1.0 with anomalous images only, where flagging all is
+exact): how much of what the ranking allows the estimated threshold delivers,
+1.0 at the best threshold; undefined where F1 is. Each class also reports
+its counts. The mean and spread (population std, min, max) of each metric are
+taken over the classes where it is defined (NaN when it is defined for none).
 
 ``ccl_jax.run_dir`` stores groups + thresholds + a meta dict as a run's
 decision.json, and validates it key by key when reading it back.
@@ -71,24 +88,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
+from ccl_jax import metrics
 from ccl_jax.grouping import Groups
 
-RULES = ("quantile", "mean_std", "max")
+RULES = ("quantile", "lognormal", "mean_std", "max")
 DEFAULT_RULE = "quantile"
 # Each rule's parameters and their defaults; nothing else is accepted.
 RULE_DEFAULTS: dict[str, dict[str, float]] = {
     "quantile": {"alpha": 0.05},
+    "lognormal": {"alpha": 0.05},
     "mean_std": {"k": 3.0},
     "max": {},
 }
 # Fewest normal scores each rule is defined for.
-_MIN_SCORES = {"quantile": 1, "mean_std": 2, "max": 1}
+_MIN_SCORES = {"quantile": 1, "lognormal": 2, "mean_std": 2, "max": 1}
 # (n + 1)(1 - alpha) is often an integer in exact arithmetic (n = 39,
 # alpha = 0.05); float rounding must not push ceil() one order statistic up.
 _CEIL_SLACK = 1e-9
 
-_RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate")
+_RATE_METRICS = ("precision", "recall", "f1", "false_alarm_rate", "threshold_efficiency")
 
 
 # ----------------------------------------------------------------------------
@@ -109,8 +129,8 @@ def _resolve_params(rule: str, params: dict[str, Any]) -> dict[str, float]:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
       raise ValueError(f"rule {rule!r} parameter {name!r} must be a number; got {value!r}")
     resolved[name] = float(value)
-  if rule == "quantile" and not 0.0 < resolved["alpha"] < 1.0:
-    raise ValueError(f"rule 'quantile' needs alpha in (0, 1); got {resolved['alpha']}")
+  if rule in ("quantile", "lognormal") and not 0.0 < resolved["alpha"] < 1.0:
+    raise ValueError(f"rule {rule!r} needs alpha in (0, 1); got {resolved['alpha']}")
   if rule == "mean_std" and not (math.isfinite(resolved["k"]) and resolved["k"] >= 0.0):
     raise ValueError(f"rule 'mean_std' needs a finite k >= 0; got {resolved['k']}")
   return resolved
@@ -134,6 +154,12 @@ def _apply_rule(scores: np.ndarray, rule: str, params: dict[str, float]) -> floa
     return float(scores.max())
   if rule == "mean_std":
     return float(scores.mean() + params["k"] * scores.std(ddof=1))
+  if rule == "lognormal":
+    if np.any(scores <= 0):
+      raise ValueError(f"rule 'lognormal' needs positive scores; got minimum {scores.min()}")
+    logs = np.log(scores)
+    spread = scipy.stats.t.ppf(1.0 - params["alpha"], n - 1) * math.sqrt(1.0 + 1.0 / n)
+    return float(np.exp(logs.mean() + spread * logs.std(ddof=1)))
   k = math.ceil((n + 1) * (1.0 - params["alpha"]) - _CEIL_SLACK)
   # np.sort copies, so the caller's array is never reordered.
   return float(np.sort(scores)[min(k, n) - 1])
@@ -311,17 +337,31 @@ _NO_ANOMALOUS = ("no anomalous test images: precision, recall and F1 measure how
 _NO_NORMAL = "no normal test images, so no false alarm could be made"
 
 
-def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray) -> dict:
+def _best_f1(is_anomalous: np.ndarray, scores: np.ndarray) -> float:
+  """F1 at the best cut of `scores` (some anomalous); with anomalous images only, flagging
+  all is exact, so the best is 1."""
+  if is_anomalous.all():
+    return 1.0
+  return metrics.f1_max(is_anomalous, scores)
+
+
+def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray,
+           scores: np.ndarray) -> dict:
   tp = int(np.count_nonzero(flagged & is_anomalous))
   fp = int(np.count_nonzero(flagged & ~is_anomalous))
   fn = int(np.count_nonzero(~flagged & is_anomalous))
   tn = int(np.count_nonzero(~flagged & ~is_anomalous))
   has_anomalous = tp + fn > 0
+  f1 = 2 * tp / (2 * tp + fp + fn) if has_anomalous else math.nan
+  f1_max = _best_f1(is_anomalous, scores) if has_anomalous else math.nan
   return {
       "precision": (tp / (tp + fp) if tp + fp else 1.0) if has_anomalous else math.nan,
       "recall": tp / (tp + fn) if has_anomalous else math.nan,
-      "f1": 2 * tp / (2 * tp + fp + fn) if has_anomalous else math.nan,
+      "f1": f1,
       "false_alarm_rate": fp / (fp + tn) if fp + tn else math.nan,
+      "f1_max": f1_max,
+      # f1_max >= 1 / (n_normal + 1) > 0 whenever anomalies exist.
+      "threshold_efficiency": f1 / f1_max if has_anomalous else math.nan,
       "threshold_mean": float(thresholds.mean()),
       "n_normal": fp + tn, "n_anomalous": tp + fn,
       "tp": tp, "fp": fp, "fn": fn, "tn": tn,
@@ -329,8 +369,10 @@ def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray
 
 
 def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_image: np.ndarray,
-                     class_ids: np.ndarray, class_names: Sequence[str]) -> dict:
-  """Precision, recall, F1 and false-alarm rate at given per-image thresholds.
+                     class_ids: np.ndarray, class_names: Sequence[str], *,
+                     support_per_image: np.ndarray | None = None) -> dict:
+  """Precision, recall, F1, false-alarm rate and threshold efficiency at given per-image
+  thresholds.
 
   Args:
     scores: [N] image scores of the evaluated (test) images.
@@ -339,15 +381,20 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
       ``Thresholds.per_image(route(...))``, or the agnostic one everywhere).
     class_ids: [N] true class index of each image in [0, C), for reporting.
     class_names: the C class names.
+    support_per_image: [N] optional; how many normal scores set each image's
+      threshold (``Thresholds.num_normal`` of its group). A class row then
+      holds ``threshold_support``, the median over its images.
 
   Returns:
     ``{'per_class': {name: row}, 'mean': {metric: float},
     'spread': {metric: {'std', 'min', 'max'}}, 'overall': row}`` where a row
-    holds precision, recall, f1, false_alarm_rate, threshold_mean, n_normal,
-    n_anomalous and the counts tp, fp, fn, tn; mean and spread cover the four
-    rates over the classes where each is defined (classes without images are
-    left out of per_class). When a rate is undefined for some class (NaN, see
-    the module docstring) ``'skipped': {name: {metric: reason}}`` says why.
+    holds precision, recall, f1, false_alarm_rate, f1_max (F1 at the best
+    cut of the row's scores), threshold_efficiency (f1 / f1_max),
+    threshold_mean, n_normal, n_anomalous and the counts tp, fp, fn, tn; mean
+    and spread cover the rates and the efficiency over the classes where each
+    is defined (classes without images are left out of per_class). When a
+    rate is undefined for some class (NaN, see the module docstring)
+    ``'skipped': {name: {metric: reason}}`` says why.
     ``overall`` pools all images. Image i is flagged iff
     ``scores[i] > thresholds_per_image[i]``.
   """
@@ -371,13 +418,22 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
   if class_ids.shape != (n,):
     raise ValueError(f"class_ids must have shape [N] = ({n},); got {class_ids.shape}")
 
+  if support_per_image is not None:
+    support_per_image = np.asarray(support_per_image)
+    if support_per_image.shape != (n,) or support_per_image.dtype.kind not in "iu":
+      raise ValueError(f"support_per_image must be [N] = ({n},) integers; got shape "
+                       f"{support_per_image.shape}, dtype {support_per_image.dtype}")
+
   is_anomalous = labels.astype(bool)
   flagged = scores > thresholds
   per_class = {}
   for c, name in enumerate(class_names):
     member = class_ids == c
     if member.any():
-      per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member])
+      per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member],
+                               scores[member])
+      if support_per_image is not None:
+        per_class[name]["threshold_support"] = int(np.median(support_per_image[member]))
   defined = {m: np.array([row[m] for row in per_class.values() if not math.isnan(row[m])])
              for m in _RATE_METRICS}
   result = {
@@ -386,7 +442,7 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
       "spread": {m: ({"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
                      if v.size else dict.fromkeys(("std", "min", "max"), math.nan))
                  for m, v in defined.items()},
-      "overall": _rates(is_anomalous, flagged, thresholds),
+      "overall": _rates(is_anomalous, flagged, thresholds, scores),
   }
   skipped = {name: {m: _NO_NORMAL if m == "false_alarm_rate" else _NO_ANOMALOUS
                     for m in _RATE_METRICS if math.isnan(row[m])}

@@ -8,7 +8,7 @@ real parts. Expected (means over the 7 classes, %; 2-core AMD EPYC CPU, 2026-11-
 CCL run takes 3 min 38 s with the data already prepared):
   configs/demo.py                 I-AUROC 90.0, P-AUROC 95.6, AUPRO 89.6
   configs/demo.py:rd              I-AUROC 89.6, P-AUROC 96.2, AUPRO 90.7
-  configs/demo.py:hiercore        I-AUROC 86.2, P-AUROC 90.9, AUPRO 78.2
+  configs/demo.py:hiercore        I-AUROC 84.6, P-AUROC 91.8, AUPRO 77.8
   configs/demo.py:random_encoder  I-AUROC 51.4, P-AUROC 79.5, AUPRO 48.8
 
 Variants (`configs/demo.py:<variant>`):

@@ -19,7 +19,9 @@ Variants (`configs/photo_parts.py:<variant>`):
   hiercore    HierCore on the same data and encoder (a memory bank, no training).
   lookalike   the 'lookalike' set (python -m data_prep.photo_parts --set lookalike
               --output ~/photo_parts_lookalike): two photographs at two scales each, so
-              classes come in pairs that look alike.
+              classes come in pairs that look alike. The four label scenarios on it:
+              python -m ccl_jax.scenarios --config configs/photo_parts.py:lookalike,hiercore \
+                  --workdir /tmp/lookalike_scenarios
 """
 from configs import demo
 
@@ -32,6 +34,9 @@ def get_config(arg: str | None = None):
   variant, _, rest = (arg or "").partition(",")
   if variant == "lookalike":
     config.dataset.manual_dir = "~/photo_parts_lookalike"
+    # Its brick and gravel are other images than the parts set's classes of the same name:
+    # prepared data of its own, so neither set is refused for the other's files.
+    config.dataset.data_dir = "~/ccl_jax_data/photo_parts_lookalike"
     variant, rest = rest, ""
   if rest:
     raise ValueError(f"Unknown variant {arg!r} of configs/photo_parts.py")

@@ -45,7 +45,8 @@ def test_evaluation_groups_for_clusters_keep_a_given_class_together():
 def hiercore_scenarios(smoke_settings, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("scenarios"))
   rows = scenarios.run_scenarios(smoke_settings(**{
-      "validation_fraction": 0.25, "num_heatmaps_per_class": 0, "model.kind": "hiercore"}),
+      "validation_fraction": 0.25, "num_heatmaps_per_class": 0, "model.kind": "hiercore",
+      "hiercore.threshold_folds": 0}),
                                  workdir)
   return workdir, rows
 

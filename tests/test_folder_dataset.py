@@ -226,7 +226,7 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
     assert "no anomalous test images" in decided["skipped"]["coffee.beans"]["recall"]
     assert decided["mean"]["f1"] == pytest.approx(
         np.mean([decided["per_class"][c]["f1"] for c in with_defects]))
-  assert "coffee.beans: precision, recall, f1: no anomalous" in (
+  assert "coffee.beans: precision, recall, f1, threshold_efficiency: no anomalous" in (
       workdir / "results.md").read_text()
   assert (workdir / "decision.json").is_file()
   assert (workdir / "heatmaps" / "brick-wall").is_dir()
@@ -267,9 +267,9 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   tags = read_events(str(workdir / "events")).Tags()["scalars"]
   assert "final_classwise/false_alarm_rate/gravel_16" in tags
   assert not [tag for tag in tags if tag.startswith("final/")]
-  # Thresholds come from the held-out normals, so predict works on this run.
+  # Thresholds come from cross-fitted normal scores, so predict works on this run.
   decision = json.loads((workdir / "decision.json").read_text())
-  assert decision["meta"]["num_holdout_images"] > 0
+  assert decision["meta"]["num_cross_fitted_images"] > 0
   predicted = _predict(workdir, root / "gravel_16" / "normal", tmp_path / "out.json")
   assert len(predicted) == 10
   assert {r["decision"] for r in predicted} <= {"normal", "anomalous"}

@@ -30,15 +30,34 @@ def test_every_problem_is_reported_at_once_with_its_key():
   config.model.encoder = "vgg16"
   config.decision.rule = "median"
   config.validation_fraction = 1.0
+  config.hiercore.threshold_folds = -1
+  config.hiercore.fold_split = "blocks"
+  config.hiercore.reweight_neighbours = -3
+  config.validation_min_images = -2
   with pytest.raises(settings.ConfigError) as err:
     settings.from_config(config)
   message = str(err.value)
-  assert "5 invalid key(s)" in message
+  assert "9 invalid key(s)" in message
   assert "image_size=48: expected a positive multiple of 32" in message
   assert "loss.window=4: expected an odd integer" in message
   assert "model.encoder='vgg16': expected one of" in message and "'resnet18'" in message
   assert "decision.rule='median'" in message
   assert "validation_fraction=1.0: expected a fraction in [0, 1)" in message
+  assert "hiercore.threshold_folds=-1: expected an integer >= 0" in message
+  assert "hiercore.fold_split='blocks': expected one of 'random', 'clusters'" in message
+  assert "hiercore.reweight_neighbours=-3: expected an integer >= 0" in message
+  assert "validation_min_images=-2: expected an integer >= 0" in message
+
+
+def test_calibration_keys_identify_a_run():
+  base = settings.from_config(demo.get_config("hiercore"))
+  assert base.hiercore.cross_fitted and not base.replace(
+      **{"hiercore.threshold_folds": 1}).hiercore.cross_fitted
+  changed = base.replace(**{"hiercore.threshold_folds": 0, "hiercore.fold_split": "random",
+                             "hiercore.reweight_neighbours": 3, "validation_min_images": 20})
+  assert settings.changed_keys(base, changed) == [
+      "hiercore.threshold_folds: 5 -> 0", "hiercore.fold_split: 'clusters' -> 'random'",
+      "hiercore.reweight_neighbours: 0 -> 3", "validation_min_images: 0 -> 20"]
 
 
 def test_the_preset_switches_are_validated_with_their_key():

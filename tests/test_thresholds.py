@@ -192,7 +192,8 @@ def test_decision_metrics_leave_undefined_rates_out():
   assert result["mean"]["recall"] == 0.5 and result["mean"]["false_alarm_rate"] == 0.25
   assert result["spread"]["recall"] == {"std": 0.0, "min": 0.5, "max": 0.5}
   assert set(result["skipped"]) == {"quiet", "noisy", "only_bad"}
-  assert set(result["skipped"]["noisy"]) == {"precision", "recall", "f1"}
+  assert set(result["skipped"]["noisy"]) == {"precision", "recall", "f1",
+                                             "threshold_efficiency"}
   assert "no anomalous test images" in result["skipped"]["noisy"]["f1"]
   assert list(result["skipped"]["only_bad"]) == ["false_alarm_rate"]
   # The pooled row has both kinds of image, so every rate is defined there.

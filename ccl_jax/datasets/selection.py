@@ -84,27 +84,29 @@ def training_split(run_settings: RunSettings,
   stratified by class only when class labels are used at training."""
   split_ids = (dataset.train_class_ids if run_settings.dataset.labels_at_training
                else np.zeros_like(dataset.train_class_ids))
-  return holdout_split(split_ids, run_settings.validation_fraction, run_settings.seed)
+  return holdout_split(split_ids, run_settings.validation_fraction, run_settings.seed,
+                       min_images=run_settings.validation_min_images)
 
 
-
-
-def holdout_split(class_ids, fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(class_ids, fraction: float, seed: int, *,
+                  min_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Stratified, deterministic train/validation split of training images.
 
   The validation part is a held-out set of NORMAL training images used for
   early stopping on the validation loss.
 
-  For each class with ``n_c`` images, ``round(fraction * n_c)`` (half up)
-  images go to validation, capped so that at least one stays in training; a
-  class with fewer than 2 images keeps all of them for training. The choice
-  inside a class depends only on ``(seed, class id)``.
+  For each class with ``n_c`` images, ``max(round(fraction * n_c), min_images)``
+  (round half up) images go to validation, capped so that at least one stays
+  in training; a class with fewer than 2 images keeps all of them for
+  training. The choice inside a class depends only on ``(seed, class id)``.
+  The floor exists for the thresholds: a share of a small class leaves too
+  few normal scores to estimate a tail from (5 % of 60 images is 3).
 
   Args:
     class_ids: int array [n], the class of each source position.
     fraction: share held out, in [0, 1).
     seed: non-negative int.
+    min_images: floor of the held-out count per class, >= 0.
 
   Returns:
     ``(train_indices, validation_indices)``: sorted int64 positions into
@@ -115,13 +117,15 @@ def holdout_split(class_ids, fraction: float,
     raise ValueError(f"class_ids must be 1-D, got shape {class_ids.shape}")
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+  if min_images < 0:
+    raise ValueError(f"min_images must be >= 0, got {min_images}")
   val_parts = []
   for c in np.unique(class_ids):
     members = np.flatnonzero(class_ids == c)
     n_c = members.size
     if n_c < 2:
       continue
-    n_val = min(int(np.floor(fraction * n_c + 0.5)), n_c - 1)
+    n_val = min(max(int(np.floor(fraction * n_c + 0.5)), min_images), n_c - 1)
     if n_val <= 0:
       continue
     rng = np.random.default_rng([int(seed), int(c) & 0xFFFFFFFF])

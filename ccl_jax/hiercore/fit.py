@@ -4,14 +4,32 @@ No training: the frozen encoder's patch features of the training images are grou
 class label, or by clustering the routing embeddings without labels), each group's are
 reduced to a coreset, and the run ends like every other (`decisions.fit_and_evaluate`).
 Writes memory_bank.npz, decision.json, metrics.json, results.md and heatmaps/.
+
+Thresholds by cross-fitting (`hiercore.threshold_folds` K >= 2, the default 5): a bank
+costs seconds, so instead of holding images out, each group's training images are dealt
+to K folds; a bank of the other K-1 folds scores each fold, so every training image gets
+an out-of-bank normal score, and the final bank holds all of them. Folds
+(`hiercore.fold_split`):
+* 'random': an even random deal. Out-of-bank is not out-of-part: a training image that
+  shares content with others (overlapping views of one surface, near-duplicates) finds
+  its own patches in the other folds, so its score is optimistic;
+* 'clusters' (default): k-means of the routing embeddings within each group, so a fold is
+  a set of images alike among themselves and unlike the bank, as a new part is unlike the
+  training parts. Its scores err high rather than low (a fold's bank misses a whole region
+  of the normal variation), so the thresholds are conservative: on the photographs of
+  docs/thresholds.md the false-alarm rate on new parts is 16 % instead of 49 % with random
+  folds, at the price of recall.
+K <= 1 keeps the validation hold-out (`validation_fraction`) for the thresholds.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
+from sklearn.cluster import KMeans
 
 from ccl_jax import decisions, detectors, inference
 from ccl_jax.datasets import selection
@@ -27,7 +45,11 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=is_main)
+  hiercore_settings = run_settings.hiercore
   train_indices, holdout_indices = selection.training_split(run_settings, dataset)
+  if hiercore_settings.cross_fitted:
+    train_indices = np.sort(np.concatenate([train_indices, holdout_indices]))
+    holdout_indices = holdout_indices[:0]
   replicated = inference.replicated_sharding()
   batch_sharding = inference.batch_sharding()
   global_batch_size = run_settings.global_eval_batch_size
@@ -48,25 +70,93 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
                                              dataset.class_names)
   logging.info("HierCore: %d groups (%s).", groups.num_groups,
                "class labels" if groups.from_labels else "clusters")
-  hiercore_settings = run_settings.hiercore
+  patch_fn = make_patch_fn(encoder, encoder_variables,
+                           feature_dim=hiercore_settings.feature_dim or None)
+
+  def bank_of(indices, group_ids):
+    return build_memory_bank(
+        patch_fn, dataset.train, indices, group_ids, groups.num_groups,
+        coreset_fraction=hiercore_settings.coreset_fraction,
+        chunk_images=hiercore_settings.chunk_images, global_batch_size=global_batch_size,
+        batch_sharding=batch_sharding, projection_dim=hiercore_settings.projection_dim or None,
+        seed=run_settings.seed, worker_count=run_settings.worker_count, progress=is_main)
+
+  def detector_of(bank):
+    return detectors.hiercore_detector(run_settings, bank, encoder, encoder_variables)
+
   started = time.perf_counter()
-  bank = build_memory_bank(
-      make_patch_fn(encoder, encoder_variables,
-                    feature_dim=hiercore_settings.feature_dim or None),
-      dataset.train, train_indices, train_groups, groups.num_groups,
-      coreset_fraction=hiercore_settings.coreset_fraction,
-      chunk_images=hiercore_settings.chunk_images, global_batch_size=global_batch_size,
-      batch_sharding=batch_sharding, projection_dim=hiercore_settings.projection_dim or None,
-      seed=run_settings.seed, worker_count=run_settings.worker_count, progress=is_main)
+  bank = bank_of(train_indices, train_groups)
   build_seconds = time.perf_counter() - started
   if is_main:
     run_dir.write_memory_bank(bank)
-  detector = detectors.hiercore_detector(run_settings, bank, encoder, encoder_variables)
+  fitted = None
+  if hiercore_settings.cross_fitted:
+    folds = assign_folds(embeddings, train_groups, hiercore_settings.threshold_folds,
+                         split=hiercore_settings.fold_split, seed=run_settings.seed)
+    scores = cross_fitted_scores(bank_of, detector_of, dataset.train, train_indices,
+                                 train_groups, folds, global_batch_size=global_batch_size,
+                                 batch_sharding=batch_sharding)
+    scored = folds >= 0
+    fitted = (decisions.thresholds_of_scores(scores[scored], train_groups[scored],
+                                             groups.num_groups, run_settings.decision),
+              {"labels_at_training": labels_at_training, "threshold_source": "cross_fit",
+               "threshold_folds": hiercore_settings.threshold_folds,
+               "fold_split": hiercore_settings.fold_split,
+               "num_holdout_images": 0, "num_cross_fitted_images": int(scored.sum()),
+               "embedding_dim": int(groups.centroids.shape[1])})
   result, outputs = decisions.fit_and_evaluate(
-      detector, run_settings, run_dir, dataset, train_indices, holdout_indices,
-      batch_sharding=batch_sharding, groups=groups)
+      detector_of(bank), run_settings, run_dir, dataset, train_indices, holdout_indices,
+      batch_sharding=batch_sharding, groups=groups, fitted=fitted)
   result["memory_bank"] = {"patches_per_group": bank.counts.tolist(),
                            "mib": bank.nbytes / 2**20, "build_seconds": build_seconds}
   if is_main:
     decisions.write_results(run_dir, result, dataset, outputs, run_settings)
   return result
+
+
+def assign_folds(embeddings: np.ndarray, group_ids: np.ndarray, num_folds: int, *,
+                 split: str, seed: int) -> np.ndarray:
+  """Fold [N] of each training image: in [0, k_g) with k_g = min(num_folds, n_g) for a
+  group of n_g >= 2 images, -1 for the only image of a group (never held out: its group's
+  bank would be empty). Every fold leaves images of each group in its bank.
+
+  split: 'random' (an even deal per group) or 'clusters' (k-means of the routing
+  embeddings [N, D] per group; see the module docstring).
+  """
+  if split not in ("random", "clusters"):
+    raise ValueError(f"split must be 'random' or 'clusters', got {split!r}.")
+  if num_folds < 2:
+    raise ValueError(f"num_folds must be >= 2, got {num_folds}.")
+  group_ids = np.asarray(group_ids)
+  folds = np.full(group_ids.shape, -1, np.int64)
+  for g in np.unique(group_ids):
+    members = np.flatnonzero(group_ids == g)
+    k = min(num_folds, members.size)
+    if k < 2:
+      continue
+    if split == "random":
+      order = np.random.default_rng([seed, int(g)]).permutation(members.size)
+      folds[members[order]] = np.arange(members.size) % k
+    else:
+      folds[members] = KMeans(k, n_init=10, random_state=seed).fit_predict(
+          np.asarray(embeddings, np.float64)[members])
+  return folds
+
+
+def cross_fitted_scores(bank_of: Callable, detector_of: Callable, source,
+                        indices: np.ndarray, group_ids: np.ndarray, folds: np.ndarray, *,
+                        global_batch_size: int, batch_sharding) -> np.ndarray:
+  """Out-of-bank image scores [N] of `source[indices]`: fold k's images scored by
+  `detector_of(bank_of(other indices, their groups))` in their groups; images of fold -1
+  get NaN (not scored)."""
+  scores = np.full(indices.size, np.nan)
+  for k in range(int(folds.max()) + 1):
+    held = folds == k
+    if not held.any():
+      continue
+    detector = detector_of(bank_of(indices[~held], group_ids[~held]))
+    scores[held] = inference.run_inference(
+        decisions.score_fn(detector), source, indices[held], outputs=("score",),
+        per_image_inputs={"group_id": group_ids[held]}, global_batch_size=global_batch_size,
+        batch_sharding=batch_sharding)["score"]
+  return scores

@@ -35,9 +35,8 @@ Padding rows of a group (beyond counts[g]) are masked to +inf. The patch-distanc
 upsampled (bilinear, align_corners=True) and blurred (Gaussian sigma 4) to the image size
 with the operators of `ccl_jax.anomaly_maps`, as RD's maps are; the image score is the
 maximum of that map (`anomaly_maps.image_score`), so both models' scores are defined alike.
-PatchCore's image-score reweighting (by the density around the nearest memory patch) is not
-used: the abstract does not mention it and the thresholds are estimated per group from these
-scores directly.
+PatchCore's image-score reweighting (Eq. 7, by the density of the bank around the nearest
+coreset point of the worst patch; `reweighting`) is an option (`hiercore.reweight_neighbours`).
 """
 from __future__ import annotations
 
@@ -208,54 +207,122 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
   return MemoryBank.create(bank, counts)
 
 
-def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
-                      memory_chunk: int = 1024) -> jax.Array:
-  """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
-  coreset, scanning the memory axis in chunks of `memory_chunk`. Jittable."""
-  batch, height, width, channels = patch_features.shape
+def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int, *,
+             memory_chunk: int, rows: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Squared distances and bank rows [B, P, k] of the k nearest points of each query [B, P, C]
+  in its image's group coreset, nearest first; the memory axis is scanned in chunks with a
+  running top-k. Where the group has fewer than k points the rest are +inf. `rows` False
+  (k = 1 only) skips the rows (returned as zeros): a running minimum is the cheapest scan."""
   features = jnp.asarray(bank.features, jnp.float32)
   counts = jnp.asarray(bank.counts)
+  batch, num_queries, channels = queries.shape
   if features.shape[2] != channels:
     raise ValueError(f"patch features have {channels} channels, the memory bank "
                      f"{features.shape[2]}.")
   size = features.shape[1]
   chunk = min(memory_chunk, size)
-  queries = patch_features.reshape(batch, height * width, channels).astype(jnp.float32)
+  queries = queries.astype(jnp.float32)
   query_norms = jnp.sum(jnp.square(queries), axis=-1)
   group_ids = jnp.asarray(group_ids, jnp.int32)
 
-  def step(running, k):
-    # The last chunk is shifted back to stay in range; rows seen twice do not change a min.
-    start = jnp.minimum(k * chunk, size - chunk)
+  def step(running, k_chunk):
+    # The last chunk is shifted back to stay in range; its rows seen twice are dropped.
+    start = jnp.minimum(k_chunk * chunk, size - chunk)
     memory = jax.lax.dynamic_slice_in_dim(features, start, chunk, axis=1)[group_ids]
     slots = start + jnp.arange(chunk)
-    valid = slots[None, :] < counts[group_ids][:, None]  # [B, chunk]
+    valid = ((slots[None, :] < counts[group_ids][:, None])
+             & (slots[None, :] >= k_chunk * chunk))  # [B, chunk]
     squared = (query_norms[:, :, None] + jnp.sum(jnp.square(memory), axis=-1)[:, None, :]
                - 2.0 * jnp.einsum("bpc,bmc->bpm", queries, memory,
                                   precision=jax.lax.Precision.HIGHEST))
     squared = jnp.where(valid[:, None, :], squared, jnp.inf)
-    return jnp.minimum(running, jnp.min(squared, axis=-1)), None
+    if k == 1 and not rows:
+      return (jnp.minimum(running[0], jnp.min(squared, axis=-1, keepdims=True)),
+              running[1]), None
+    if k == 1:
+      # min/argmin: a top-k merge costs several times more on CPU for the common case.
+      best = jnp.argmin(squared, axis=-1)[..., None]
+      nearer = jnp.take_along_axis(squared, best, axis=-1) < running[0]
+      return (jnp.where(nearer, jnp.take_along_axis(squared, best, axis=-1), running[0]),
+              jnp.where(nearer, slots[best], running[1])), None
+    merged = jnp.concatenate([running[0], squared], axis=-1)
+    merged_rows = jnp.concatenate([running[1], jnp.broadcast_to(slots, squared.shape)],
+                                  axis=-1)
+    negative, picked = jax.lax.top_k(-merged, k)
+    return (-negative, jnp.take_along_axis(merged_rows, picked, axis=-1)), None
 
-  running = jnp.full((batch, height * width), jnp.inf, jnp.float32)
-  running, _ = jax.lax.scan(step, running, jnp.arange(math.ceil(size / chunk)))
-  return jnp.sqrt(jnp.maximum(running, 0.0)).reshape(batch, height, width)
+  running = (jnp.full((batch, num_queries, k), jnp.inf, jnp.float32),
+             jnp.zeros((batch, num_queries, k), jnp.int32))
+  (squared, nearest), _ = jax.lax.scan(step, running, jnp.arange(math.ceil(size / chunk)))
+  return squared, nearest
+
+
+def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
+                      memory_chunk: int = 1024) -> jax.Array:
+  """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
+  coreset, scanning the memory axis in chunks of `memory_chunk`. Jittable."""
+  return _nearest_patches(bank, patch_features, group_ids, memory_chunk=memory_chunk,
+                          rows=False)[0]
+
+
+def _nearest_patches(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
+                     memory_chunk: int, rows: bool) -> tuple[jax.Array, jax.Array]:
+  """Distances [B, h, w] to the nearest coreset point, and that point's row [B, h*w] (zeros
+  unless `rows`)."""
+  batch, height, width, channels = patch_features.shape
+  squared, nearest = _nearest(bank, patch_features.reshape(batch, height * width, channels),
+                              group_ids, 1, memory_chunk=memory_chunk, rows=rows)
+  distances = jnp.sqrt(jnp.maximum(squared[..., 0], 0.0)).reshape(batch, height, width)
+  return distances, nearest[..., 0]
+
+
+def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array,
+                distances: jax.Array, nearest_rows: jax.Array, neighbours: int, *,
+                memory_chunk: int = 1024) -> jax.Array:
+  """PatchCore's image-score weight [B] (Roth et al. 2022, Eq. 7):
+  1 - exp|m_test - m*| / sum over m in N_b(m*) of exp|m_test - m|, with m_test the patch
+  farthest from its nearest coreset point m* and N_b(m*) the b = `neighbours` points of the
+  group coreset nearest to m* (m* itself among them). The weight grows towards 1 when m*
+  lies in a sparse part of the bank (a rare normal pattern is far from its neighbours, so a
+  patch near it is still suspicious) and is 1 - 1/b where the bank is dense around m*.
+  Points missing from a small group are left out of the sum."""
+  batch, height, width, channels = patch_features.shape
+  images = jnp.arange(batch)
+  worst = jnp.argmax(distances.reshape(batch, height * width), axis=1)
+  query = patch_features.reshape(batch, height * width, channels)[images, worst]  # [B, C]
+  features = jnp.asarray(bank.features, jnp.float32)
+  group_ids = jnp.asarray(group_ids, jnp.int32)
+  anchor = features[group_ids, nearest_rows[images, worst]]  # m*, [B, C]
+  squared, support = _nearest(bank, anchor[:, None, :], group_ids, neighbours,
+                              memory_chunk=memory_chunk)
+  points = features[group_ids[:, None], support[:, 0]]  # [B, b, C]
+  gaps = jnp.sqrt(jnp.sum(jnp.square(query[:, None, :].astype(jnp.float32) - points), -1))
+  logits = jnp.where(jnp.isfinite(squared[:, 0]), gaps, -jnp.inf)
+  # support[:, 0, 0] is m* itself (distance 0 to itself): its share of the softmax.
+  return 1.0 - jax.nn.softmax(logits, axis=-1)[:, 0]
 
 
 def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
           image_size: int | Sequence[int], memory_chunk: int = 1024,
-          blur: bool = True) -> dict[str, jax.Array]:
+          blur: bool = True, reweight_neighbours: int = 0) -> dict[str, jax.Array]:
   """{'anomaly_map': [B, H, W], 'score': [B]} of patch features [B, h, w, C] against the
-  coresets of `group_ids` [B] (module docstring). Jittable; `image_size`, `memory_chunk` and
-  `blur` are static."""
-  distances = nearest_distances(bank, patch_features, group_ids, memory_chunk=memory_chunk)
+  coresets of `group_ids` [B] (module docstring); `reweight_neighbours` b > 0 multiplies
+  each image score by `reweighting`. Jittable; `image_size`, `memory_chunk`, `blur` and
+  `reweight_neighbours` are static."""
+  distances, rows = _nearest_patches(bank, patch_features, group_ids,
+                                     memory_chunk=memory_chunk, rows=bool(reweight_neighbours))
   maps = anomaly_maps.resize_maps(distances, image_size, blur=blur)
-  return {"anomaly_map": maps, "score": anomaly_maps.image_score(maps)}
+  image_scores = anomaly_maps.image_score(maps)
+  if reweight_neighbours:
+    image_scores = image_scores * reweighting(bank, patch_features, group_ids, distances, rows,
+                                              reweight_neighbours, memory_chunk=memory_chunk)
+  return {"anomaly_map": maps, "score": image_scores}
 
 
 def score_images(bank: MemoryBank, encoder_variables, images: jax.Array, group_id: jax.Array, *,
-                 encoder, feature_dim: int | None = None,
-                 memory_chunk: int = 1024) -> dict[str, jax.Array]:
+                 encoder, feature_dim: int | None = None, memory_chunk: int = 1024,
+                 reweight_neighbours: int = 0) -> dict[str, jax.Array]:
   """Anomaly maps and scores of uint8 images [B, H, W, 3] routed to `group_id` [B]."""
   features = patch_features(encoder, encoder_variables, images, feature_dim=feature_dim)
   return score(bank, features, group_id, image_size=images.shape[1:3],
-               memory_chunk=memory_chunk)
+               memory_chunk=memory_chunk, reweight_neighbours=reweight_neighbours)
