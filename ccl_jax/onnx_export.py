@@ -1,0 +1,554 @@
+"""JAX functions as ONNX graphs, translated primitive by primitive from their jaxpr.
+
+`convert(fn, specs, input_names, output_names)` traces `fn` at `specs` (a symbolic batch
+dimension 'b' allowed) and writes one ONNX node (or a few) per jaxpr equation, so the graph
+computes the function JAX compiles, not a re-implementation of the model. Closed-over
+arrays (the weights) become initializers; equations whose inputs are all constants are
+evaluated here (BatchNorm scales, transposed kernels, HierCore's per-chunk memory slices).
+
+Why our own translator: jax2onnx (PyPI) pins orbax-checkpoint < 0.11.37 while this project
+needs >= 0.12.8, and its primitive handlers lag JAX releases. The models here use a small
+set of primitives; the ones without a direct ONNX operator are lowered differently:
+
+* conv_general_dilated: ONNX Conv in NCHW between two Transposes (ONNX Runtime's transpose
+  optimiser cancels the pairs between consecutive layers); with lhs_dilation (flax's
+  ConvTranspose) it becomes ConvTranspose with the kernel flipped and the padding mirrored.
+* dot_general: MatMul when it is one (a 1x1 convolution, a channel pooling), else Einsum.
+* broadcast_in_dim: a Reshape adding unit axes, left to the consumers' numpy broadcasting;
+  Expand only where a consumer needs the full shape.
+* scan (HierCore's chunked nearest-neighbour search): unrolled, one copy of the body per
+  step (the memory chunks are then constants sliced here).
+* reduce_window_sum (HierCore's 3x3 neighbourhood sum): a depthwise Conv of ones.
+* gather (a group's memory bank by group id): Gather along the indexed axis.
+A primitive outside the table is an error naming it, never a silently different graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import onnx
+from jax.extend import core as jax_core
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+BATCH = "b"  # the symbolic batch dimension's name, in specs and in the graph
+
+
+@dataclasses.dataclass
+class _Value:
+  """A jaxpr value during translation: a graph tensor `name`, or a known constant.
+
+  `lazy`: the tensor has the value's rank but unit axes where the value is broadcast
+  (broadcast_in_dim); elementwise consumers broadcast it, others `full()` it first.
+  """
+  shape: tuple[Any, ...]
+  name: str | None = None
+  const: np.ndarray | None = None
+  lazy: bool = False
+
+
+def _dim_linear(dim) -> tuple[int, int]:
+  """(a, c) with dim = a + c * b for a concrete or symbolic dimension."""
+  if isinstance(dim, (int, np.integer)):
+    return int(dim), 0
+  text = str(dim)
+  values = [eval(text, {"__builtins__": {}}, {BATCH: b}) for b in (0, 1, 2)]  # pylint: disable=eval-used
+  a, c = values[0], values[1] - values[0]
+  if values[2] != a + 2 * c:
+    raise NotImplementedError(f"dimension {text}: only a + c*{BATCH} is supported.")
+  return a, c
+
+
+def _is_concrete(shape: Sequence[Any]) -> bool:
+  return all(isinstance(d, (int, np.integer)) for d in shape)
+
+
+class _Graph:
+  """The ONNX nodes and initializers being written."""
+
+  def __init__(self):
+    self.nodes: list[onnx.NodeProto] = []
+    self.initializers: list[onnx.TensorProto] = []
+    self._names = itertools.count()
+    self._const_names: dict[int, str] = {}
+    self._kept: list[np.ndarray] = []  # keeps the arrays alive, so their ids stay unique
+    self.batch: str | None = None  # [1] int64 tensor of the batch size, set by convert
+
+  def fresh(self, hint: str) -> str:
+    return f"{hint}_{next(self._names)}"
+
+  def node(self, op: str, inputs: Sequence[str], outputs: int = 1, **attrs) -> list[str]:
+    names = [self.fresh(op.lower()) for _ in range(outputs)]
+    self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
+    return names
+
+  def one(self, op: str, inputs: Sequence[str], **attrs) -> str:
+    return self.node(op, inputs, **attrs)[0]
+
+  def constant(self, array: np.ndarray) -> str:
+    array = np.asarray(array)
+    key = id(array)
+    if key not in self._const_names:
+      name = self.fresh("const")
+      self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+      self._const_names[key] = name
+      self._kept.append(array)
+    return self._const_names[key]
+
+  def ints(self, values: Sequence[int]) -> str:
+    return self.constant(np.asarray(values, np.int64))
+
+  def shape_tensor(self, shape: Sequence[Any], minus_one: bool = False) -> str:
+    """[rank] int64 tensor of `shape`; `minus_one`: one symbolic entry may be -1 (Reshape)."""
+    if _is_concrete(shape):
+      return self.ints(shape)
+    symbolic = [i for i, d in enumerate(shape) if not isinstance(d, (int, np.integer))]
+    if minus_one and len(symbolic) == 1:
+      return self.ints([-1 if i in symbolic else int(d) for i, d in enumerate(shape)])
+    pieces = []
+    for d in shape:
+      a, c = _dim_linear(d)
+      if c == 0:
+        pieces.append(self.ints([a]))
+        continue
+      piece = self.batch if c == 1 else self.one("Mul", [self.batch, self.ints([c])])
+      pieces.append(piece if a == 0 else self.one("Add", [piece, self.ints([a])]))
+    return self.one("Concat", pieces, axis=0)
+
+  def tensor(self, value: _Value) -> str:
+    """A tensor of `value` as it is (possibly lazy)."""
+    if value.name is None:
+      value.name = self.constant(value.const)
+    return value.name
+
+  def full(self, value: _Value) -> str:
+    """A tensor of `value` with its full shape."""
+    if value.const is not None and value.lazy and _is_concrete(value.shape):
+      return self.constant(np.broadcast_to(value.const, value.shape))
+    name = self.tensor(value)
+    if value.lazy:
+      return self.one("Expand", [name, self.shape_tensor(value.shape)])
+    return name
+
+
+_ELEMENTWISE = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max",
+                "min": "Min", "pow": "Pow", "gt": "Greater", "ge": "GreaterOrEqual",
+                "lt": "Less", "le": "LessOrEqual", "eq": "Equal", "and": "And", "or": "Or",
+                "rem": "Mod"}
+_UNARY = {"sqrt": "Sqrt", "exp": "Exp", "log": "Log", "neg": "Neg", "abs": "Abs",
+          "tanh": "Tanh", "logistic": "Sigmoid", "floor": "Floor", "ceil": "Ceil",
+          "not": "Not", "sign": "Sign", "erf": "Erf"}
+_IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
+_REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
+           "reduce_prod": "ReduceProd"}
+_SUBJAXPR = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+             "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+             "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.int64): TensorProto.INT64,
+               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL,
+               np.dtype(np.float64): TensorProto.DOUBLE}
+
+
+def _onnx_type(dtype) -> int:
+  dtype = np.dtype(dtype)
+  if dtype not in _ONNX_TYPES:
+    raise NotImplementedError(f"dtype {dtype} has no ONNX counterpart here.")
+  return _ONNX_TYPES[dtype]
+
+
+class _Translator:
+  """Writes the equations of a jaxpr into a `_Graph`."""
+
+  def __init__(self, graph: _Graph):
+    self.g = graph
+
+  def run(self, jaxpr: jax_core.Jaxpr, consts: Sequence[Any],
+          args: Sequence[_Value]) -> list[_Value]:
+    env: dict[Any, _Value] = {}
+
+    def read(atom) -> _Value:
+      if isinstance(atom, jax_core.Literal):
+        return _Value(tuple(np.shape(atom.val)), const=np.asarray(atom.val))
+      return env[atom]
+
+    for var, value in zip(jaxpr.constvars, consts):
+      env[var] = _Value(tuple(np.shape(value)), const=np.asarray(value))
+    for var, value in zip(jaxpr.invars, args):
+      env[var] = value
+    for eqn in jaxpr.eqns:
+      outputs = self.equation(eqn, [read(v) for v in eqn.invars])
+      for var, value in zip(eqn.outvars, outputs):
+        env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+  # -- one equation ---------------------------------------------------------------------------
+
+  def equation(self, eqn, inputs: list[_Value]) -> list[_Value]:
+    name = eqn.primitive.name
+    out_shapes = [tuple(v.aval.shape) for v in eqn.outvars]
+    if name in _SUBJAXPR:
+      closed = eqn.params[_SUBJAXPR[name]]
+      inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
+      return self.run(inner, getattr(closed, "consts", ()), inputs)
+    if name == "scan":
+      return self.scan(eqn, inputs)
+    if (all(v.const is not None for v in inputs) and all(map(_is_concrete, out_shapes))
+        and name != "broadcast_in_dim"):
+      values = [np.broadcast_to(v.const, v.shape) for v in inputs]
+      results = eqn.primitive.bind(*values, **eqn.params)
+      results = results if eqn.primitive.multiple_results else [results]
+      return [_Value(tuple(np.shape(r)), const=np.asarray(r)) for r in results]
+    handler = getattr(self, f"_{name}", None)
+    out_shape = out_shapes[0]
+    if name in _ELEMENTWISE or name in _UNARY or name in _IDENTITY:
+      return [self.elementwise(name, inputs, out_shape)]
+    if handler is None:
+      raise NotImplementedError(
+          f"jaxpr primitive {name!r} has no ONNX lowering in ccl_jax.onnx_export; add one "
+          "there (export with --format jax meanwhile).")
+    return [handler(eqn, inputs, out_shape)]
+
+  def elementwise(self, name: str, inputs: list[_Value], out_shape) -> _Value:
+    lazy = all(v.lazy or tuple(v.shape) != tuple(out_shape) for v in inputs)
+    names = [self.g.tensor(v) for v in inputs]
+    if name in _IDENTITY:
+      return _Value(out_shape, names[0], lazy=inputs[0].lazy)
+    op = _ELEMENTWISE.get(name) or _UNARY[name]
+    if name == "rem":
+      result = self.g.one(op, names, fmod=1)
+    else:
+      result = self.g.one(op, names)
+    return _Value(out_shape, result, lazy=lazy)
+
+  def scan(self, eqn, inputs: list[_Value]) -> list[_Value]:
+    p = eqn.params
+    body, length = p["jaxpr"], p["length"]
+    consts = inputs[:p["num_consts"]]
+    carry = inputs[p["num_consts"]:p["num_consts"] + p["num_carry"]]
+    xs = inputs[p["num_consts"] + p["num_carry"]:]
+    ys: list[list[_Value]] = []
+    steps = range(length - 1, -1, -1) if p["reverse"] else range(length)
+    for i in steps:
+      slices = [self._index(x, i) for x in xs]
+      outputs = self.run(body.jaxpr, body.consts, consts + carry + slices)
+      carry, step_ys = outputs[:len(carry)], outputs[len(carry):]
+      ys.append(step_ys)
+    if p["reverse"]:
+      ys.reverse()
+    stacked = []
+    for j, var in enumerate(eqn.outvars[len(carry):]):
+      parts = [step[j] for step in ys]
+      if all(v.const is not None for v in parts):
+        stacked.append(_Value(tuple(var.aval.shape), const=np.stack(
+            [np.broadcast_to(v.const, v.shape) for v in parts])))
+      else:
+        axes = self.g.ints([0])
+        stacked.append(_Value(tuple(var.aval.shape), self.g.one(
+            "Concat", [self.g.one("Unsqueeze", [self.g.full(v), axes]) for v in parts],
+            axis=0)))
+    return carry + stacked
+
+  def _index(self, value: _Value, i: int) -> _Value:
+    if value.const is not None:
+      return _Value(tuple(value.shape[1:]), const=np.broadcast_to(value.const, value.shape)[i])
+    return _Value(tuple(value.shape[1:]), self.g.one(
+        "Gather", [self.g.full(value), self.g.constant(np.asarray(i, np.int64))], axis=0))
+
+  # -- handlers: _<primitive>(eqn, inputs, out_shape) -> _Value ------------------------------
+
+  def _convert_element_type(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Cast", [self.g.tensor(x)],
+                                        to=_onnx_type(eqn.params["new_dtype"])), lazy=x.lazy)
+
+  def _rsqrt(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Reciprocal", [self.g.one("Sqrt", [self.g.tensor(x)])]),
+                  lazy=x.lazy)
+
+  def _square(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    name = self.g.tensor(x)
+    return _Value(out_shape, self.g.one("Mul", [name, name]), lazy=x.lazy)
+
+  def _integer_pow(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    exponent = np.asarray(eqn.params["y"], eqn.outvars[0].aval.dtype)
+    return _Value(out_shape, self.g.one("Pow", [self.g.tensor(x), self.g.constant(exponent)]),
+                  lazy=x.lazy)
+
+  def _ne(self, eqn, inputs, out_shape):
+    equal = self.elementwise("eq", inputs, out_shape)
+    return _Value(out_shape, self.g.one("Not", [equal.name]), lazy=equal.lazy)
+
+  def _select_n(self, eqn, inputs, out_shape):
+    which, *cases = inputs
+    if len(cases) != 2:
+      raise NotImplementedError(f"select_n with {len(cases)} cases has no ONNX lowering.")
+    condition = self.g.tensor(which)
+    if eqn.invars[0].aval.dtype != np.bool_:
+      condition = self.g.one("Cast", [condition], to=TensorProto.BOOL)
+    lazy = all(v.lazy or tuple(v.shape) != tuple(out_shape) for v in inputs)
+    return _Value(out_shape, self.g.one("Where", [condition, self.g.tensor(cases[1]),
+                                                  self.g.tensor(cases[0])]), lazy=lazy)
+
+  def _clamp(self, eqn, inputs, out_shape):
+    low, x, high = inputs
+    clipped = self.g.one("Max", [self.g.tensor(x), self.g.tensor(low)])
+    return _Value(out_shape, self.g.one("Min", [clipped, self.g.tensor(high)]), lazy=x.lazy)
+
+  def _broadcast_in_dim(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    rank_shape = [1] * len(out_shape)
+    for source, target in enumerate(eqn.params["broadcast_dimensions"]):
+      rank_shape[target] = x.shape[source]
+    exact = tuple(rank_shape) == tuple(out_shape)
+    if x.const is not None and _is_concrete(x.shape):
+      return _Value(out_shape, const=np.broadcast_to(x.const, x.shape).reshape(rank_shape),
+                    lazy=not exact)
+    name = self.g.full(x)
+    if tuple(rank_shape) != tuple(x.shape):
+      name = self.g.one("Reshape", [name, self.g.shape_tensor(rank_shape, minus_one=True)])
+    return _Value(out_shape, name, lazy=not exact)
+
+  def _reshape(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Reshape", [self.g.full(x), self.g.shape_tensor(
+        out_shape, minus_one=True)]))
+
+  def _squeeze(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Squeeze", [self.g.full(x),
+                                                    self.g.ints(eqn.params["dimensions"])]))
+
+  def _expand_dims(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Unsqueeze", [self.g.full(x),
+                                                      self.g.ints(eqn.params["dimensions"])]))
+
+  def _transpose(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one("Transpose", [self.g.full(x)],
+                                        perm=list(eqn.params["permutation"])))
+
+  def _concatenate(self, eqn, inputs, out_shape):
+    return _Value(out_shape, self.g.one("Concat", [self.g.full(v) for v in inputs],
+                                        axis=eqn.params["dimension"]))
+
+  def _iota(self, eqn, inputs, out_shape):
+    raise NotImplementedError("iota with a batch-dependent shape has no ONNX lowering.")
+
+  def _slice(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    p = eqn.params
+    limits = [int(l) if isinstance(l, (int, np.integer)) else np.iinfo(np.int64).max
+              for l in p["limit_indices"]]
+    strides = p["strides"] or [1] * len(limits)
+    return _Value(out_shape, self.g.one("Slice", [
+        self.g.full(x), self.g.ints(p["start_indices"]), self.g.ints(limits),
+        self.g.ints(range(len(limits))), self.g.ints(strides)]))
+
+  def _pad(self, eqn, inputs, out_shape):
+    x, fill = inputs
+    config = eqn.params["padding_config"]
+    if any(interior for _, _, interior in config):
+      raise NotImplementedError("pad with interior padding has no ONNX lowering here.")
+    name = self.g.full(x)
+    if any(lo < 0 or hi < 0 for lo, hi, _ in config):
+      rank = len(config)
+      name = self.g.one("Slice", [
+          name, self.g.ints([max(-lo, 0) for lo, _, _ in config]),
+          self.g.ints([-max(-hi, 0) if hi < 0 else np.iinfo(np.int64).max
+                       for _, hi, _ in config]), self.g.ints(range(rank))])
+    pads = [max(lo, 0) for lo, _, _ in config] + [max(hi, 0) for _, hi, _ in config]
+    if any(pads):
+      name = self.g.one("Pad", [name, self.g.ints(pads), self.g.tensor(fill)], mode="constant")
+    return _Value(out_shape, name)
+
+  def _reduce(self, eqn, inputs, out_shape, op: str):
+    (x,) = inputs
+    return _Value(out_shape, self.g.one(op, [self.g.full(x), self.g.ints(eqn.params["axes"])],
+                                        keepdims=0))
+
+  def _reduce_sum(self, eqn, inputs, out_shape):
+    return self._reduce(eqn, inputs, out_shape, "ReduceSum")
+
+  def _reduce_max(self, eqn, inputs, out_shape):
+    return self._reduce(eqn, inputs, out_shape, "ReduceMax")
+
+  def _reduce_min(self, eqn, inputs, out_shape):
+    return self._reduce(eqn, inputs, out_shape, "ReduceMin")
+
+  def _argmax(self, eqn, inputs, out_shape, op: str = "ArgMax"):
+    (x,) = inputs
+    (axis,) = eqn.params["axes"]
+    index = self.g.one(op, [self.g.full(x)], axis=axis, keepdims=0, select_last_index=0)
+    return _Value(out_shape, self.g.one("Cast", [index],
+                                        to=_onnx_type(eqn.params["index_dtype"])))
+
+  def _argmin(self, eqn, inputs, out_shape):
+    return self._argmax(eqn, inputs, out_shape, "ArgMin")
+
+  def _dot_general(self, eqn, inputs, out_shape):
+    lhs, rhs = inputs
+    ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)) = eqn.params["dimension_numbers"]
+    lhs_rank, rhs_rank = len(lhs.shape), len(rhs.shape)
+    a, b = self.g.full(lhs), self.g.full(rhs)
+    if (not lhs_batch and rhs_rank == 2 and tuple(lhs_contract) == (lhs_rank - 1,)
+        and tuple(rhs_contract) == (0,)):
+      result = self.g.one("MatMul", [a, b])
+    else:
+      letters = iter("abcdefghijklmnopqrstuvwxyz")
+      lhs_axes = [next(letters) for _ in range(lhs_rank)]
+      rhs_axes = [next(letters) for _ in range(rhs_rank)]
+      for l, r in zip(lhs_contract, rhs_contract):
+        rhs_axes[r] = lhs_axes[l]
+      for l, r in zip(lhs_batch, rhs_batch):
+        rhs_axes[r] = lhs_axes[l]
+      out = ([lhs_axes[i] for i in lhs_batch]
+             + [lhs_axes[i] for i in range(lhs_rank) if i not in (*lhs_contract, *lhs_batch)]
+             + [rhs_axes[i] for i in range(rhs_rank) if i not in (*rhs_contract, *rhs_batch)])
+      equation = f"{''.join(lhs_axes)},{''.join(rhs_axes)}->{''.join(out)}"
+      result = self.g.one("Einsum", [a, b], equation=equation)
+    out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
+    if out_dtype != np.dtype(eqn.invars[0].aval.dtype):
+      result = self.g.one("Cast", [result], to=_onnx_type(out_dtype))
+    return _Value(out_shape, result)
+
+  def _conv_general_dilated(self, eqn, inputs, out_shape):
+    x, kernel = inputs
+    p = eqn.params
+    if kernel.const is None:
+      raise NotImplementedError("conv_general_dilated with a non-constant kernel.")
+    if p["batch_group_count"] != 1:
+      raise NotImplementedError("conv_general_dilated with batch_group_count > 1.")
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    weight = np.transpose(np.broadcast_to(kernel.const, kernel.shape), rhs_spec)  # O, I, *k
+    spatial = len(lhs_spec) - 2
+    lhs_dilation = tuple(p["lhs_dilation"] or (1,) * spatial)
+    rhs_dilation = list(p["rhs_dilation"] or (1,) * spatial)
+    padding = [tuple(int(v) for v in pair) for pair in p["padding"]]
+    nchw = self.g.one("Transpose", [self.g.full(x)], perm=list(lhs_spec))
+    groups = p["feature_group_count"]
+    if any(d != 1 for d in lhs_dilation):
+      if groups != 1 or any(s != 1 for s in p["window_strides"]) or any(
+          d != 1 for d in rhs_dilation):
+        raise NotImplementedError("a dilated-input convolution with groups, strides or "
+                                  "kernel dilation.")
+      # conv(dilate(x), K) with padding (lo, hi) == ConvTranspose(x, flip(K)) with stride
+      # = the dilation and padding (k - 1 - lo, k - 1 - hi).
+      sizes = weight.shape[2:]
+      pads = [k - 1 - lo for k, (lo, _) in zip(sizes, padding)] + [
+          k - 1 - hi for k, (_, hi) in zip(sizes, padding)]
+      if min(pads) < 0:
+        raise NotImplementedError("ConvTranspose with negative padding.")
+      flipped = np.ascontiguousarray(
+          np.flip(weight, axis=tuple(range(2, 2 + spatial))).swapaxes(0, 1))
+      y = self.g.one("ConvTranspose", [nchw, self.g.constant(flipped)],
+                     strides=list(lhs_dilation), pads=pads)
+    else:
+      pads = [lo for lo, _ in padding] + [hi for _, hi in padding]
+      if min(pads) < 0:
+        raise NotImplementedError("Conv with negative padding.")
+      y = self.g.one("Conv", [nchw, self.g.constant(np.ascontiguousarray(weight))],
+                     strides=list(p["window_strides"]), pads=pads, dilations=rhs_dilation,
+                     group=groups)
+    return _Value(out_shape, self.g.one("Transpose", [y],
+                                        perm=[int(i) for i in np.argsort(out_spec)]))
+
+  def _reduce_window_sum(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    p = eqn.params
+    window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+    base = p.get("base_dilation") or (1,) * len(window)
+    dilation = p.get("window_dilation") or (1,) * len(window)
+    if (len(window) != 4 or window[0] != 1 or window[3] != 1 or tuple(padding[0]) != (0, 0)
+        or tuple(padding[3]) != (0, 0) or any(d != 1 for d in (*base, *dilation))):
+      raise NotImplementedError("reduce_window_sum other than a spatial window on NHWC.")
+    channels = int(x.shape[3])
+    ones = np.ones((channels, 1, window[1], window[2]), np.dtype(eqn.invars[0].aval.dtype))
+    nchw = self.g.one("Transpose", [self.g.full(x)], perm=[0, 3, 1, 2])
+    y = self.g.one("Conv", [nchw, self.g.constant(ones)], strides=list(strides[1:3]),
+                   pads=[padding[1][0], padding[2][0], padding[1][1], padding[2][1]],
+                   group=channels)
+    return _Value(out_shape, self.g.one("Transpose", [y], perm=[0, 2, 3, 1]))
+
+  def _gather(self, eqn, inputs, out_shape):
+    operand, indices = inputs
+    numbers = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    rank = len(operand.shape)
+    batch_rank = len(indices.shape) - 1
+    simple = (tuple(numbers.start_index_map) == (0,) and tuple(numbers.collapsed_slice_dims)
+              == (0,) and not numbers.operand_batching_dims and indices.shape[-1] == 1
+              and tuple(sizes[1:]) == tuple(operand.shape[1:])
+              and tuple(numbers.offset_dims) == tuple(range(batch_rank, batch_rank + rank - 1)))
+    if not simple:
+      raise NotImplementedError(f"gather with dimension numbers {numbers} (only indexing "
+                                "the leading axis has an ONNX lowering here).")
+    index = self.g.one("Squeeze", [self.g.full(indices), self.g.ints([-1])])
+    return _Value(out_shape, self.g.one("Gather", [self.g.full(operand), index], axis=0))
+
+  def _dynamic_slice(self, eqn, inputs, out_shape):
+    x, *starts = inputs
+    if not all(s.const is not None for s in starts):
+      raise NotImplementedError("dynamic_slice at data-dependent positions.")
+    sizes = eqn.params["slice_sizes"]
+    begin = [int(np.clip(int(s.const), 0, int(d) - int(n)))
+             for s, d, n in zip(starts, x.shape, sizes)]
+    return _Value(out_shape, self.g.one("Slice", [
+        self.g.full(x), self.g.ints(begin), self.g.ints([b + int(n) for b, n in
+                                                         zip(begin, sizes)]),
+        self.g.ints(range(len(begin)))]))
+
+
+def _value_info(name: str, aval) -> onnx.ValueInfoProto:
+  dims = [d if isinstance(d, (int, np.integer)) else str(d) for d in aval.shape]
+  return helper.make_tensor_value_info(name, _onnx_type(aval.dtype), dims)
+
+
+def _prune(graph: _Graph, outputs: Sequence[str]) -> None:
+  """Drops nodes and initializers the outputs do not depend on."""
+  needed = set(outputs)
+  kept = []
+  for node in reversed(graph.nodes):
+    if any(o in needed for o in node.output):
+      kept.append(node)
+      needed.update(node.input)
+  graph.nodes = kept[::-1]
+  graph.initializers = [t for t in graph.initializers if t.name in needed]
+
+
+def convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
+            input_names: Sequence[str], output_names: Sequence[str]) -> onnx.ModelProto:
+  """The ONNX model (opset OPSET) of `fn(*inputs)`, the inputs shaped as `specs` (whose
+  dimension named 'b' stays symbolic), the outputs in `fn`'s order of its flat results."""
+  closed = jax.make_jaxpr(fn)(*specs)
+  if len(closed.in_avals) != len(input_names) or len(closed.out_avals) != len(output_names):
+    raise ValueError(f"{len(input_names)} input and {len(output_names)} output names for a "
+                     f"function of {len(closed.in_avals)} inputs and {len(closed.out_avals)} "
+                     "outputs.")
+  graph = _Graph()
+  args = [_Value(tuple(aval.shape), name) for aval, name in zip(closed.in_avals, input_names)]
+  batch_inputs = [name for aval, name in zip(closed.in_avals, input_names)
+                  if aval.shape and not isinstance(aval.shape[0], (int, np.integer))]
+  if batch_inputs:
+    graph.batch = graph.one("Shape", [batch_inputs[0]], start=0, end=1)
+  results = _Translator(graph).run(closed.jaxpr, closed.consts, args)
+  for value, name in zip(results, output_names):
+    graph.nodes.append(helper.make_node("Identity", [graph.full(value)], [name]))
+  _prune(graph, output_names)
+  onnx_graph = helper.make_graph(
+      graph.nodes, "ccl_jax",
+      [_value_info(n, a) for n, a in zip(input_names, closed.in_avals)],
+      [_value_info(n, a) for n, a in zip(output_names, closed.out_avals)],
+      initializer=graph.initializers)
+  model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                            producer_name="ccl_jax.onnx_export")
+  onnx.checker.check_model(model)
+  return model
