@@ -32,8 +32,10 @@ from absl import app, flags
 
 from ccl_jax import detectors, exported
 from ccl_jax.files import atomic_directory, atomic_write
+from ccl_jax.grouping import Groups
 from ccl_jax.models import input_normalisation
 from ccl_jax.run_dir import RunDir
+from ccl_jax.thresholds import Thresholds
 
 
 class ExportError(ValueError):
@@ -101,7 +103,7 @@ def input_specs(weights: Sequence[np.ndarray], image_size: int, function: str) -
 
 def export_model(workdir: str, output: str, formats: Sequence[str] = ("jax", "onnx"), *,
                  checkpoint: str = "best", overwrite: bool = False) -> dict[str, Any]:
-  """Writes the model directory `output` (module docstring) and returns its manifest."""
+  """Writes the model directory `output` of a run (module docstring); returns its manifest."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   output = os.path.abspath(os.path.expanduser(output))
   run = RunDir(workdir)
@@ -114,8 +116,15 @@ def export_model(workdir: str, output: str, formats: Sequence[str] = ("jax", "on
             "step": None if hiercore else run.checkpoint_step(checkpoint)}
   check_output(output, source, overwrite)
   detector = detectors.load_detector(workdir, checkpoint=checkpoint)
+  return write_model(detector, groups, thresholds, output, formats, source=source)
+
+
+def write_model(detector: detectors.Detector, groups: Groups, thresholds: Thresholds,
+                output: str, formats: Sequence[str], *, source: dict[str, Any]
+                ) -> dict[str, Any]:
+  """Writes `detector` with its `groups` and `thresholds` as the model directory `output`,
+  replacing it whole; returns the manifest. `source` says where the model came from."""
   weights, embed, score = detector.pure_functions()
-  functions = {"embed": embed, "score": score}
   mean, std = input_normalisation(detector.encoder)
   manifest: dict[str, Any] = {
       "format_version": exported.FORMAT_VERSION, "model_kind": detector.name,
@@ -134,17 +143,16 @@ def export_model(workdir: str, output: str, formats: Sequence[str] = ("jax", "on
       np.savez(buffer, **{f"{i:05d}": w for i, w in enumerate(weights)})
       files[exported.WEIGHTS_FILE] = atomic_write(os.path.join(tmp, exported.WEIGHTS_FILE),
                                                   buffer.getvalue())
-    for name, fn in functions.items():
+    for name, fn in (("embed", embed), ("score", score)):
       entry = {"inputs": list(exported.INPUTS[name]), "outputs": list(exported.OUTPUTS[name])}
+      specs = input_specs(weights, detector.image_size, name)
       if "jax" in formats:
-        data, entry["calling_convention_version"] = _serialize(
-            fn, input_specs(weights, detector.image_size, name))
+        data, entry["calling_convention_version"] = _serialize(fn, specs)
         file_name = exported.function_file(name, "jax")
         files[file_name] = atomic_write(os.path.join(tmp, file_name), data)
       if "onnx" in formats:
         from ccl_jax import onnx_export  # pylint: disable=import-outside-toplevel
-        specs = input_specs(weights, detector.image_size, name)[1:]
-        model = onnx_export.convert(lambda *args, fn=fn: fn(weights, *args), specs,
+        model = onnx_export.convert(lambda *args, fn=fn: fn(weights, *args), specs[1:],
                                     exported.INPUTS[name], exported.OUTPUTS[name])
         manifest["versions"]["onnx_opset"] = onnx_export.OPSET
         file_name = exported.function_file(name, "onnx")

@@ -10,15 +10,19 @@ Why our own translator: jax2onnx (PyPI) pins orbax-checkpoint < 0.11.37 while th
 needs >= 0.12.8, and its primitive handlers lag JAX releases. The models here use a small
 set of primitives; the ones without a direct ONNX operator are lowered differently:
 
-* conv_general_dilated: ONNX Conv in NCHW between two Transposes (ONNX Runtime's transpose
-  optimiser cancels the pairs between consecutive layers); with lhs_dilation (flax's
-  ConvTranspose) it becomes ConvTranspose with the kernel flipped and the padding mirrored.
-* dot_general: MatMul when it is one (a 1x1 convolution, a channel pooling), else Einsum.
+* conv_general_dilated: ONNX Conv in NCHW, its result left in NCHW for the elementwise ops
+  and reductions after it (`_Value.perm`), so Transposes remain only where the layout has
+  to change; with lhs_dilation (flax's ConvTranspose) it becomes ConvTranspose with the
+  kernel flipped and the padding mirrored.
+* dot_general: a 1x1 Conv for [B, H, W, C] x [C, O] with constant weights (how
+  `ccl_jax.models.conv` computes 1x1 convolutions on the CPU), MatMul for other
+  matrix-vector products, else Einsum.
 * broadcast_in_dim: a Reshape adding unit axes, left to the consumers' numpy broadcasting;
   Expand only where a consumer needs the full shape.
 * scan (HierCore's chunked nearest-neighbour search): unrolled, one copy of the body per
   step (the memory chunks are then constants sliced here).
-* reduce_window_sum (HierCore's 3x3 neighbourhood sum): a depthwise Conv of ones.
+* reduce_window_sum (HierCore's 3x3 neighbourhood sum): a depthwise Conv of ones;
+  reduce_window_max (ResNet's stem): MaxPool.
 * gather (a group's memory bank by group id): Gather along the indexed axis.
 A primitive outside the table is an error naming it, never a silently different graph.
 """
@@ -44,11 +48,16 @@ class _Value:
 
   `lazy`: the tensor has the value's rank but unit axes where the value is broadcast
   (broadcast_in_dim); elementwise consumers broadcast it, others `full()` it first.
+  `perm`: the tensor holds transpose(value, perm) (None: the value's own axis order);
+  convolutions leave NCHW results, and elementwise ops and reductions keep that layout, so
+  a chain of layers needs no Transpose between them. Constants are kept in jax's order.
   """
   shape: tuple[Any, ...]
   name: str | None = None
   const: np.ndarray | None = None
   lazy: bool = False
+  perm: tuple[int, ...] | None = None
+  layouts: dict[tuple[int, ...], str] = dataclasses.field(default_factory=dict)
 
 
 def _dim_linear(dim) -> tuple[int, int]:
@@ -119,19 +128,35 @@ class _Graph:
       pieces.append(piece if a == 0 else self.one("Add", [piece, self.ints([a])]))
     return self.one("Concat", pieces, axis=0)
 
-  def tensor(self, value: _Value) -> str:
-    """A tensor of `value` as it is (possibly lazy)."""
-    if value.name is None:
-      value.name = self.constant(value.const)
-    return value.name
+  def tensor(self, value: _Value, perm: Sequence[int] | None = None) -> str:
+    """A tensor of `value` (possibly lazy) holding transpose(value, perm) (None: the
+    value's own axis order)."""
+    rank = len(value.shape)
+    perm = tuple(perm) if perm is not None else tuple(range(rank))
+    if perm not in value.layouts:
+      if value.const is not None:
+        value.layouts[perm] = self.constant(np.transpose(value.const, perm) if rank else
+                                            value.const)
+      else:
+        have = value.perm or tuple(range(rank))
+        if have == perm:
+          value.layouts[perm] = value.name
+        else:
+          # The tensor is transpose(value, have); value = transpose(tensor, argsort(have)).
+          inverse = np.argsort(have)
+          value.layouts[perm] = self.one("Transpose", [value.name],
+                                         perm=[int(inverse[p]) for p in perm])
+    return value.layouts[perm]
 
-  def full(self, value: _Value) -> str:
-    """A tensor of `value` with its full shape."""
+  def full(self, value: _Value, perm: Sequence[int] | None = None) -> str:
+    """`tensor(value, perm)` with its full shape."""
+    perm = tuple(perm) if perm is not None else tuple(range(len(value.shape)))
+    shape = [value.shape[p] for p in perm]
     if value.const is not None and value.lazy and _is_concrete(value.shape):
-      return self.constant(np.broadcast_to(value.const, value.shape))
-    name = self.tensor(value)
+      return self.constant(np.transpose(np.broadcast_to(value.const, value.shape), perm))
+    name = self.tensor(value, perm)
     if value.lazy:
-      return self.one("Expand", [name, self.shape_tensor(value.shape)])
+      return self.one("Expand", [name, self.shape_tensor(shape)])
     return name
 
 
@@ -213,17 +238,35 @@ class _Translator:
           "there (export with --format jax meanwhile).")
     return [handler(eqn, inputs, out_shape)]
 
-  def elementwise(self, name: str, inputs: list[_Value], out_shape) -> _Value:
+  def _common_layout(self, inputs: list[_Value], out_shape) -> tuple[list[str], dict]:
+    """The inputs of an elementwise op as tensors in one layout (that of the first
+    permuted input of the output's rank), and the result's lazy/perm fields."""
+    rank = len(out_shape)
+    perm = next((v.perm for v in inputs if v.perm is not None and len(v.shape) == rank),
+                None)
+    names = [self.g.tensor(v, perm if len(v.shape) == rank else None) for v in inputs]
     lazy = all(v.lazy or tuple(v.shape) != tuple(out_shape) for v in inputs)
-    names = [self.g.tensor(v) for v in inputs]
+    return names, {"lazy": lazy, "perm": perm}
+
+  def elementwise(self, name: str, inputs: list[_Value], out_shape) -> _Value:
+    if name == "sub" and inputs[1].const is not None and inputs[1].const.dtype.kind == "f":
+      # x + (-c): ONNX Runtime folds Add (not Sub) of a constant into a preceding Conv,
+      # which turns a BatchNorm's (x - mean) * scale + bias into the Conv's own weights.
+      name, inputs = "add", [inputs[0], _Value(inputs[1].shape, const=-inputs[1].const,
+                                               lazy=inputs[1].lazy)]
+    if name == "max" and inputs[1].const is not None and inputs[1].const.size == 1 and (
+        float(inputs[1].const.reshape(())) == 0.0) and inputs[0].const is None:
+      # Relu, which ONNX Runtime fuses into the convolution before it.
+      return self._unary("Relu", inputs[0], out_shape)
+    names, fields = self._common_layout(inputs, out_shape)
     if name in _IDENTITY:
-      return _Value(out_shape, names[0], lazy=inputs[0].lazy)
+      return _Value(out_shape, names[0], **fields)
     op = _ELEMENTWISE.get(name) or _UNARY[name]
     if name == "rem":
       result = self.g.one(op, names, fmod=1)
     else:
       result = self.g.one(op, names)
-    return _Value(out_shape, result, lazy=lazy)
+    return _Value(out_shape, result, **fields)
 
   def scan(self, eqn, inputs: list[_Value]) -> list[_Value]:
     p = eqn.params
@@ -261,46 +304,40 @@ class _Translator:
 
   # -- handlers: _<primitive>(eqn, inputs, out_shape) -> _Value ------------------------------
 
+  def _unary(self, op: str, x: _Value, out_shape, **attrs) -> _Value:
+    return _Value(out_shape, self.g.one(op, [self.g.tensor(x, x.perm)], **attrs), lazy=x.lazy,
+                  perm=x.perm)
+
   def _convert_element_type(self, eqn, inputs, out_shape):
-    (x,) = inputs
-    return _Value(out_shape, self.g.one("Cast", [self.g.tensor(x)],
-                                        to=_onnx_type(eqn.params["new_dtype"])), lazy=x.lazy)
+    return self._unary("Cast", inputs[0], out_shape, to=_onnx_type(eqn.params["new_dtype"]))
 
   def _rsqrt(self, eqn, inputs, out_shape):
-    (x,) = inputs
-    return _Value(out_shape, self.g.one("Reciprocal", [self.g.one("Sqrt", [self.g.tensor(x)])]),
-                  lazy=x.lazy)
+    root = self._unary("Sqrt", inputs[0], out_shape)
+    return self._unary("Reciprocal", root, out_shape)
 
   def _square(self, eqn, inputs, out_shape):
-    (x,) = inputs
-    name = self.g.tensor(x)
-    return _Value(out_shape, self.g.one("Mul", [name, name]), lazy=x.lazy)
+    return self.elementwise("mul", inputs * 2, out_shape)
 
   def _integer_pow(self, eqn, inputs, out_shape):
-    (x,) = inputs
     exponent = np.asarray(eqn.params["y"], eqn.outvars[0].aval.dtype)
-    return _Value(out_shape, self.g.one("Pow", [self.g.tensor(x), self.g.constant(exponent)]),
-                  lazy=x.lazy)
+    return self.elementwise("pow", [inputs[0], _Value((), const=exponent)], out_shape)
 
   def _ne(self, eqn, inputs, out_shape):
-    equal = self.elementwise("eq", inputs, out_shape)
-    return _Value(out_shape, self.g.one("Not", [equal.name]), lazy=equal.lazy)
+    return self._unary("Not", self.elementwise("eq", inputs, out_shape), out_shape)
 
   def _select_n(self, eqn, inputs, out_shape):
     which, *cases = inputs
     if len(cases) != 2:
       raise NotImplementedError(f"select_n with {len(cases)} cases has no ONNX lowering.")
-    condition = self.g.tensor(which)
     if eqn.invars[0].aval.dtype != np.bool_:
-      condition = self.g.one("Cast", [condition], to=TensorProto.BOOL)
-    lazy = all(v.lazy or tuple(v.shape) != tuple(out_shape) for v in inputs)
-    return _Value(out_shape, self.g.one("Where", [condition, self.g.tensor(cases[1]),
-                                                  self.g.tensor(cases[0])]), lazy=lazy)
+      which = self._unary("Cast", which, which.shape, to=TensorProto.BOOL)
+    (condition, false, true), fields = self._common_layout([which, *cases], out_shape)
+    return _Value(out_shape, self.g.one("Where", [condition, true, false]), **fields)
 
   def _clamp(self, eqn, inputs, out_shape):
     low, x, high = inputs
-    clipped = self.g.one("Max", [self.g.tensor(x), self.g.tensor(low)])
-    return _Value(out_shape, self.g.one("Min", [clipped, self.g.tensor(high)]), lazy=x.lazy)
+    return self.elementwise("min", [self.elementwise("max", [x, low], out_shape), high],
+                            out_shape)
 
   def _broadcast_in_dim(self, eqn, inputs, out_shape):
     (x,) = inputs
@@ -337,8 +374,10 @@ class _Translator:
                                         perm=list(eqn.params["permutation"])))
 
   def _concatenate(self, eqn, inputs, out_shape):
-    return _Value(out_shape, self.g.one("Concat", [self.g.full(v) for v in inputs],
-                                        axis=eqn.params["dimension"]))
+    perm = inputs[0].perm if all(v.perm == inputs[0].perm for v in inputs) else None
+    have = perm or tuple(range(len(out_shape)))
+    return _Value(out_shape, self.g.one("Concat", [self.g.full(v, have) for v in inputs],
+                                        axis=have.index(eqn.params["dimension"])), perm=perm)
 
   def _iota(self, eqn, inputs, out_shape):
     raise NotImplementedError("iota with a batch-dependent shape has no ONNX lowering.")
@@ -349,9 +388,11 @@ class _Translator:
     limits = [int(l) if isinstance(l, (int, np.integer)) else np.iinfo(np.int64).max
               for l in p["limit_indices"]]
     strides = p["strides"] or [1] * len(limits)
+    have = x.perm or tuple(range(len(limits)))
     return _Value(out_shape, self.g.one("Slice", [
-        self.g.full(x), self.g.ints(p["start_indices"]), self.g.ints(limits),
-        self.g.ints(range(len(limits))), self.g.ints(strides)]))
+        self.g.full(x, have), self.g.ints([p["start_indices"][a] for a in have]),
+        self.g.ints([limits[a] for a in have]), self.g.ints(range(len(limits))),
+        self.g.ints([strides[a] for a in have])]), perm=x.perm)
 
   def _pad(self, eqn, inputs, out_shape):
     x, fill = inputs
@@ -372,8 +413,14 @@ class _Translator:
 
   def _reduce(self, eqn, inputs, out_shape, op: str):
     (x,) = inputs
-    return _Value(out_shape, self.g.one(op, [self.g.full(x), self.g.ints(eqn.params["axes"])],
-                                        keepdims=0))
+    axes = tuple(eqn.params["axes"])
+    have = x.perm or tuple(range(len(x.shape)))
+    kept = [a for a in have if a not in axes]  # the result's axes, in the tensor's order
+    perm = tuple(a - sum(r < a for r in axes) for a in kept)
+    return _Value(out_shape, self.g.one(op, [self.g.full(x, have),
+                                             self.g.ints([have.index(a) for a in axes])],
+                                        keepdims=0),
+                  perm=None if perm == tuple(sorted(perm)) else perm)
 
   def _reduce_sum(self, eqn, inputs, out_shape):
     return self._reduce(eqn, inputs, out_shape, "ReduceSum")
@@ -398,6 +445,14 @@ class _Translator:
     lhs, rhs = inputs
     ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)) = eqn.params["dimension_numbers"]
     lhs_rank, rhs_rank = len(lhs.shape), len(rhs.shape)
+    if (lhs_rank == 4 and rhs_rank == 2 and rhs.const is not None and not lhs_batch
+        and tuple(lhs_contract) == (3,) and tuple(rhs_contract) == (0,)
+        and np.dtype(eqn.outvars[0].aval.dtype) == np.dtype(eqn.invars[0].aval.dtype)):
+      # [B, H, W, C] x [C, O]: a 1x1 convolution (how models.conv runs them on the CPU).
+      weight = np.broadcast_to(rhs.const, rhs.shape).T[:, :, None, None]
+      y = self.g.one("Conv", [self.g.full(lhs, (0, 3, 1, 2)),
+                              self.g.constant(np.ascontiguousarray(weight))])
+      return _Value(out_shape, y, perm=(0, 3, 1, 2))
     a, b = self.g.full(lhs), self.g.full(rhs)
     if (not lhs_batch and rhs_rank == 2 and tuple(lhs_contract) == (lhs_rank - 1,)
         and tuple(rhs_contract) == (0,)):
@@ -433,7 +488,7 @@ class _Translator:
     lhs_dilation = tuple(p["lhs_dilation"] or (1,) * spatial)
     rhs_dilation = list(p["rhs_dilation"] or (1,) * spatial)
     padding = [tuple(int(v) for v in pair) for pair in p["padding"]]
-    nchw = self.g.one("Transpose", [self.g.full(x)], perm=list(lhs_spec))
+    nchw = self.g.full(x, tuple(lhs_spec))
     groups = p["feature_group_count"]
     if any(d != 1 for d in lhs_dilation):
       if groups != 1 or any(s != 1 for s in p["window_strides"]) or any(
@@ -458,25 +513,36 @@ class _Translator:
       y = self.g.one("Conv", [nchw, self.g.constant(np.ascontiguousarray(weight))],
                      strides=list(p["window_strides"]), pads=pads, dilations=rhs_dilation,
                      group=groups)
-    return _Value(out_shape, self.g.one("Transpose", [y],
-                                        perm=[int(i) for i in np.argsort(out_spec)]))
+    return _Value(out_shape, y, perm=tuple(int(i) for i in out_spec))
 
-  def _reduce_window_sum(self, eqn, inputs, out_shape):
-    (x,) = inputs
+  def _spatial_window(self, eqn, x: _Value) -> tuple[str, dict[str, list[int]]]:
+    """(x as NCHW, the window's ONNX attributes) of a reduce_window over H, W of NHWC."""
     p = eqn.params
     window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
     base = p.get("base_dilation") or (1,) * len(window)
     dilation = p.get("window_dilation") or (1,) * len(window)
     if (len(window) != 4 or window[0] != 1 or window[3] != 1 or tuple(padding[0]) != (0, 0)
         or tuple(padding[3]) != (0, 0) or any(d != 1 for d in (*base, *dilation))):
-      raise NotImplementedError("reduce_window_sum other than a spatial window on NHWC.")
+      raise NotImplementedError(f"{eqn.primitive.name} other than a spatial window on NHWC.")
+    nchw = self.g.full(x, (0, 3, 1, 2))
+    return nchw, {"kernel_shape": list(window[1:3]), "strides": list(strides[1:3]),
+                  "pads": [padding[1][0], padding[2][0], padding[1][1], padding[2][1]]}
+
+  def _reduce_window_sum(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    nchw, window = self._spatial_window(eqn, x)
     channels = int(x.shape[3])
-    ones = np.ones((channels, 1, window[1], window[2]), np.dtype(eqn.invars[0].aval.dtype))
-    nchw = self.g.one("Transpose", [self.g.full(x)], perm=[0, 3, 1, 2])
-    y = self.g.one("Conv", [nchw, self.g.constant(ones)], strides=list(strides[1:3]),
-                   pads=[padding[1][0], padding[2][0], padding[1][1], padding[2][1]],
-                   group=channels)
-    return _Value(out_shape, self.g.one("Transpose", [y], perm=[0, 2, 3, 1]))
+    ones = np.ones([channels, 1] + window.pop("kernel_shape"),
+                   np.dtype(eqn.invars[0].aval.dtype))
+    y = self.g.one("Conv", [nchw, self.g.constant(ones)], group=channels, **window)
+    return _Value(out_shape, y, perm=(0, 3, 1, 2))
+
+  def _reduce_window_max(self, eqn, inputs, out_shape):
+    (x,) = inputs
+    nchw, window = self._spatial_window(eqn, x)
+    # MaxPool ignores its padding, as the -inf padding of the jax window does.
+    y = self.g.one("MaxPool", [nchw], **window)
+    return _Value(out_shape, y, perm=(0, 3, 1, 2))
 
   def _gather(self, eqn, inputs, out_shape):
     operand, indices = inputs
