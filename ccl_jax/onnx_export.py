@@ -355,8 +355,32 @@ class _Translator:
 
   def _reshape(self, eqn, inputs, out_shape):
     (x,) = inputs
-    return _Value(out_shape, self.g.one("Reshape", [self.g.full(x), self.g.shape_tensor(
-        out_shape, minus_one=True)]))
+    blocks = _reshape_blocks(x.shape, out_shape) if x.perm is not None or (
+        len(out_shape) == 4) else None
+    if blocks is None:
+      return _Value(out_shape, self.g.one("Reshape", [self.g.full(x), self.g.shape_tensor(
+          out_shape, minus_one=True)]))
+    # Reshape in a layout where every block of merged/split axes stays together: the
+    # tensor's own if it allows that, else channels first for a 4-D result (the layout the
+    # next convolution wants).
+    have = x.perm or tuple(range(len(x.shape)))
+    position = {a: i for i, a in enumerate(have)}
+    if all([position[a] for a in ins] == list(range(position[ins[0]], position[ins[0]]
+                                                    + len(ins))) for ins, _ in blocks):
+      order = sorted(blocks, key=lambda block: position[block[0][0]])
+    elif len(out_shape) == 4:
+      by_output = {outs[0]: (ins, outs) for ins, outs in blocks if outs}
+      order = [by_output[a] for a in (0, 3, 1, 2) if a in by_output]
+      if len(order) != len([b for b in blocks if b[1]]) or any(not outs for _, outs in blocks):
+        order = blocks
+    else:
+      order = blocks
+    in_perm = tuple(a for ins, _ in order for a in ins)
+    out_perm = tuple(a for _, outs in order for a in outs)
+    name = self.g.one("Reshape", [self.g.full(x, in_perm), self.g.shape_tensor(
+        [out_shape[a] for a in out_perm], minus_one=True)])
+    return _Value(out_shape, name,
+                  perm=None if out_perm == tuple(range(len(out_shape))) else out_perm)
 
   def _squeeze(self, eqn, inputs, out_shape):
     (x,) = inputs
@@ -369,9 +393,13 @@ class _Translator:
                                                       self.g.ints(eqn.params["dimensions"])]))
 
   def _transpose(self, eqn, inputs, out_shape):
+    # No node: the result is the same tensor, read in another layout.
     (x,) = inputs
-    return _Value(out_shape, self.g.one("Transpose", [self.g.full(x)],
-                                        perm=list(eqn.params["permutation"])))
+    have = x.perm or tuple(range(len(x.shape)))
+    inverse = np.argsort(eqn.params["permutation"])
+    perm = tuple(int(inverse[a]) for a in have)
+    return _Value(out_shape, self.g.tensor(x, have), lazy=x.lazy,
+                  perm=None if perm == tuple(range(len(perm))) else perm)
 
   def _concatenate(self, eqn, inputs, out_shape):
     perm = inputs[0].perm if all(v.perm == inputs[0].perm for v in inputs) else None
@@ -445,14 +473,14 @@ class _Translator:
     lhs, rhs = inputs
     ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)) = eqn.params["dimension_numbers"]
     lhs_rank, rhs_rank = len(lhs.shape), len(rhs.shape)
-    if (lhs_rank == 4 and rhs_rank == 2 and rhs.const is not None and not lhs_batch
-        and tuple(lhs_contract) == (3,) and tuple(rhs_contract) == (0,)
-        and np.dtype(eqn.outvars[0].aval.dtype) == np.dtype(eqn.invars[0].aval.dtype)):
-      # [B, H, W, C] x [C, O]: a 1x1 convolution (how models.conv runs them on the CPU).
-      weight = np.broadcast_to(rhs.const, rhs.shape).T[:, :, None, None]
-      y = self.g.one("Conv", [self.g.full(lhs, (0, 3, 1, 2)),
-                              self.g.constant(np.ascontiguousarray(weight))])
-      return _Value(out_shape, y, perm=(0, 3, 1, 2))
+    same_dtype = np.dtype(eqn.outvars[0].aval.dtype) == np.dtype(eqn.invars[0].aval.dtype)
+    for data, weight, data_contract, weight_contract, data_first in (
+        (lhs, rhs, lhs_contract, rhs_contract, True),
+        (rhs, lhs, rhs_contract, lhs_contract, False)):
+      if (len(data.shape) == 4 and data.const is None and weight.const is not None
+          and not lhs_batch and tuple(data_contract) == (3,) and len(weight_contract) == 1
+          and same_dtype):
+        return self._pointwise_conv(data, weight, weight_contract[0], data_first, out_shape)
     a, b = self.g.full(lhs), self.g.full(rhs)
     if (not lhs_batch and rhs_rank == 2 and tuple(lhs_contract) == (lhs_rank - 1,)
         and tuple(rhs_contract) == (0,)):
@@ -474,6 +502,25 @@ class _Translator:
     if out_dtype != np.dtype(eqn.invars[0].aval.dtype):
       result = self.g.one("Cast", [result], to=_onnx_type(out_dtype))
     return _Value(out_shape, result)
+
+  def _pointwise_conv(self, data: _Value, weight: _Value, contract: int, data_first: bool,
+                      out_shape) -> _Value:
+    """[B, H, W, C] x a constant [C, *F] (any axis order; either operand first) as a 1x1
+    convolution with prod(F) outputs: how models.conv runs 1x1 convolutions on the CPU,
+    and the einsum of models.resnet.Deconv2x2. The result stays [B, *F, H, W]."""
+    free = [a for a in range(len(weight.shape)) if a != contract]
+    kernel = np.transpose(np.broadcast_to(weight.const, weight.shape), free + [contract])
+    features = [int(weight.shape[a]) for a in free]
+    kernel = kernel.reshape(int(np.prod(features)), -1)[:, :, None, None]
+    y = self.g.one("Conv", [self.g.full(data, (0, 3, 1, 2)),
+                            self.g.constant(np.ascontiguousarray(kernel))])
+    if len(features) != 1:
+      y = self.g.one("Reshape", [y, self.g.shape_tensor(
+          [data.shape[0], *features, data.shape[1], data.shape[2]], minus_one=True)])
+    n = len(features)
+    # Result axes: (b, h, w, *F) or (*F, b, h, w); the tensor holds (b, *F, h, w).
+    perm = (0, *range(3, 3 + n), 1, 2) if data_first else (n, *range(n), n + 1, n + 2)
+    return _Value(out_shape, y, perm=None if perm == tuple(range(n + 3)) else perm)
 
   def _conv_general_dilated(self, eqn, inputs, out_shape):
     x, kernel = inputs
@@ -571,6 +618,40 @@ class _Translator:
         self.g.full(x), self.g.ints(begin), self.g.ints([b + int(n) for b, n in
                                                          zip(begin, sizes)]),
         self.g.ints(range(len(begin)))]))
+
+
+def _reshape_blocks(shape_in, shape_out) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+  """The reshape as blocks (input axes, output axes) of equal size, each the fewest
+  consecutive axes on both sides; None when a symbolic dimension is merged or split."""
+  blocks, i, j = [], 0, 0
+  while i < len(shape_in) or j < len(shape_out):
+    ins, outs = [i] if i < len(shape_in) else [], [j] if j < len(shape_out) else []
+    if not ins or not outs:
+      return None
+    a, b = shape_in[i], shape_out[j]
+    if not (_is_concrete([a]) and _is_concrete([b])):
+      if str(a) != str(b):
+        return None
+      blocks.append(((i,), (j,)))
+      i, j = i + 1, j + 1
+      continue
+    size_in, size_out = int(a), int(b)
+    i, j = i + 1, j + 1
+    while size_in != size_out:
+      if size_in < size_out:
+        if i >= len(shape_in) or not _is_concrete([shape_in[i]]):
+          return None
+        size_in *= int(shape_in[i])
+        ins.append(i)
+        i += 1
+      else:
+        if j >= len(shape_out) or not _is_concrete([shape_out[j]]):
+          return None
+        size_out *= int(shape_out[j])
+        outs.append(j)
+        j += 1
+    blocks.append((tuple(ins), tuple(outs)))
+  return blocks
 
 
 def _value_info(name: str, aval) -> onnx.ValueInfoProto:
