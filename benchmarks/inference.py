@@ -118,7 +118,8 @@ def measure(setting_name: str, args) -> dict[str, Any]:
   setting = SETTINGS[setting_name]
   rows = {}
   with tempfile.TemporaryDirectory() as directory:
-    by_batch = runners(setting, args.batch_sizes, args.threads, args.torch_compile, directory)
+    by_batch = runners(setting, [int(b) for b in args.batch_sizes], args.threads,
+                       args.torch_compile, directory)
     for batch_size, calls in by_batch.items():
       print(f"[{setting_name}] batch {batch_size}: {', '.join(calls)}", file=sys.stderr,
             flush=True)
@@ -164,22 +165,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_string("output", None, "JSON result path (default benchmarks/results/"
                       "inference_<device>.json, with a .md beside it).", flag_values=fv)
+  flags.register_validator(
+      "settings", lambda names: set(names) <= set(SETTINGS),
+      f"--settings: expected some of {sorted(SETTINGS)}.", flag_values=fv)
+  flags.register_validator(
+      "batch_sizes", lambda sizes: all(s.isdigit() and int(s) > 0 for s in sizes),
+      "--batch_sizes: expected positive integers.", flag_values=fv)
+  flags.register_validator(
+      "threads", lambda n: n <= len(os.sched_getaffinity(0)),
+      "--threads: at most the number of cores this process may use.", flag_values=fv)
 
 
 def run(flag_values) -> dict[str, Any]:
-  unknown = sorted(set(flag_values.settings) - set(SETTINGS))
-  if unknown:
-    raise ValueError(f"--settings {unknown}: expected some of {sorted(SETTINGS)}.")
-  try:
-    flag_values.batch_sizes = [int(b) for b in flag_values.batch_sizes]
-  except ValueError:
-    raise ValueError(f"--batch_sizes {flag_values.batch_sizes}: expected integers.") from None
-  cores = sorted(os.sched_getaffinity(0))
-  if flag_values.threads > len(cores):
-    raise ValueError(f"--threads {flag_values.threads}: this process may use {len(cores)} "
-                     "cores.")
   # Before XLA starts its thread pool: it sizes it from the cores it may use.
-  os.sched_setaffinity(0, cores[:flag_values.threads])
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:flag_values.threads])
   import onnxruntime  # pylint: disable=import-outside-toplevel
   result = {"machine": machine(), "threads": flag_values.threads, "rounds": flag_values.rounds,
             "onnxruntime": onnxruntime.__version__,

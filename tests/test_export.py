@@ -15,6 +15,7 @@ from PIL import Image
 
 from ccl_jax import detectors, export, exported, main, predict
 from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir
 
 NUM_IMAGES = 5  # with --batch_size 2 the last batch is padded
 
@@ -195,3 +196,29 @@ def test_export_refuses_to_replace_another_model(runs, tmp_path):
   assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temporary left
   with pytest.raises(export.ExportError, match="--format 'tflite'"):
     _export(*args, "--format=tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["", "hiercore"])
+def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
+  """configs/demo.py (CCL) and :hiercore trained, exported, and scored on all test images."""
+  workdir, model_dir = tmp_path / "run", tmp_path / "model"
+  config = os.path.join(repo_root, "configs", "demo.py") + (f":{variant}" if variant else "")
+  result = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", config, "--workdir", str(workdir),
+       f"--config.dataset.data_dir={tmp_path / 'data'}"],
+      capture_output=True, text=True, cwd=repo_root, timeout=1800, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  export.export_model(str(workdir), str(model_dir))
+  run_settings = RunDir(str(workdir)).read_settings()
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  images = np.stack([dataset.test[i]["image"] for i in range(len(dataset.test))])
+  jax_model, onnx_model = (exported.load(str(model_dir), b) for b in exported.BACKENDS)
+  num_groups = len(jax_model.manifest["groups"]["names"])
+  group_ids = np.asarray(dataset.test_class_ids, np.int32) % num_groups
+  for start in range(0, len(images), 16):
+    batch, groups = images[start:start + 16], group_ids[start:start + 16]
+    expected = jax_model.score(batch, groups).anomaly_maps
+    np.testing.assert_allclose(onnx_model.score(batch, groups).anomaly_maps, expected,
+                               rtol=0, atol=1e-4 * np.abs(expected).max())
