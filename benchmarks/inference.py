@@ -19,6 +19,9 @@ maps), timed through four paths, interleaved round by round so load changes hit 
   torch_eager    the PyTorch reference's `anomaly_maps` (eval mode, no_grad; its blur is
                  scipy's on the host, as the authors score)
   torch_compile  the same with the model under torch.compile (--torch_compile)
+  exported_jax_constants  the exported functions with the weights closed over as
+                 constants instead of passed as arguments (--weights_as_constants)
+`--onnx_profile` adds ONNX Runtime's own profile of one batch: its time per operator type.
 Threads: the process is pinned to `--threads` cores (default: all), and PyTorch
 (set_num_threads) and ONNX Runtime (intra_op_num_threads) get that many threads; XLA's CPU
 client uses one thread per core it may run on.
@@ -47,7 +50,9 @@ SETTINGS = {
     "small": {"encoder": "resnet18", "image_size": 128},
     "tiny": {"encoder": "resnet18", "image_size": 64},  # the test's: checks that it runs
 }
-PATHS = ("ccl_jax_jit", "exported_jax", "onnxruntime", "torch_eager", "torch_compile")
+PATHS = ("ccl_jax_jit", "exported_jax", "exported_jax_constants", "onnxruntime",
+         "torch_eager", "torch_compile")
+CCL_JAX_PATHS = PATHS[:4]
 
 
 def _model_dir(detector: detectors.Detector, directory: str, embedding_dim: int) -> str:
@@ -60,8 +65,44 @@ def _model_dir(detector: detectors.Detector, directory: str, embedding_dim: int)
   return directory
 
 
+def _with_constant_weights(detector: detectors.Detector) -> Callable[..., Any]:
+  """The score function serialised with the weights closed over, deserialised, jitted."""
+  weights, _, score = detector.pure_functions()
+  specs = export.input_specs(weights, detector.image_size, "score")[1:]
+  serialized = jax.export.export(jax.jit(lambda *args: score(weights, *args)))(*specs)
+  call = jax.jit(jax.export.deserialize(serialized.serialize()).call)
+  return lambda x, g: [np.asarray(y) for y in call(x, g)]
+
+
+def onnx_profile(model_dir: str, images: np.ndarray, num_threads: int) -> dict[str, float]:
+  """Share of ONNX Runtime's kernel time per operator type, one call of `score` (after a
+  warm-up call), from its own profiler."""
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  options = onnxruntime.SessionOptions()
+  options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+  options.intra_op_num_threads = num_threads
+  options.enable_profiling = True
+  options.profile_file_prefix = os.path.join(model_dir, "profile")
+  session = onnxruntime.InferenceSession(
+      os.path.join(model_dir, exported.function_file("score", "onnx")), options,
+      providers=["CPUExecutionProvider"])
+  feeds = {"images": images, "group_ids": np.zeros(len(images), np.int32)}
+  session.run(None, feeds)
+  session.run(None, feeds)
+  with open(session.end_profiling(), encoding="utf-8") as f:
+    events = json.load(f)
+  times: dict[str, float] = {}
+  for event in events:
+    if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+      op = event["args"]["op_name"]
+      times[op] = times.get(op, 0.0) + event["dur"]
+  total = sum(times.values())
+  return {op: t / total for op, t in sorted(times.items(), key=lambda item: -item[1])}
+
+
 def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compile: bool,
-            directory: str) -> dict[int, dict[str, Callable[[], Any]]]:
+            directory: str, constants: bool = False
+            ) -> tuple[dict[int, dict[str, Callable[[], Any]]], str]:
   """{batch size: {path: a call computing that batch's maps}}."""
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks.torch_reference import (  # pylint: disable=import-outside-toplevel
@@ -79,6 +120,7 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
   model_dir = _model_dir(detector, os.path.join(directory, setting["encoder"]), embedding_dim)
   models = {"exported_jax": exported.load(model_dir, "jax"),
             "onnxruntime": exported.load(model_dir, "onnx", num_threads=num_threads)}
+  constant_score = _with_constant_weights(detector) if constants else None
   compiled = None
   if torch_compile:
     compiled = build_trainer(setting["encoder"], image_size=size)
@@ -104,22 +146,24 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
              "torch_eager": torch_maps}
     if compiled is not None:
       calls["torch_compile"] = lambda c=compiled, x=torch_images: torch_maps(c, x)
+    if constant_score is not None:
+      calls["exported_jax_constants"] = lambda x=images, g=groups: constant_score(x, g)
     reference = calls["torch_eager"]()
     for name, call in calls.items():  # every path computes the same maps (and compiles now)
-      maps = np.asarray(call()[0] if name in models else call())
+      maps = np.asarray(call()[0] if name.startswith(("exported", "onnx")) else call())
       error = np.abs(maps - reference).max() / np.abs(reference).max()
       if error > 1e-3:
         raise RuntimeError(f"{name} maps differ from PyTorch's by {error:.2g} of their range.")
     result[batch_size] = calls
-  return result
+  return result, model_dir
 
 
 def measure(setting_name: str, args) -> dict[str, Any]:
   setting = SETTINGS[setting_name]
   rows = {}
   with tempfile.TemporaryDirectory() as directory:
-    by_batch = runners(setting, [int(b) for b in args.batch_sizes], args.threads,
-                       args.torch_compile, directory)
+    by_batch, model_dir = runners(setting, [int(b) for b in args.batch_sizes], args.threads,
+                                  args.torch_compile, directory, args.weights_as_constants)
     for batch_size, calls in by_batch.items():
       print(f"[{setting_name}] batch {batch_size}: {', '.join(calls)}", file=sys.stderr,
             flush=True)
@@ -127,14 +171,23 @@ def measure(setting_name: str, args) -> dict[str, Any]:
       for value in timings.values():
         value["maps_per_s"] = batch_size / value["median_s"]
       rows[str(batch_size)] = timings
-  return {"setting": dict(setting, name=setting_name), "batches": rows}
+    profiles = {}
+    if args.onnx_profile:
+      size = setting["image_size"]
+      for batch_size in by_batch:
+        images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3),
+                                                   dtype=np.uint8)
+        profiles[str(batch_size)] = onnx_profile(model_dir, images, args.threads)
+  return {"setting": dict(setting, name=setting_name), "batches": rows,
+          "onnx_profile": profiles}
 
 
 def markdown(result: dict[str, Any]) -> str:
   paths = [p for p in PATHS if any(p in t for r in result["settings"]
                                    for t in r["batches"].values())]
-  lines = [f"Machine: {result['machine']['cpu']}, {result['threads']} threads for every "
-           f"backend; JAX {result['machine']['jax']}, PyTorch {result['machine']['torch']}, "
+  threads = result["threads"]
+  lines = [f"Machine: {result['machine']['cpu']}, {threads} thread{'s' * (threads > 1)} for "
+           f"every backend; JAX {result['machine']['jax']}, PyTorch {result['machine']['torch']}, "
            f"ONNX Runtime {result['onnxruntime']}; median of {result['rounds']} interleaved "
            "rounds.", "",
            "| setting | batch | " + " | ".join(f"{p} maps/s" for p in paths)
@@ -143,12 +196,16 @@ def markdown(result: dict[str, Any]) -> str:
   for entry in result["settings"]:
     for batch_size, timings in entry["batches"].items():
       cells = [f"{timings[p]['maps_per_s']:.1f}" if p in timings else "n/a" for p in paths]
-      best = max(timings[p]["maps_per_s"] for p in ("ccl_jax_jit", "exported_jax",
-                                                    "onnxruntime"))
+      best = max(timings[p]["maps_per_s"] for p in CCL_JAX_PATHS if p in timings)
       ratio = best / timings["torch_eager"]["maps_per_s"]
       lines.append(f"| {entry['setting']['name']} ({entry['setting']['encoder']}, "
                    f"{entry['setting']['image_size']} px) | {batch_size} | "
                    + " | ".join(cells) + f" | {ratio:.2f}x |")
+  for entry in result["settings"]:
+    for batch_size, shares in entry["onnx_profile"].items():
+      top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:5])
+      lines.append(f"\nONNX Runtime profile, {entry['setting']['name']}, batch {batch_size}: "
+                   f"{top}")
   return "\n".join(lines)
 
 
@@ -163,6 +220,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "every backend.", lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("torch_compile", False, "Also time the model under torch.compile.",
                     flag_values=fv)
+  flags.DEFINE_bool("weights_as_constants", False, "Also time the exported functions with "
+                    "the weights closed over as constants.", flag_values=fv)
+  flags.DEFINE_bool("onnx_profile", False, "Also report ONNX Runtime's time per operator "
+                    "type.", flag_values=fv)
   flags.DEFINE_string("output", None, "JSON result path (default benchmarks/results/"
                       "inference_<device>.json, with a .md beside it).", flag_values=fv)
   flags.register_validator(

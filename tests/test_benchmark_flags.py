@@ -12,7 +12,8 @@ DEFAULTS = {
     "cpu_schedule": {"settings": ["small"], "rounds": 5, "worker": None},
     "inference": {"settings": ["small", "paper"], "batch_sizes": ["1", "16"], "rounds": 10,
                   "warmup": 2, "threads": len(os.sched_getaffinity(0)),
-                  "torch_compile": False, "output": None},
+                  "torch_compile": False, "weights_as_constants": False,
+                  "onnx_profile": False, "output": None},
     "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5},
     "memory_bank": {
         "encoders": ["efficientnet_lite0", "resnet18"], "num_images": [200, 1000],

@@ -222,3 +222,11 @@ def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_ro
     expected = jax_model.score(batch, groups).anomaly_maps
     np.testing.assert_allclose(onnx_model.score(batch, groups).anomaly_maps, expected,
                                rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_predict_takes_either_a_workdir_or_a_model(tmp_path):
+  for args in ([], ["--workdir=run", "--model=model"]):
+    flag_values = flags.FlagValues()
+    predict.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError, match="workdir.*model"):
+      flag_values(["predict", "--images=x", f"--output={tmp_path / 'p.csv'}", *args])
