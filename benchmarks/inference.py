@@ -65,13 +65,15 @@ def _model_dir(detector: detectors.Detector, directory: str, embedding_dim: int)
   return directory
 
 
-def _with_constant_weights(detector: detectors.Detector) -> Callable[..., Any]:
-  """The score function serialised with the weights closed over, deserialised, jitted."""
+def _with_constant_weights(detector: detectors.Detector) -> tuple[Callable[..., Any], int]:
+  """The score function serialised with the weights closed over, deserialised and jitted,
+  and its serialised size in bytes."""
   weights, _, score = detector.pure_functions()
   specs = export.input_specs(weights, detector.image_size, "score")[1:]
   serialized = jax.export.export(jax.jit(lambda *args: score(weights, *args)))(*specs)
-  call = jax.jit(jax.export.deserialize(serialized.serialize()).call)
-  return lambda x, g: [np.asarray(y) for y in call(x, g)]
+  data = serialized.serialize()
+  call = jax.jit(jax.export.deserialize(data).call)
+  return (lambda x, g: [np.asarray(y) for y in call(x, g)]), len(data)
 
 
 def onnx_profile(model_dir: str, images: np.ndarray, num_threads: int) -> dict[str, float]:
@@ -102,7 +104,7 @@ def onnx_profile(model_dir: str, images: np.ndarray, num_threads: int) -> dict[s
 
 def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compile: bool,
             directory: str, constants: bool = False
-            ) -> tuple[dict[int, dict[str, Callable[[], Any]]], str]:
+            ) -> tuple[dict[int, dict[str, Callable[[], Any]]], str, dict[str, int]]:
   """{batch size: {path: a call computing that batch's maps}}."""
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks.torch_reference import (  # pylint: disable=import-outside-toplevel
@@ -120,7 +122,11 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
   model_dir = _model_dir(detector, os.path.join(directory, setting["encoder"]), embedding_dim)
   models = {"exported_jax": exported.load(model_dir, "jax"),
             "onnxruntime": exported.load(model_dir, "onnx", num_threads=num_threads)}
-  constant_score = _with_constant_weights(detector) if constants else None
+  files = exported.read_manifest(model_dir)["files"]
+  sizes = {name: entry["bytes"] for name, entry in files.items()}
+  constant_score = None
+  if constants:
+    constant_score, sizes["score with constant weights"] = _with_constant_weights(detector)
   compiled = None
   if torch_compile:
     compiled = build_trainer(setting["encoder"], image_size=size)
@@ -155,15 +161,16 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
       if error > 1e-3:
         raise RuntimeError(f"{name} maps differ from PyTorch's by {error:.2g} of their range.")
     result[batch_size] = calls
-  return result, model_dir
+  return result, model_dir, sizes
 
 
 def measure(setting_name: str, args) -> dict[str, Any]:
   setting = SETTINGS[setting_name]
   rows = {}
   with tempfile.TemporaryDirectory() as directory:
-    by_batch, model_dir = runners(setting, [int(b) for b in args.batch_sizes], args.threads,
-                                  args.torch_compile, directory, args.weights_as_constants)
+    by_batch, model_dir, sizes = runners(setting, [int(b) for b in args.batch_sizes], args.threads,
+                                         args.torch_compile, directory,
+                                         args.weights_as_constants)
     for batch_size, calls in by_batch.items():
       print(f"[{setting_name}] batch {batch_size}: {', '.join(calls)}", file=sys.stderr,
             flush=True)
@@ -179,7 +186,7 @@ def measure(setting_name: str, args) -> dict[str, Any]:
                                                    dtype=np.uint8)
         profiles[str(batch_size)] = onnx_profile(model_dir, images, args.threads)
   return {"setting": dict(setting, name=setting_name), "batches": rows,
-          "onnx_profile": profiles}
+          "onnx_profile": profiles, "bytes": sizes}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -206,6 +213,8 @@ def markdown(result: dict[str, Any]) -> str:
       top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:5])
       lines.append(f"\nONNX Runtime profile, {entry['setting']['name']}, batch {batch_size}: "
                    f"{top}")
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in entry["bytes"].items())
+    lines.append(f"\nModel files, {entry['setting']['name']}: {sizes}")
   return "\n".join(lines)
 
 
