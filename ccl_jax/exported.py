@@ -108,10 +108,10 @@ def _deserialize(model_dir: str, manifest: dict[str, Any], function: str):
   naming the jax versions."""
   path = os.path.join(model_dir, function_file(function, "jax"))
   written_by = manifest.get("versions", {}).get("jax", "unknown")
-  version = manifest["functions"][function]["calling_convention_version"]
+  version = manifest["functions"].get(function, {}).get("calling_convention_version")
   low = jax.export.minimum_supported_calling_convention_version
   high = jax.export.maximum_supported_calling_convention_version
-  if not low <= version <= high:
+  if not isinstance(version, int) or not low <= version <= high:
     raise ModelDirError(
         f"{path}: serialised with calling convention version {version} (jax {written_by}); "
         f"jax {jax.__version__} reads versions {low} to {high}. Install jax=={written_by}, or "
