@@ -7,6 +7,9 @@
 `images` are uint8 RGB [B, S, S, 3] (S = `model.image_size`, resized bilinearly as
 `ccl_jax.predict` does); the normalisation the encoder expects happens inside the model.
 Any batch size works (the functions were serialised with a symbolic batch dimension).
+An image's group, as `ccl_jax.grouping.route` picks it: the row of
+manifest['groups']['centroids'] (unit vectors) with the largest dot product with the
+L2-normalised embedding; its thresholds are manifest['thresholds'].
 
 This module imports nothing of ccl_jax, flax, optax or orbax (a test runs it with those
 blocked), so a line PC needs only `pip install jax numpy` (plus onnxruntime for the ONNX
