@@ -2,11 +2,14 @@ r"""Does the input pipeline keep up with the training step? Both measured in one
 
   python -m benchmarks.input_pipeline                       # the demo (synthetic, 96 px)
   python -m benchmarks.input_pipeline --config configs/demo.py --batches 100
+  python -m benchmarks.input_pipeline --augmented_view_source_size 192   # view cut from 192 px
 
-Times the training stream alone (`input_pipeline.train_batches`: class-mixed epoch order,
-decoding, batching; nothing else running) and then the jitted training step of the same
-config on a batch already in memory, and prints images/s of each and their ratio. The
-pipeline should deliver several times what the step consumes, so the step never waits.
+Times the training stream alone (`input_pipeline.train_batches`: the config's sampler's
+epoch order, decoding, batching, and with augmented_view_source_size the second read of each
+row from the larger prepared images; nothing else running) and then the jitted training step
+of the same config on a batch already in memory, and prints images/s of each and their
+ratio. The pipeline should deliver several times what the step consumes, so the step never
+waits.
 """
 from __future__ import annotations
 
@@ -30,10 +33,16 @@ def load_config(path: str):
   return module.get_config(arg or None)
 
 
-def pipeline_images_per_second(config, dataset, train_indices, batches: int) -> float:
-  stream = input_pipeline.train_batches(
+def _stream(config, dataset, train_indices, view_source):
+  return input_pipeline.train_batches(
       dataset.train, train_indices, dataset.train_class_ids[train_indices],
-      global_batch_size=config.batch_size, seed=config.seed, worker_count=config.worker_count)
+      global_batch_size=config.batch_size, seed=config.seed, worker_count=config.worker_count,
+      sampler=config.sampler, view_source=view_source)
+
+
+def pipeline_images_per_second(config, dataset, train_indices, batches: int,
+                               view_source=None) -> float:
+  stream = _stream(config, dataset, train_indices, view_source)
   next(stream)  # start-up (threads, first reads) is not steady state
   start = time.perf_counter()
   for _ in range(batches):
@@ -41,7 +50,8 @@ def pipeline_images_per_second(config, dataset, train_indices, batches: int) -> 
   return batches * config.batch_size / (time.perf_counter() - start)
 
 
-def step_images_per_second(config, dataset, train_indices, repeats: int) -> float:
+def step_images_per_second(config, dataset, train_indices, repeats: int,
+                           view_source=None) -> float:
   run_settings = settings.from_config(config)
   replicated, batch_sharding = inference.replicated_sharding(), inference.batch_sharding()
   encoder, encoder_variables = detectors.frozen_encoder(run_settings, replicated)
@@ -49,9 +59,7 @@ def step_images_per_second(config, dataset, train_indices, repeats: int) -> floa
                              run_settings.optimizer, run_settings.image_size,
                              run_settings.seed, replicated)
   train_step = step.jit_train_step(encoder, run_settings.loss)
-  stream = input_pipeline.train_batches(
-      dataset.train, train_indices, dataset.train_class_ids[train_indices],
-      global_batch_size=config.batch_size, seed=config.seed)
+  stream = _stream(config, dataset, train_indices, view_source)
   batch = input_pipeline.to_global_array(next(stream), batch_sharding)
   state, metrics = train_step(state, encoder_variables, batch)  # compile
   jax.block_until_ready(metrics)
@@ -72,6 +80,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)
   flags.DEFINE_integer("repeats", 5, "Timed training steps (median).", lower_bound=1,
                        flag_values=flag_values)
+  flags.DEFINE_integer("augmented_view_source_size", None, "Overrides the config's key of "
+                       "that name (0: the augmented view from the image_size image).",
+                       flag_values=flag_values)
 
 
 def main(argv):
@@ -79,15 +90,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
   config = load_config(args.config)
+  if args.augmented_view_source_size is not None:
+    config.augmented_view_source_size = args.augmented_view_source_size
   run_settings = settings.from_config(config)
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
+  view_source = None
+  if run_settings.augmented_view_source_size:
+    view_source = selection.load_view_source(
+        run_settings.dataset, dataset, size=run_settings.augmented_view_source_size,
+        is_main=True)
   train_indices, _ = selection.training_split(run_settings, dataset)
-  pipeline = pipeline_images_per_second(config, dataset, train_indices, args.batches)
-  consumed = step_images_per_second(config, dataset, train_indices, args.repeats)
+  pipeline = pipeline_images_per_second(config, dataset, train_indices, args.batches,
+                                        view_source)
+  consumed = step_images_per_second(config, dataset, train_indices, args.repeats, view_source)
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; config "
         f"{args.config} ({config.model.encoder}, {config.image_size} px, batch "
-        f"{config.batch_size})")
+        f"{config.batch_size}, augmented view from "
+        f"{run_settings.augmented_view_source_size or config.image_size} px)")
   print(f"input pipeline alone: {pipeline:8.1f} images/s")
   print(f"training step:        {consumed:8.1f} images/s")
   print(f"pipeline / step:      {pipeline / consumed:8.1f}x")

@@ -21,8 +21,8 @@ local-loss sweep run only under the last allocator listed, tcmalloc by default):
         once per view, no unused neck pass, whole-map matching, all other-class negatives);
         PyTorch eager and torch.compile;
       - "as the authors run it": the PyTorch reference mode='authors' (their code's extra
-        work and Python loops) against ccl_jax with the authors' settings
-        (local_negatives='one_random', global_views='original');
+        work and Python loops) against ccl_jax under the `:authors` preset's loss settings
+        (`ccl_jax.default_config.as_authors`);
   * inference: anomaly maps per second (ccl_jax `detectors.rd_outputs` vs the reference's
     `anomaly_maps`, the authors' scoring with scipy's blur on the host);
   * local loss: ccl_jax step time with window 1, 3, 5 and whole map against no local loss;
@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import detectors, step, weights, xla_options
+from ccl_jax import default_config, detectors, step, weights, xla_options
+from ccl_jax import settings as settings_lib
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, build_encoder
 from ccl_jax.settings import LossSettings, OptimizerSettings
 
@@ -125,7 +126,8 @@ class JaxStep:
 def jax_loss_settings(variant: str, window: int | None = None,
                       local_weight: float = 1.0) -> LossSettings:
   if variant == "authors":
-    return LossSettings(local_negatives="one_random", global_views="original")
+    return settings_lib.from_config(
+        default_config.as_authors(default_config.base_config())).loss
   return LossSettings(window=window, local_weight=local_weight)
 
 

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 BLUR_SIGMA = 4.0
+# The authors' evaluator (util/metric.py cal_anomaly_map) divides the sum over scales by
+# len(scales) * sum(weights) = 3 * 3; RD4AD's test.py does not.
+AUTHORS_ANOMALY_MAP_SCALE = 1.0 / 9.0
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: radius = int(4 * 4 + 0.5) = 16
 
 

@@ -121,6 +121,30 @@ def resized_crop(img: jax.Array, box, size: tuple[int, int] | None = None) -> ja
   return rows[:, x0] * (1.0 - lx) + rows[:, x1] * lx
 
 
+def _antialiased_weights(out_size: int, in_size: int, start, length) -> jax.Array:
+  """[out_size, in_size] weights of PIL's bilinear resize of the crop [start, start +
+  length) to out_size: a triangle filter stretched by the downscale factor (antialiasing),
+  pixels outside the crop weighted 0, each row normalised."""
+  length = jnp.asarray(length, jnp.float32)
+  start = jnp.asarray(start, jnp.float32)
+  scale = length / out_size
+  support = jnp.maximum(scale, 1.0)
+  centre = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  pixel = jnp.arange(in_size, dtype=jnp.float32)
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixel[None, :] + 0.5 - centre[:, None]) / support)
+  weights = jnp.where((pixel >= start) & (pixel < start + length), weights, 0.0)
+  return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def antialiased_resized_crop(img: jax.Array, box, size: tuple[int, int]) -> jax.Array:
+  """Crop `box` = (top, left, height, width) of a larger image and resize it to `size` as
+  torchvision's RandomResizedCrop does on a PIL image (PIL's antialiased bilinear), which
+  is how the authors cut the augmented view from the full-resolution file."""
+  wy = _antialiased_weights(size[0], img.shape[0], box[0], box[2])
+  wx = _antialiased_weights(size[1], img.shape[1], box[1], box[3])
+  return jnp.einsum("oh,hwc,pw->opc", wy, img, wx, precision=jax.lax.Precision.HIGHEST)
+
+
 def hflip(img: jax.Array) -> jax.Array:
   """Mirror left-right."""
   return img[:, ::-1]
@@ -352,11 +376,15 @@ def sample_params(key, height: int, width: int,
 # ----------------------------------------------------------------------------- pipeline
 
 
-def apply_params(img: jax.Array, params: AugParams,
-                 config: AugmentConfig = DEFAULT_CONFIG) -> jax.Array:
-  """Run the augmentation pipeline on one `[H, W, 3]` image with fixed parameters."""
+def apply_params(img: jax.Array, params: AugParams, config: AugmentConfig = DEFAULT_CONFIG,
+                 size: tuple[int, int] | None = None) -> jax.Array:
+  """Run the augmentation pipeline on one `[H, W, 3]` image with fixed parameters; with
+  `size`, the crop of the (larger) image is resized to `size` with antialiasing."""
   img = img.astype(jnp.float32)
-  img = resized_crop(img, params.crop_box)
+  if size is None:
+    img = resized_crop(img, params.crop_box)
+  else:
+    img = antialiased_resized_crop(img, params.crop_box, size)
   img = jnp.where(params.hflip, hflip(img), img)
   img = jnp.where(params.vflip, vflip(img), img)
   img = color_jitter(img, params.jitter_order, params.brightness, params.contrast,
@@ -374,15 +402,18 @@ def sample_batch_params(key, batch: int, height: int, width: int,
   return jax.vmap(lambda k: sample_params(k, height, width, config))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def augment_batch(key, images: jax.Array, config: AugmentConfig = DEFAULT_CONFIG) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("config", "size"))
+def augment_batch(key, images: jax.Array, config: AugmentConfig = DEFAULT_CONFIG,
+                  size: tuple[int, int] | None = None) -> jax.Array:
   """Augmented views of `images` float32 `[B, H, W, 3]` in [0, 1]; same shape/dtype, in [0, 1].
 
   Deterministic for a key; each image gets its own parameters (one split key per image).
+  `size`: the views' (smaller) size when `images` are the larger source images they are
+  cut from; the crop box is drawn on the source, as RandomResizedCrop on the full file.
   """
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected [B, H, W, 3] images, got shape {images.shape}")
   b, h, w, _ = images.shape
   params = sample_batch_params(key, b, h, w, config)
-  out = jax.vmap(lambda im, p: apply_params(im, p, config))(images, params)
+  out = jax.vmap(lambda im, p: apply_params(im, p, config, size))(images, params)
   return out.astype(images.dtype) if jnp.issubdtype(images.dtype, jnp.floating) else out

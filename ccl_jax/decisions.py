@@ -37,7 +37,7 @@ import numpy as np
 import sklearn.metrics
 from absl import logging
 
-from ccl_jax import grouping, inference, metrics, thresholds, visualize
+from ccl_jax import events, grouping, inference, metrics, report, thresholds, visualize
 from ccl_jax.detectors import Detector, Router
 from ccl_jax.run_dir import RunDir
 from ccl_jax.settings import DecisionSettings, RunSettings
@@ -199,13 +199,16 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
                                        global_batch_size=global_batch_size,
                                        batch_sharding=batch_sharding)
   outputs["group_id"] = group_ids
+  # The thresholds each image was decided at, for report.html.
+  outputs["threshold"] = estimated.per_image(group_ids)
+  outputs["agnostic_threshold"] = np.full(len(group_ids), estimated.agnostic)
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
                              class_ids=dataset.test_class_ids, class_names=dataset.class_names)
   result = {
       "metrics": summary,
-      "classwise": decide(estimated.per_image(group_ids)),
-      "agnostic": decide(np.full(len(scores), estimated.agnostic)),
+      "classwise": decide(outputs["threshold"]),
+      "agnostic": decide(outputs["agnostic_threshold"]),
       "routing": routing_quality(groups, group_ids, dataset.test_class_ids,
                                  dataset.class_names),
   }
@@ -242,12 +245,16 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
 
 
 def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
-                  outputs: dict[str, np.ndarray], num_heatmaps_per_class: int) -> None:
-  """metrics.json, results.md (printed too) and heatmaps/ of an evaluation.
+                  outputs: dict[str, np.ndarray], run_settings: RunSettings) -> None:
+  """metrics.json, results.md (printed too), heatmaps/, report.html and the final
+  TensorBoard events of an evaluation.
 
   A metric that could not be computed is null in metrics.json (JSON has no NaN) and
   `metrics.skipped[class][metric]` says why; results.md lists the same below its table.
+  The settings' warnings (`RunSettings.warnings`) head both files.
   """
+  if run_settings.warnings:
+    result = {"warnings": list(run_settings.warnings), **result}
   table = metrics.format_table(result["metrics"])
   skipped = metrics.format_skipped(result["metrics"])
   if skipped:
@@ -255,8 +262,15 @@ def write_results(run_dir: RunDir, result: dict[str, Any], dataset,
   if "classwise" in result:
     table += ("\n\nDecisions at the estimated thresholds (%; P precision, R recall, FAR "
               "false-alarm rate):\n\n" + format_decision_table(result))
+  table = "".join(f"**Warning:** {w}\n\n" for w in run_settings.warnings) + table
   run_dir.write_results(_nan_to_none(result), table,
-                        heatmap_figures(dataset, outputs, num_heatmaps_per_class))
+                        heatmap_figures(dataset, outputs, run_settings.num_heatmaps_per_class))
+  gallery = report.gallery(dataset, outputs)
+  run_dir.write_report(report.build_html(result, dataset, outputs, gallery, run_dir.path))
+  writer = run_dir.event_writer()
+  events.log_results(writer, result.get("evaluated_step") or 0, result,
+                     report.worst_per_class(gallery))
+  writer.close()
   print(table, flush=True)
 
 
@@ -315,8 +329,9 @@ def format_decision_table(result: dict[str, Any]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
   def row(name, classwise, agnostic):
-    values = [100 * block[c] for block in (classwise, agnostic) for c in DECISION_COLUMNS]
-    return "| " + " | ".join([name] + [f"{v:.1f}" for v in values]) + " |"
+    values = [block[c] for block in (classwise, agnostic) for c in DECISION_COLUMNS]
+    return "| " + " | ".join([name] + ["n/a" if v is None or np.isnan(v) else f"{100 * v:.1f}"
+                                       for v in values]) + " |"
 
   classwise, agnostic = result["classwise"], result["agnostic"]
   for name in classwise["per_class"]:
@@ -324,4 +339,7 @@ def format_decision_table(result: dict[str, Any]) -> str:
   lines.append(row("**mean**", classwise["mean"], agnostic["mean"]))
   lines.append(row("spread (std)", {c: classwise["spread"][c]["std"] for c in DECISION_COLUMNS},
                    {c: agnostic["spread"][c]["std"] for c in DECISION_COLUMNS}))
-  return "\n".join(lines)
+  table = "\n".join(lines)
+  # Both blocks decide on the same images, so a rate is undefined for the same classes.
+  skipped = metrics.format_skipped(classwise)
+  return table + "\n\n" + skipped if skipped else table

@@ -116,18 +116,20 @@ class Detector(Router, abc.ABC):
 
 
 class ReverseDistillationDetector(Detector):
-  """CCL / RD: the anomaly map of the frozen encoder's features against the decoder's."""
+  """CCL / RD: the anomaly map of the frozen encoder's features against the decoder's,
+  times `map_scale` (`model.anomaly_map_scale`)."""
 
   def __init__(self, name: str, image_size: int, encoder: nn.Module, encoder_variables: Any,
-               network: ReverseDistillation, variables: Any):
+               network: ReverseDistillation, variables: Any, *, map_scale: float = 1.0):
     super().__init__(name, image_size, encoder, encoder_variables)
     self.network = network
     self.variables = variables
+    self.map_scale = map_scale
 
   def outputs(self, images: jax.Array) -> dict[str, jax.Array]:
     """{'anomaly_map', 'score', 'kd'}: maps, image scores and each image's KD loss (the RD
     objective in inference mode, the validation loss)."""
-    return _jitted_rd_outputs(self.network, self.encoder)(self.variables,
+    return _jitted_rd_outputs(self.network, self.encoder, self.map_scale)(self.variables,
                                                           self.encoder_variables, images)
 
   def _score(self, images: jax.Array, group_ids: jax.Array) -> Scores:
@@ -174,11 +176,13 @@ class HierCoreDetector(Detector):
 
 
 def rd_outputs(variables, encoder_variables, images: jax.Array, *,
-               network: ReverseDistillation, encoder: nn.Module) -> dict[str, jax.Array]:
-  """Inference on uint8 images [B,H,W,3]: anomaly maps, image scores and per-image KD loss."""
+               network: ReverseDistillation, encoder: nn.Module,
+               map_scale: float = 1.0) -> dict[str, jax.Array]:
+  """Inference on uint8 images [B,H,W,3]: anomaly maps (times `map_scale`), image scores and
+  per-image KD loss."""
   features = encode(encoder, encoder_variables, images)
   reconstruction = network.apply(variables, features, train=False)
-  maps = anomaly_maps.anomaly_map(features, reconstruction, images.shape[1:3])
+  maps = map_scale * anomaly_maps.anomaly_map(features, reconstruction, images.shape[1:3])
   return {"anomaly_map": maps, "score": anomaly_maps.image_score(maps),
           "kd": losses.kd_loss(features, reconstruction, per_sample=True)}
 
@@ -192,8 +196,9 @@ def routing_embedding(encoder_variables, images: jax.Array, *, encoder: nn.Modul
 # One jitted function per network/encoder, so every pass over a split (training, hold-out,
 # test) and every detector of the same architecture share one compilation.
 @functools.lru_cache(maxsize=8)
-def _jitted_rd_outputs(network: ReverseDistillation, encoder: nn.Module):
-  return jax.jit(functools.partial(rd_outputs, network=network, encoder=encoder))
+def _jitted_rd_outputs(network: ReverseDistillation, encoder: nn.Module, map_scale: float):
+  return jax.jit(functools.partial(rd_outputs, network=network, encoder=encoder,
+                                   map_scale=map_scale))
 
 
 @functools.lru_cache(maxsize=8)
@@ -270,6 +275,7 @@ def load_detector(path: str, *, checkpoint: str = "best") -> Detector:
   template = network_template(network, encoder, encoder_variables, run_settings.image_size)
   variables, restored_step = run.restore_model_variables(checkpoint, template, replicated)
   detector = ReverseDistillationDetector(run_settings.model_name, run_settings.image_size,
-                                         encoder, encoder_variables, network, variables)
+                                         encoder, encoder_variables, network, variables,
+                                         map_scale=run_settings.model.anomaly_map_scale)
   detector.checkpoint_step = restored_step
   return detector

@@ -4,8 +4,8 @@ A run directory (CCL, RD or HierCore; its decision.json, when present, adds the 
 
   python -m ccl_jax.evaluate --workdir ~/runs/demo
 
-writes metrics.json, results.md and heatmaps/ into <workdir>/eval. Imported checkpoints
-(see data_prep/convert_weights.py), e.g. an RD4AD model on MVTec AD:
+writes metrics.json, results.md, heatmaps/, report.html and events/ into <workdir>/eval.
+Imported checkpoints (see data_prep/convert_weights.py), e.g. an RD4AD model on MVTec AD:
 
   python -m ccl_jax.evaluate --config configs/mvtec_ad.py:rd --workdir ~/runs/rd4ad_eval \
       --variables rd4ad.msgpack \
@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from ccl_jax import decisions, detectors, inference, settings as settings_lib, variable_files
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import DECISION_FILE, RunDir
+from ccl_jax.run_dir import DECISION_FILE, METRICS_FILE, RunDir
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -57,7 +57,7 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   variables = variable_files.load(variables_path, template, "--variables")
   detector = detectors.ReverseDistillationDetector(
       run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-      variables)
+      variables, map_scale=run_settings.model.anomaly_map_scale)
   summary, outputs = decisions.evaluate_test_set(
       detector, dataset, np.zeros(len(dataset.test), np.int32),
       global_batch_size=run_settings.global_eval_batch_size,
@@ -65,8 +65,7 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   result = {"metrics": summary, "variables": os.path.abspath(variables_path),
             "classes": list(dataset.class_names)}
   if jax.process_index() == 0:
-    decisions.write_results(RunDir(workdir), result, dataset, outputs,
-                            run_settings.num_heatmaps_per_class)
+    decisions.write_results(RunDir(workdir), result, dataset, outputs, run_settings)
   return result
 
 
@@ -93,6 +92,9 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     result = {"metrics": summary}
   result.update({"evaluated_step": detector.checkpoint_step,
                  "classes": list(dataset.class_names)})
+  if run_dir.exists(METRICS_FILE):  # the training curves, for eval/report.html
+    trained = run_dir.read_metrics()
+    result.update({key: trained[key] for key in ("history", "training_log") if key in trained})
   if jax.process_index() == 0:
     decisions.write_results(RunDir(os.path.join(run_dir.path, "eval")), result, dataset,
                             outputs, run_settings.num_heatmaps_per_class)

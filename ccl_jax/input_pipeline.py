@@ -1,4 +1,4 @@
-"""Input pipeline: class-mixed epochs, grain train/eval streams.
+"""Input pipeline: class-mixed (or plainly shuffled) epochs, grain train/eval streams.
 
 Everything here is a pure function of explicit arguments (no config objects).
 
@@ -12,7 +12,9 @@ uint8 [S, S] in {0, 1}, ``class_id`` int32, ``label`` int32 (0 normal,
 Training stream
 ---------------
 ``train_batches`` is infinite. The order of epoch ``e`` is
-``class_mixed_epoch(..., rng=np.random.default_rng([seed, e]))``, so the global
+``class_mixed_epoch(..., rng=np.random.default_rng([seed, e]))`` (sampler
+'class_mixing') or ``shuffled_epoch(...)`` with the same rng (sampler
+'shuffle', the authors' plain shuffled DataLoader), so the global
 stream is a pure function of ``(seed, step)``: resuming at ``start_step`` skips
 whole epochs arithmetically and the remaining batches of the current epoch
 without reading them. Every *global* batch (``global_batch_size`` rows, split
@@ -188,6 +190,29 @@ def class_mixed_epoch(class_ids_of_indices, indices, batch_size: int,
                                         rng)]
 
 
+SAMPLERS = ("class_mixing", "shuffle")
+
+
+def shuffled_epoch(num_examples: int, batch_size: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """Positions ``0..n-1`` of one plainly shuffled epoch, the remainder
+  ``n % batch_size`` dropped (a DataLoader with ``drop_last``); batches may
+  hold a single class."""
+  if num_examples < batch_size:
+    raise ValueError(
+        f"Not enough samples for one batch: {num_examples} samples < "
+        f"batch_size {batch_size}.")
+  return rng.permutation(num_examples)[:(num_examples // batch_size)
+                                       * batch_size]
+
+
+def _epoch_positions(sampler: str, class_ids: np.ndarray, batch_size: int,
+                     rng: np.random.Generator) -> np.ndarray:
+  if sampler == "shuffle":
+    return shuffled_epoch(class_ids.size, batch_size, rng)
+  return _class_mixed_positions(class_ids, batch_size, rng)
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Full global batches per epoch (the remainder is dropped)."""
   if global_batch_size <= 0:
@@ -232,8 +257,11 @@ class _TrainRow:
   _CACHE_EPOCHS = 3
 
   def __init__(self, source, indices, class_ids, global_batch_size,
-               local_batch_size, process_index, seed, start_step):
+               local_batch_size, process_index, seed, start_step,
+               sampler="class_mixing", view_source=None):
     self.source = source
+    self.sampler = sampler
+    self.view_source = view_source
     self.indices = np.asarray(indices)
     self.class_ids = np.asarray(class_ids)
     self.global_batch_size = global_batch_size
@@ -264,8 +292,8 @@ class _TrainRow:
       order = self._orders.get(epoch)
       if order is None:
         rng = np.random.default_rng([int(self.seed), int(epoch)])
-        order = _class_mixed_positions(self.class_ids, self.global_batch_size,
-                                       rng)
+        order = _epoch_positions(self.sampler, self.class_ids,
+                                 self.global_batch_size, rng)
         self._orders[epoch] = order
         while len(self._orders) > self._CACHE_EPOCHS:
           self._orders.popitem(last=False)
@@ -276,11 +304,15 @@ class _TrainRow:
     row = self.process_index * self.local_batch_size + j % self.local_batch_size
     epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
     pos = self.epoch_order(epoch)[step_in_epoch * self.global_batch_size + row]
-    record = self.source[int(self.indices[pos])]
-    return {
-        "image": np.asarray(record["image"], dtype=np.uint8),
+    index = int(self.indices[pos])
+    row = {
+        "image": np.asarray(self.source[index]["image"], dtype=np.uint8),
         "class_id": np.int32(self.class_ids[pos]),
     }
+    if self.view_source is not None:
+      row["image_source"] = np.asarray(self.view_source[index]["image"],
+                                       dtype=np.uint8)
+    return row
 
 
 class _EvalRow:
@@ -361,7 +393,8 @@ def train_batches(source, indices, class_ids_of_indices, *,
                   global_batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   worker_count: int = 0, read_num_threads: int = 4,
-                  prefetch_buffer_size: int = 4) -> Iterator[dict]:
+                  prefetch_buffer_size: int = 4, sampler: str = "class_mixing",
+                  view_source=None) -> Iterator[dict]:
   """Infinite training stream of this process's rows of each global batch.
 
   Global step ``s`` is batch ``s % spe`` of epoch ``s // spe`` (``spe =
@@ -375,6 +408,13 @@ def train_batches(source, indices, class_ids_of_indices, *,
     ``{'image': uint8 [b, S, S, 3], 'class_id': int32 [b]}`` where
     ``class_id`` is taken from ``class_ids_of_indices`` (so pseudo-classes
     work), not from the record.
+
+  With ``sampler='shuffle'`` the epoch orders come from
+  ``shuffled_epoch(len(indices), global_batch_size, rng)`` instead (no class
+  constraint). With ``view_source`` (a source holding the same records at a
+  larger size, e.g. prepared at ``augmented_view_source_size``) every row
+  also carries ``'image_source'``, that source's image of the same index:
+  the augmented view is cut from it.
 
   Args:
     worker_count: grain multiprocessing workers (0: read in this process).
@@ -390,9 +430,15 @@ def train_batches(source, indices, class_ids_of_indices, *,
   b = _local_batch_size(global_batch_size, process_index, process_count)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  _check_mixable(class_ids_of_indices, global_batch_size)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if sampler == "class_mixing":
+    _check_mixable(class_ids_of_indices, global_batch_size)
+  elif indices.size < global_batch_size:
+    raise ValueError(f"Not enough samples for one batch: {indices.size} samples "
+                     f"< batch_size {global_batch_size}.")
   row_fn = _TrainRow(source, indices, class_ids_of_indices, global_batch_size,
-                     b, process_index, seed, start_step)
+                     b, process_index, seed, start_step, sampler, view_source)
   num_rows = (_INFINITE_ROWS // b) * b
   ds = (grain.MapDataset.range(num_rows)
         .map(row_fn)

@@ -52,6 +52,15 @@ def kd_loss(encoder_features: Sequence[jax.Array], decoder_features: Sequence[ja
   return total if per_sample else jnp.mean(total)
 
 
+def _check_embeddings(embeddings: jax.Array, class_ids: jax.Array, temperature: float) -> None:
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
+  if class_ids.shape != embeddings.shape[:1]:
+    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+
 def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
                             temperature: float) -> jax.Array:
   """Supervised contrastive loss (Khosla et al. 2020, L_out; paper Eq. 1 and 5).
@@ -66,12 +75,7 @@ def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
   over all j != i. Anchors without any positive are left out of the mean; if no anchor has
   one the loss is 0.
   """
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}.")
-  if class_ids.shape != embeddings.shape[:1]:
-    raise ValueError(f"class_ids must be [N] = [{embeddings.shape[0]}], got {class_ids.shape}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  _check_embeddings(embeddings, class_ids, temperature)
   z = _normalize(embeddings)
   logits = z @ z.T / temperature
   n = z.shape[0]
@@ -86,6 +90,28 @@ def global_contrastive_loss(embeddings: jax.Array, class_ids: jax.Array,
   has_positive = num_positives > 0
   return jnp.sum(jnp.where(has_positive, per_anchor, 0.0)) / jnp.maximum(
       jnp.sum(has_positive), 1)
+
+
+def authors_global_loss(embeddings: jax.Array, class_ids: jax.Array,
+                        temperature: float) -> jax.Array:
+  """The global loss of the authors' code (LGC-AD/AD-LGC loss/base_loss.py `SCLLoss`).
+
+  With log p_ij = log_softmax_j(<z_i, z_j> / tau) over the WHOLE row (self included):
+  mean_i[-mean_{j same class} log p_ij] + mean_i[-mean_{j other class} log p_ij], where
+  "same class" includes j = i, and each mean over j divides by (count + 1e-6) as theirs
+  does. Unlike SupCon (`global_contrastive_loss`) it rewards other-class similarity too:
+  at tau 0.05 it is lowest with other-class embeddings at cosine ~0.9, not -1.
+  """
+  _check_embeddings(embeddings, class_ids, temperature)
+  z = _normalize(embeddings)
+  log_prob = jax.nn.log_softmax(z @ z.T / temperature, axis=-1)
+  same = (class_ids[:, None] == class_ids[None, :]).astype(log_prob.dtype)
+  other = 1.0 - same
+
+  def mean_over(mask):
+    return -jnp.sum(mask * log_prob, axis=-1) / (jnp.sum(mask, axis=-1) + 1e-6)
+
+  return jnp.mean(mean_over(same)) + jnp.mean(mean_over(other))
 
 
 def _check_window(window: int | None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging as logging_std
 import os
+import sys
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ccl_jax import distributed, settings as settings_lib, xla_options
+from ccl_jax.datasets.mvtec_layout import DatasetError
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -58,6 +60,8 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   from ccl_jax import train  # pylint: disable=import-outside-toplevel
   from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
   from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  for warning in run_settings.warnings:
+    logging.warning(warning)
   run_dir = RunDir(workdir)
   with run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext():
     run_dir.check_same_run(run_settings)
@@ -69,7 +73,11 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run_settings = settings_lib.from_config(flags.FLAGS.config)
+  try:
+    run_settings = settings_lib.from_config(flags.FLAGS.config)
+  except settings_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   logging.get_absl_handler().addFilter(_QuietLibraries())
   xla_options.use_cpu_low_memory_schedule(run_settings.xla_cpu_low_memory_schedule)
   if flags.FLAGS.distributed:
@@ -77,7 +85,13 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  run(run_settings, flags.FLAGS.workdir)
+  try:
+    run(run_settings, flags.FLAGS.workdir)
+  except DatasetError as e:
+    # The dataset's problems are the user's to fix: their list, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@
   metrics.json            per-class and mean metrics, decisions, training history
   results.md              the same as markdown tables
   heatmaps/<class>/*.png  image | ground-truth contour | anomaly map
+  report.html             one self-contained page of all the above (`ccl_jax.report`)
+  events/                 TensorBoard event files (`ccl_jax.events`)
   .lock                   held while a program writes the run
 
-Every file is written through `atomic_write` (a temporary file in the same folder, fsync,
-rename), so a kill at any moment leaves either the old or the new file, never half of one.
+Every file but the event files is written through `atomic_write` (a temporary file in the
+same folder, fsync, rename), so a kill at any moment leaves either the old or the new file,
+never half of one.
 Checkpoints are Orbax's, which commit a step by renaming its finished folder. Reading never
 creates anything, and a missing or malformed file is an error that names it and says what
 writes it.
@@ -22,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from typing import Any, Iterator
 
 import jax
@@ -42,7 +46,9 @@ MEMORY_BANK_FILE = "memory_bank.npz"
 MEMORY_BANK_FORMAT_VERSION = 1
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.md"
+REPORT_FILE = "report.html"
 HEATMAPS_DIR = "heatmaps"
+EVENTS_DIR = "events"
 CHECKPOINTS = ("latest", "best")
 _DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
 
@@ -287,6 +293,31 @@ class RunDir:
     for class_name, stem, figure in heatmaps:
       atomic_write(os.path.join(self.path, HEATMAPS_DIR, class_name, f"{stem}.png"),
                    lambda f, figure=figure: Image.fromarray(figure).save(f, format="PNG"))
+
+  def write_report(self, html: str) -> str:
+    return atomic_write(self.file(REPORT_FILE), html)
+
+  def read_metrics(self) -> dict[str, Any]:
+    """metrics.json as written by `write_results` (undefined values are null)."""
+    return self._read_json(METRICS_FILE, "every finished run and evaluation writes it")[1]
+
+  def event_writer(self, purge_step: int | None = None):
+    """A TensorBoard writer appending a new event file to events/.
+
+    Event files are the one non-atomic file of a run: TensorBoard's format is an append-only
+    log that the viewer reads while the run goes, so it cannot be replaced whole. A kill
+    leaves at most a cut-off last record, which readers skip. `purge_step`: the step a
+    resumed run starts at; readers then drop what the killed run logged at or after it, so
+    no curve shows a step twice.
+    """
+    # Imported when used: tensorboardX imports torch when it is installed, seconds of
+    # start-up that reading a run directory does not need.
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    # tensorboardX names a file by the second it opens it and truncates one of the same name:
+    # the suffix keeps two writers of one second (training, then the final results) apart,
+    # and sorts them in the order they were opened, the order readers apply them in.
+    return tensorboardX.SummaryWriter(logdir=self.file(EVENTS_DIR), purge_step=purge_step,
+                                      filename_suffix=f".{time.time_ns()}")
 
 
 def read_memory_bank_file(path: str) -> MemoryBank:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import ml_collections
 
 from ccl_jax import default_config
+from ccl_jax.datasets.builders import MASK_RESIZE_MODES
+from ccl_jax.datasets.layouts import MANTA_VIEW_MODES, REAL_IAD_RESOLUTIONS, REAL_IAD_VIEWS
 from ccl_jax.models import ENCODERS
 
 MODEL_KINDS = ("reverse_distillation", "hiercore")
@@ -43,6 +45,10 @@ class DataSettings:
   class_labels: Literal["true", "kmeans"]
   num_pseudo_classes: int
   normal_test_share: float  # dataset 'folder', flat layout only
+  mask_resize: Literal["nearest", "bilinear_threshold"]
+  real_iad_resolution: str
+  real_iad_views: str
+  manta_views: Literal["split", "stacked"]
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -53,6 +59,17 @@ class DataSettings:
   @property
   def labels_at_training(self) -> bool:
     return self.class_labels == "true"
+
+  def reading_options(self, name: str) -> dict[str, str]:
+    """The options of `ccl_jax.datasets.load` for dataset `name` (one of `names`)."""
+    options = {"mask_resize": self.mask_resize}
+    if name == "folder":
+      options["normal_test_share"] = self.normal_test_share
+    elif name == "real_iad":
+      options.update(resolution=self.real_iad_resolution, views=self.real_iad_views)
+    elif name == "manta":
+      options["views"] = self.manta_views
+    return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +83,7 @@ class ModelSettings:
   decoder_width_per_group: int
   feature_noise_probability: float
   dtype: str
+  anomaly_map_scale: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +97,9 @@ class LossSettings:
   local_negatives: 'all' other-class images (paper) or 'one_random' (authors' code).
   same_class_positive: add the paper's second local positive.
   global_views: 'both' views in the global loss (paper) or 'original' only (authors' code).
+  global_form: 'supcon' (paper Eq. 1) or 'authors' (their SCLLoss, `losses.authors_global_loss`).
+  neck_on_augmented_view: run the neck (training mode) on the augmented view even when no
+    loss reads its embedding, so that its BatchNorm statistics see both views (authors' code).
   """
   local_weight: float = 1.0
   global_weight: float = 1.0
@@ -87,10 +108,19 @@ class LossSettings:
   local_negatives: Literal["all", "one_random"] = "all"
   same_class_positive: bool = False
   global_views: Literal["both", "original"] = "both"
+  global_form: Literal["supcon", "authors"] = "supcon"
+  neck_on_augmented_view: bool = False
 
   @property
   def uses_augmented_view(self) -> bool:
     return self.local_weight > 0 or self.global_weight > 0
+
+  @property
+  def embeds_augmented_view(self) -> bool:
+    """Whether a training step runs the neck on the augmented view."""
+    return self.uses_augmented_view and (
+        self.neck_on_augmented_view
+        or (self.global_weight > 0 and self.global_views == "both"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +169,8 @@ class RunSettings:
   eval_batch_size: int
   num_epochs: int
   seed: int
+  sampler: Literal["class_mixing", "shuffle"]
+  augmented_view_source_size: int
   validation_fraction: float
   early_stopping_patience: int
   evaluate_checkpoint: Literal["best", "last"]
@@ -158,6 +190,16 @@ class RunSettings:
     """'auto': CCL has the projector, the RD baseline (both CL weights 0) is plain RD4AD."""
     return self.model.projector == "on" or (self.model.projector == "auto"
                                             and self.loss.uses_augmented_view)
+
+  @property
+  def warnings(self) -> tuple[str, ...]:
+    """What makes a run's numbers meaningless without stopping it; printed at the start and
+    written into metrics.json and results.md."""
+    if self.model.encoder_weights in ("none", "") and set(self.dataset.names) - {"synthetic"}:
+      return (f"model.encoder_weights='none': the {self.model.encoder} encoder is randomly "
+              f"initialised, so the numbers on {self.dataset.name} say nothing about the "
+              "method; give ImageNet weights (README, 'Encoder weights').",)
+    return ()
 
   @property
   def model_name(self) -> str:
@@ -211,11 +253,14 @@ RUN_IDENTITY_KEYS = (
     "dataset.name", "dataset.classes", "dataset.class_labels",
     "dataset.num_pseudo_classes", "dataset.normal_test_share", "model.kind", "model.encoder",
     "model.encoder_weights", "model.projector", "model.neck_width_per_group",
-    "model.decoder_width_per_group", "model.feature_noise_probability", "model.dtype", "loss.local_weight", "loss.global_weight",
-    "loss.temperature", "loss.window", "loss.local_negatives", "loss.same_class_positive",
-    "loss.global_views", "optimizer.projector_learning_rate", "optimizer.learning_rate",
-    "optimizer.b1", "optimizer.b2", "optimizer.clip_norm", "hiercore.coreset_fraction",
-    "hiercore.feature_dim", "hiercore.projection_dim", "image_size", "batch_size", "seed",
+    "dataset.real_iad_resolution", "dataset.real_iad_views", "dataset.manta_views",
+    "model.decoder_width_per_group", "model.feature_noise_probability", "model.dtype",
+    "loss.local_weight", "loss.global_weight", "loss.temperature", "loss.window",
+    "loss.local_negatives", "loss.same_class_positive", "loss.global_views",
+    "loss.global_form", "loss.neck_on_augmented_view", "optimizer.projector_learning_rate",
+    "optimizer.learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.clip_norm",
+    "hiercore.coreset_fraction", "hiercore.feature_dim", "hiercore.projection_dim",
+    "image_size", "batch_size", "seed", "sampler", "augmented_view_source_size",
     "validation_fraction")
 
 
@@ -305,6 +350,10 @@ def validate(s: RunSettings) -> list[str]:
         "an integer >= 2")
   check("dataset.normal_test_share", d.normal_test_share,
         number(d.normal_test_share) and 0 <= d.normal_test_share < 1, "a share in [0, 1)")
+  choice("dataset.mask_resize", d.mask_resize, MASK_RESIZE_MODES)
+  choice("dataset.real_iad_resolution", d.real_iad_resolution, REAL_IAD_RESOLUTIONS)
+  choice("dataset.real_iad_views", d.real_iad_views, REAL_IAD_VIEWS)
+  choice("dataset.manta_views", d.manta_views, MANTA_VIEW_MODES)
   choice("model.kind", m.kind, MODEL_KINDS)
   choice("model.encoder", m.encoder, tuple(ENCODERS))
   choice("model.projector", m.projector, ("auto", "on", "off"))
@@ -315,6 +364,9 @@ def validate(s: RunSettings) -> list[str]:
   check("model.feature_noise_probability", m.feature_noise_probability,
         number(m.feature_noise_probability) and 0 <= m.feature_noise_probability <= 1,
         "a probability in [0, 1]")
+  check("model.anomaly_map_scale", m.anomaly_map_scale,
+        number(m.anomaly_map_scale) and m.anomaly_map_scale > 0,
+        "a number > 0 (1 = the sum over scales; 1/9 = the authors' evaluator)")
   for key in ("local_weight", "global_weight"):
     value = getattr(l, key)
     check(f"loss.{key}", value, number(value) and value >= 0, "a number >= 0")
@@ -326,6 +378,9 @@ def validate(s: RunSettings) -> list[str]:
   check("loss.same_class_positive", l.same_class_positive,
         isinstance(l.same_class_positive, bool), "True or False")
   choice("loss.global_views", l.global_views, ("both", "original"))
+  choice("loss.global_form", l.global_form, ("supcon", "authors"))
+  check("loss.neck_on_augmented_view", l.neck_on_augmented_view,
+        isinstance(l.neck_on_augmented_view, bool), "True or False")
   for key in ("projector_learning_rate", "learning_rate", "clip_norm"):
     value = getattr(o, key)
     check(f"optimizer.{key}", value, number(value) and value > 0, "a number > 0")
@@ -353,6 +408,12 @@ def validate(s: RunSettings) -> list[str]:
         "an integer >= 0 (0 = batch_size)")
   check("num_epochs", s.num_epochs, integer(s.num_epochs, 1), "an integer >= 1")
   check("seed", s.seed, integer(s.seed, 0), "an integer >= 0")
+  choice("sampler", s.sampler, ("class_mixing", "shuffle"))
+  check("augmented_view_source_size", s.augmented_view_source_size,
+        s.augmented_view_source_size == 0 or (
+            integer(s.augmented_view_source_size, 1)
+            and s.augmented_view_source_size > s.image_size),
+        "0 (the image_size image) or an integer > image_size")
   check("validation_fraction", s.validation_fraction,
         number(s.validation_fraction) and 0 <= s.validation_fraction < 1,
         "a fraction in [0, 1)")

@@ -85,6 +85,8 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
 
   An optional 'image_aug' (float [B,H,W,3] in [0, 1]) replaces the on-device augmentation
   with a given second view: parity tests and benchmarks feed both frameworks the same one.
+  An optional 'image_source' (uint8 [B,H',W',3], H' > H: the same images prepared larger)
+  is what the augmented view is cut from (`augmented_view_source_size`).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   aug_key, noise_key, negative_key = jax.random.split(step_key, 3)
@@ -95,7 +97,10 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
     # Both views through the encoder in one call: it is in inference mode, so stacking
     # them changes nothing but the launch count.
     augmented = batch.get("image_aug")
-    if augmented is None:
+    if augmented is None and "image_source" in batch:
+      augmented = augment.augment_batch(aug_key, batch["image_source"].astype(jnp.float32)
+                                        / 255.0, size=images01.shape[1:3])
+    elif augmented is None:
       augmented = augment.augment_batch(aug_key, images01)
     views = jnp.concatenate([images01, augmented.astype(jnp.float32)])
     both = encode(encoder, encoder_variables, views)
@@ -104,7 +109,9 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
   else:
     features = encode(encoder, encoder_variables, images01)
     features_aug = None
-  embed_augmented = settings.global_weight > 0 and settings.global_views == "both"
+  embed_augmented = settings.embeds_augmented_view
+  global_loss = {"supcon": losses.global_contrastive_loss,
+                 "authors": losses.authors_global_loss}[settings.global_form]
 
   def loss_fn(params):
     outputs, updates = state.apply_fn(
@@ -123,12 +130,12 @@ def gradients(state: TrainState, encoder_variables, batch: dict[str, jax.Array],
                                           features_aug, scale_keys)]
     global_ = jnp.zeros((), jnp.float32)
     if settings.global_weight > 0:
-      if embed_augmented:
+      if settings.global_views == "both":
         embeddings = jnp.concatenate([outputs.embedding, outputs.embedding_aug])
         ids = jnp.concatenate([class_ids, class_ids])
       else:
         embeddings, ids = outputs.embedding, class_ids
-      global_ = losses.global_contrastive_loss(embeddings, ids, settings.temperature)
+      global_ = global_loss(embeddings, ids, settings.temperature)
     terms = losses.total_loss(kd, local, global_, local_weight=settings.local_weight,
                               global_weight=settings.global_weight)
     return terms.total, (terms, updates["batch_stats"])

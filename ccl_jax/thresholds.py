@@ -48,13 +48,15 @@ thresholds with ``>=``; that only matters for ranking curves, not here.)
 
 Decision metrics, per true class and pooled: with TP/FP/FN/TN counted at the
 per-image thresholds, precision = TP / (TP + FP), recall = TP / (TP + FN),
-F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). No value
-is ever NaN: an empty denominator means no error could be made, so precision
-(nothing flagged), recall (no anomalous image), F1 (neither) are 1.0 and the
-false-alarm rate (no normal image) is 0.0. These agree with F1 = 2PR/(P + R)
-in every case. Each class also reports its counts so such cases can be seen.
-The mean and spread (population std, min, max) are taken over the classes
-that have test images.
+F1 = 2 TP / (2 TP + FP + FN) and false-alarm rate = FP / (FP + TN). A class
+without anomalous test images (normal images only) has no precision, recall
+or F1, and one without normal test images no false-alarm rate: these are NaN
+and ``skipped[class][metric]`` says why. (A 1.0 or 0.0 by convention would
+be counted in the means as if the class had been tested.) With anomalous
+images present but nothing flagged, precision is 1.0 (no false alarm was
+made), so F1 = 2PR/(P + R) still holds. Each class also reports its counts.
+The mean and spread (population std, min, max) of each metric are taken over
+the classes where it is defined (NaN when it is defined for none).
 
 ``ccl_jax.run_dir`` stores groups + thresholds + a meta dict as a run's
 decision.json, and validates it key by key when reading it back.
@@ -304,8 +306,9 @@ def estimate_thresholds(normal_scores: np.ndarray, group_ids: np.ndarray, num_gr
 # ----------------------------------------------------------------------------
 
 
-def _ratio(numerator: int, denominator: int, empty: float) -> float:
-  return numerator / denominator if denominator else empty
+_NO_ANOMALOUS = ("no anomalous test images: precision, recall and F1 measure how defects "
+                 "are found; the false-alarm rate covers this class")
+_NO_NORMAL = "no normal test images, so no false alarm could be made"
 
 
 def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray) -> dict:
@@ -313,11 +316,12 @@ def _rates(is_anomalous: np.ndarray, flagged: np.ndarray, thresholds: np.ndarray
   fp = int(np.count_nonzero(flagged & ~is_anomalous))
   fn = int(np.count_nonzero(~flagged & is_anomalous))
   tn = int(np.count_nonzero(~flagged & ~is_anomalous))
+  has_anomalous = tp + fn > 0
   return {
-      "precision": _ratio(tp, tp + fp, 1.0),
-      "recall": _ratio(tp, tp + fn, 1.0),
-      "f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
-      "false_alarm_rate": _ratio(fp, fp + tn, 0.0),
+      "precision": (tp / (tp + fp) if tp + fp else 1.0) if has_anomalous else math.nan,
+      "recall": tp / (tp + fn) if has_anomalous else math.nan,
+      "f1": 2 * tp / (2 * tp + fp + fn) if has_anomalous else math.nan,
+      "false_alarm_rate": fp / (fp + tn) if fp + tn else math.nan,
       "threshold_mean": float(thresholds.mean()),
       "n_normal": fp + tn, "n_anomalous": tp + fn,
       "tp": tp, "fp": fp, "fn": fn, "tn": tn,
@@ -341,8 +345,10 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
     'spread': {metric: {'std', 'min', 'max'}}, 'overall': row}`` where a row
     holds precision, recall, f1, false_alarm_rate, threshold_mean, n_normal,
     n_anomalous and the counts tp, fp, fn, tn; mean and spread cover the four
-    rates over the classes that have images (classes without images are left
-    out of per_class). ``overall`` pools all images. Image i is flagged iff
+    rates over the classes where each is defined (classes without images are
+    left out of per_class). When a rate is undefined for some class (NaN, see
+    the module docstring) ``'skipped': {name: {metric: reason}}`` says why.
+    ``overall`` pools all images. Image i is flagged iff
     ``scores[i] > thresholds_per_image[i]``.
   """
   scores = _as_scores("scores", scores)
@@ -372,14 +378,23 @@ def decision_metrics(scores: np.ndarray, labels: np.ndarray, thresholds_per_imag
     member = class_ids == c
     if member.any():
       per_class[name] = _rates(is_anomalous[member], flagged[member], thresholds[member])
-  table = {m: np.array([row[m] for row in per_class.values()]) for m in _RATE_METRICS}
-  return {
+  defined = {m: np.array([row[m] for row in per_class.values() if not math.isnan(row[m])])
+             for m in _RATE_METRICS}
+  result = {
       "per_class": per_class,
-      "mean": {m: float(v.mean()) for m, v in table.items()},
-      "spread": {m: {"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
-                 for m, v in table.items()},
+      "mean": {m: float(v.mean()) if v.size else math.nan for m, v in defined.items()},
+      "spread": {m: ({"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+                     if v.size else dict.fromkeys(("std", "min", "max"), math.nan))
+                 for m, v in defined.items()},
       "overall": _rates(is_anomalous, flagged, thresholds),
   }
+  skipped = {name: {m: _NO_NORMAL if m == "false_alarm_rate" else _NO_ANOMALOUS
+                    for m in _RATE_METRICS if math.isnan(row[m])}
+             for name, row in per_class.items()}
+  skipped = {name: reasons for name, reasons in skipped.items() if reasons}
+  if skipped:
+    result["skipped"] = skipped
+  return result
 
 
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ccl_jax import decisions, detectors, inference, input_pipeline, step
+from ccl_jax import decisions, detectors, events, inference, input_pipeline, step
 from ccl_jax.datasets import selection
 from ccl_jax.grouping import pseudo_classes
 from ccl_jax.run_dir import RunDir
@@ -92,6 +92,11 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
 
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=is_main)
+  view_source = None
+  if run_settings.augmented_view_source_size and run_settings.loss.uses_augmented_view:
+    view_source = selection.load_view_source(
+        run_settings.dataset, dataset, size=run_settings.augmented_view_source_size,
+        is_main=is_main)
   train_indices, val_indices = selection.training_split(run_settings, dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), run_settings.batch_size)
   total_steps = steps_per_epoch * run_settings.num_epochs
@@ -107,10 +112,13 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
                              run_settings.image_size, run_settings.seed, replicated)
 
   checkpoints = _Checkpoints(run_dir)
+  # `training_log`: the loss terms at every logging step, for report.html's curves. In the
+  # checkpoint, so a resumed run's log ends where its state does.
   meta = {"best_validation_loss": None, "best_step": None, "epochs_without_improvement": 0,
-          "history": [], "stopped_early": False}
+          "history": [], "training_log": [], "stopped_early": False}
   if checkpoints.last_saved_step is not None:
     state, meta = run_dir.restore_checkpoint("latest", state)
+    meta.setdefault("training_log", [])  # checkpoints written before the log existed
     if is_main:
       run_dir.discard_checkpoints_after("best", int(state.step))
     multihost_utils.sync_global_devices("ccl_jax stale checkpoints discarded")
@@ -122,7 +130,7 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   def detector_of(state) -> detectors.ReverseDistillationDetector:
     return detectors.ReverseDistillationDetector(
         run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-        step.variables_of(state))
+        step.variables_of(state), map_scale=run_settings.model.anomaly_map_scale)
 
   train_class_ids = dataset.train_class_ids[train_indices]
   if run_settings.dataset.class_labels == "kmeans":
@@ -143,8 +151,13 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
       dataset.train, train_indices, train_class_ids,
       global_batch_size=run_settings.batch_size, seed=run_settings.seed, start_step=first_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=run_settings.worker_count)
+      worker_count=run_settings.worker_count, sampler=run_settings.sampler,
+      view_source=view_source)
   last_step = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+  # The first step this run takes is first_step + 1: what a killed run logged from there on
+  # is replaced.
+  writer = (run_dir.event_writer(purge_step=first_step + 1 if first_step else None)
+            if is_main else None)
 
   def end_of_epoch(state, meta) -> bool:
     """Validation, early stopping and checkpoints; True when training should stop."""
@@ -167,6 +180,8 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
           global_batch_size=eval_batch_size, batch_sharding=batch_sharding)
       record["test_mean"] = summary["mean"]
     meta["history"].append(record)
+    if writer is not None:
+      events.log_epoch(writer, record)
     logging.info("Epoch %d: %s", epoch, record)
     patience = run_settings.early_stopping_patience
     stop = bool(patience) and meta["epochs_without_improvement"] >= patience
@@ -199,6 +214,12 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
       now = time.perf_counter()
       images_per_second = (step_number - tick_step) * run_settings.batch_size / (now - tick)
       tick, tick_step = now, step_number
+      meta["training_log"].append(
+          {"step": step_number, "images_per_second": images_per_second,
+           **{k: float(np.mean([float(v[k]) for v in fetched])) for k in events.STEP_TERMS}})
+      if writer is not None:
+        events.log_steps(writer, step_number - len(fetched) + 1, fetched, images_per_second,
+                         run_settings.optimizer)
       progress.set_postfix(loss=f"{latest_values['loss']:.4f}",
                            kd=f"{latest_values['kd']:.4f}", img_s=f"{images_per_second:.1f}")
       progress.update(len(fetched))
@@ -208,6 +229,8 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
           and step_number % run_settings.checkpoint_every_steps == 0):
       checkpoints.save("latest", state, meta)
   progress.close()
+  if writer is not None:
+    writer.close()
   if step_number < total_steps and not stopped:
     checkpoints.save("latest", state, meta)
     logging.info("Stopped at step %d of %d; rerun the same command to resume.", step_number,
@@ -222,8 +245,8 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
       detector_of(final), run_settings, run_dir, dataset, train_indices, val_indices,
       batch_sharding=batch_sharding)
   result.update({"evaluated_step": int(final.step), "step": step_number,
-                 "history": meta["history"], "pseudo_classes": meta.get("pseudo_classes")})
+                 "history": meta["history"], "training_log": meta["training_log"],
+                 "pseudo_classes": meta.get("pseudo_classes")})
   if is_main:
-    decisions.write_results(run_dir, result, dataset, outputs,
-                            run_settings.num_heatmaps_per_class)
+    decisions.write_results(run_dir, result, dataset, outputs, run_settings)
   return result

@@ -2,6 +2,11 @@ r"""Prepares a dataset (TFDS array_record, resized once) ahead of training.
 
   python -m data_prep.prepare_dataset --dataset visa --manual_dir /data/VisA \
       --data_dir ~/ccl_jax_data --image_size 256 [--classes pcb1,pcb2] [--num_workers 8]
+  python -m data_prep.prepare_dataset --dataset real_iad --manual_dir /data/Real-IAD \
+      --real_iad_resolution 1024 [--real_iad_views C1] [--mask_resize bilinear_threshold]
+
+The reading options are the training config's dataset keys of the same names (see
+ccl_jax/default_config.py), so a run with those keys finds what this command prepared.
 
 Training prepares missing classes by itself; this command does it up front (e.g. once on a
 machine with many cores before a multi-host run), prints the per-class counts and warns when
@@ -11,8 +16,11 @@ import sys
 
 from absl import app, flags
 
-from ccl_jax import datasets
+from ccl_jax import datasets, settings
 
+# The dataset config keys this program takes as flags of the same names.
+OPTION_KEYS = ("mask_resize", "real_iad_resolution", "real_iad_views", "manta_views",
+               "normal_test_share")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -28,6 +36,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("classes", ["all"], "Classes to prepare (default: all).", flag_values=fv)
   flags.DEFINE_integer("num_workers", None, "Decode/resize threads (default: min(8, cores)).",
                        flag_values=fv)
+  for key in OPTION_KEYS:
+    define = flags.DEFINE_float if key == "normal_test_share" else flags.DEFINE_string
+    define(key, None, f"Config key dataset.{key} (default: the config's).", flag_values=fv)
   flags.mark_flags_as_required(["dataset"], flag_values=fv)
 
 
@@ -36,11 +47,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
   classes = "all" if args.classes == ["all"] else tuple(args.classes)
+  given = {key: getattr(args, key) for key in OPTION_KEYS if getattr(args, key) is not None}
   try:
+    data = settings.from_dict({"dataset": {"name": args.dataset, **given}},
+                              source="flags").dataset
     dataset = datasets.load(args.dataset, classes=classes, manual_dir=args.manual_dir,
                             data_dir=args.data_dir, image_size=args.image_size,
-                            num_workers=args.num_workers)
-  except datasets.DatasetError as e:
+                            num_workers=args.num_workers, **data.reading_options(args.dataset))
+  except (settings.ConfigError, datasets.DatasetError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"{args.dataset}: {len(dataset.class_names)} classes, {len(dataset.train)} train / "

@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
 from ccl_jax import settings
 from configs import demo
@@ -57,6 +58,18 @@ def trained_smoke_run(smoke_settings, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained_smoke"))
   main.run(run_settings, workdir)
   return run_settings, workdir
+
+
+@pytest.fixture(scope="session")
+def read_events():
+  """`read_events(folder)`: TensorBoard's own reader over a run's event files, every
+  record kept (no sampling), orphaned records of resumed runs purged as TensorBoard does."""
+  def read(folder):
+    accumulator = event_accumulator.EventAccumulator(
+        folder, size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    accumulator.Reload()
+    return accumulator
+  return read
 
 
 # ---------------------------------------------------------------- dataset folders

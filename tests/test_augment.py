@@ -187,6 +187,30 @@ def test_resized_crop_half_box_matches_pil_upsampling():
     np.testing.assert_allclose(out[..., c], np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.parametrize("box", [(5, 7, 80, 70), (0, 0, 96, 96), (10, 20, 30, 50)])
+def test_antialiased_resized_crop_matches_pil(box):
+  # torchvision's RandomResizedCrop on a PIL image: crop, then PIL's bilinear resize, which
+  # antialiases when it shrinks (PIL rounds to uint8 after each of its two passes: <= 1
+  # level).
+  img = np.random.default_rng(4).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+  top, left, height, width = box
+  expected = np.asarray(Image.fromarray(img).crop((left, top, left + width, top + height))
+                        .resize((40, 40), Image.Resampling.BILINEAR), np.float32)
+  got = A.antialiased_resized_crop(jnp.asarray(img, jnp.float32), jnp.asarray(box), (40, 40))
+  assert np.abs(np.asarray(got) - expected).max() <= 1.001
+
+
+def test_augment_batch_from_larger_sources_draws_the_crop_on_the_source():
+  images = jnp.asarray(np.random.default_rng(5).random((3, 64, 64, 3)), jnp.float32)
+  key = jax.random.key(9)
+  views = A.augment_batch(key, images, size=(32, 32))
+  assert views.shape == (3, 32, 32, 3)
+  params = A.sample_batch_params(key, 3, 64, 64)
+  assert int(jnp.min(params.crop_box[:, 2])) > 32  # crop boxes in source pixels
+  expected = jax.vmap(lambda im, p: A.apply_params(im, p, size=(32, 32)))(images, params)
+  np.testing.assert_allclose(views, expected, atol=1e-6)
+
+
 def test_normalize_with_the_resnet_encoders_imagenet_statistics():
   u8 = np.random.default_rng(14).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

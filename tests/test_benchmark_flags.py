@@ -14,7 +14,8 @@ DEFAULTS = {
                   "warmup": 2, "threads": len(os.sched_getaffinity(0)),
                   "torch_compile": False, "weights_as_constants": False,
                   "onnx_profile": False, "output": None},
-    "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5},
+    "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5,
+                       "augmented_view_source_size": None},
     "memory_bank": {
         "encoders": ["efficientnet_lite0", "resnet18"], "num_images": [200, 1000],
         "image_size": 96, "num_groups": 4, "coreset_fraction": 0.1, "chunk_images": 64,

@@ -393,11 +393,11 @@ def test_failure_while_writing_leaves_nothing(prepared_dirs, incomplete_dirs, mv
   calls = []
   real = B.encode_sample
 
-  def flaky(sample, image_size):
+  def flaky(sample, *args):
     calls.append(sample)
     if len(calls) == 4:
       raise OSError("disk went away")
-    return real(sample, image_size)
+    return real(sample, *args)
 
   monkeypatch.setattr(B, "encode_sample", flaky)
   with pytest.raises(OSError, match="disk went away"):

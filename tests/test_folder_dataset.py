@@ -218,6 +218,16 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
   for key, mean in saved["metrics"]["mean"].items():
     assert mean == pytest.approx(np.mean([rows[c][key] for c in with_defects]))
   assert set(saved["classwise"]["per_class"]) == set(rows)
+  # Its decisions: no precision, recall or F1 without defects (not 1.0), so out of the means.
+  for block in ("classwise", "agnostic"):
+    decided = saved[block]
+    assert [decided["per_class"]["coffee.beans"][m] for m in ("precision", "recall", "f1")] \
+        == [None] * 3
+    assert "no anomalous test images" in decided["skipped"]["coffee.beans"]["recall"]
+    assert decided["mean"]["f1"] == pytest.approx(
+        np.mean([decided["per_class"][c]["f1"] for c in with_defects]))
+  assert "coffee.beans: precision, recall, f1: no anomalous" in (
+      workdir / "results.md").read_text()
   assert (workdir / "decision.json").is_file()
   assert (workdir / "heatmaps" / "brick-wall").is_dir()
 
@@ -227,7 +237,8 @@ def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke
   assert {r["class"] for r in predicted} <= set(rows)
 
 
-def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_settings):
+def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_settings,
+                                                            read_events):
   root = _make_folder(tmp_path / "raw", defects=False)
   workdir = tmp_path / "run"
   # HierCore (a memory bank) keeps this short; the run above trains CCL/RD with a class
@@ -250,6 +261,12 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   results = (workdir / "results.md").read_text()
   assert "Skipped metrics" in results and "- brick-wall: " in results
   assert "nan" not in results.lower()
+  page = (workdir / "report.html").read_text()
+  assert 'class="na" title="no test images"' in page and ">nan<" not in page.lower()
+  # TensorBoard gets what is defined: false-alarm rates, no image metric.
+  tags = read_events(str(workdir / "events")).Tags()["scalars"]
+  assert "final_classwise/false_alarm_rate/gravel_16" in tags
+  assert not [tag for tag in tags if tag.startswith("final/")]
   # Thresholds come from the held-out normals, so predict works on this run.
   decision = json.loads((workdir / "decision.json").read_text())
   assert decision["meta"]["num_holdout_images"] > 0

@@ -237,6 +237,38 @@ def test_train_batches_shapes_epochs_and_mixing():
                             decode_index(batches[spe]["image"]))
 
 
+class ScaledSource(FakeSource):
+  """The same records at twice the side (a source prepared at a larger size)."""
+
+  def __getitem__(self, i):
+    record = super().__getitem__(i)
+    record["image"] = np.repeat(np.repeat(record["image"], 2, 0), 2, 1)
+    return record
+
+
+def test_shuffle_sampler_is_a_plain_shuffle_and_carries_the_view_source():
+  # One class of 30 images and one of 2: class mixing cannot mix every batch of 8 and
+  # refuses; the plain shuffle runs and yields single-class batches.
+  class_ids = np.array([0] * 30 + [1] * 2)
+  source, indices = FakeSource(class_ids), np.arange(32)
+  with pytest.raises(ValueError, match="Cannot mix classes"):
+    ip.train_batches(source, indices, class_ids, global_batch_size=8, seed=3)
+  view_source = ScaledSource(class_ids)
+  batches = take(ip.train_batches(source, indices, class_ids, global_batch_size=8, seed=3,
+                                  sampler="shuffle", view_source=view_source), 8)
+  for e in range(2):
+    seen = np.concatenate([decode_index(b["image"]) for b in batches[4 * e:4 * e + 4]])
+    np.testing.assert_array_equal(
+        seen, ip.shuffled_epoch(32, 8, np.random.default_rng([3, e])))
+  assert any(np.unique(b["class_id"]).size == 1 for b in batches)
+  for b in batches:
+    assert b["image_source"].shape == (8, 2 * S, 2 * S, 3)
+    np.testing.assert_array_equal(b["image_source"][:, ::2, ::2], b["image"])
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    ip.train_batches(source, indices, class_ids, global_batch_size=8, seed=3,
+                     sampler="stratified")
+
+
 def test_train_batches_resume_matches_tail():
   source, indices, class_of = make_train_inputs()
   kwargs = dict(global_batch_size=8, seed=5)

@@ -102,6 +102,50 @@ def test_global_loss_matches_reference():
     np.testing.assert_allclose(got, supcon_reference(emb, ids, t), rtol=1e-5)
 
 
+def authors_scl_reference(emb, ids, t):
+  """The authors' SCLLoss, one anchor and one partner at a time: the row's softmax runs over
+  every j (self included); same-class partners include the anchor itself."""
+  n = len(ids)
+  positive_terms, negative_terms = [], []
+  for i in range(n):
+    logits = [_cos(emb[i], emb[j]) / t for j in range(n)]
+    log_denominator = np.log(sum(np.exp(v) for v in logits))
+    same = [logits[j] - log_denominator for j in range(n) if ids[j] == ids[i]]
+    other = [logits[j] - log_denominator for j in range(n) if ids[j] != ids[i]]
+    positive_terms.append(-sum(same) / (len(same) + 1e-6))
+    negative_terms.append(-sum(other) / (len(other) + 1e-6))
+  return float(np.mean(positive_terms) + np.mean(negative_terms))
+
+
+def test_authors_global_loss_matches_their_form_loop_by_loop():
+  rng = np.random.default_rng(3)
+  emb = rng.normal(size=(10, 6)).astype(np.float32)
+  ids = np.array([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])
+  for t in (0.05, 0.1, 0.5):
+    got = losses.authors_global_loss(jnp.asarray(emb), jnp.asarray(ids), t)
+    np.testing.assert_allclose(got, authors_scl_reference(emb, ids, t), rtol=1e-5)
+  # One class: no other-class term (0 / 1e-6), only the self-inclusive positive mean.
+  one_class = np.zeros(10, int)
+  np.testing.assert_allclose(
+      losses.authors_global_loss(jnp.asarray(emb), jnp.asarray(one_class), 0.1),
+      authors_scl_reference(emb, one_class, 0.1), rtol=1e-5)
+
+
+def test_authors_global_loss_rewards_other_class_similarity_that_supcon_penalises():
+  # Two classes of two unit vectors each, the classes at an angle: SupCon falls as the
+  # classes move apart, the authors' form (its other-class term) rises.
+  def embeddings(theta):
+    a = np.array([1.0, 0.0])
+    b = np.array([np.cos(theta), np.sin(theta)])
+    return jnp.asarray(np.stack([a, a, b, b]), jnp.float32)
+  ids = jnp.asarray([0, 0, 1, 1])
+  angles = np.linspace(0.05, np.pi, 12)
+  supcon = np.array([losses.global_contrastive_loss(embeddings(a), ids, 0.05) for a in angles])
+  authors = np.array([losses.authors_global_loss(embeddings(a), ids, 0.05) for a in angles])
+  assert np.all(np.diff(supcon) <= 1e-6) and supcon[0] > supcon[-1] + 1.0
+  assert np.all(np.diff(authors) > 0)
+
+
 def test_global_loss_without_positives_is_zero_with_finite_gradient():
   emb = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3)), jnp.float32)
   ids = jnp.arange(4)

@@ -39,6 +39,9 @@ def test_evaluate_program_reproduces_the_runs_own_metrics(trained_smoke_run, rep
   assert evaluated["classwise"]["mean"] == pytest.approx(own["classwise"]["mean"], abs=1e-6)
   assert evaluated["evaluated_step"] == own["evaluated_step"]
   assert os.path.exists(os.path.join(workdir, "eval", "results.md"))
+  # Its report.html carries the training curves of the run the model came from.
+  with open(os.path.join(workdir, "eval", "report.html"), encoding="utf-8") as f:
+    assert f.read().count('class="curve"') == 7
 
 
 def test_evaluate_scores_saved_variables_like_the_run(trained_smoke_run, smoke_settings,
@@ -104,3 +107,16 @@ def test_scenarios_program_writes_four_rows(smoke_data_dir, repo_root, tmp_path)
   for name in ("labels_at_training", "no_labels_at_training"):
     assert RunDir(str(tmp_path / name)).read_settings().dataset.class_labels == (
         "true" if name == "labels_at_training" else "kmeans")
+
+
+def test_main_reports_a_bad_dataset_folder_in_one_message(repo_root, tmp_path):
+  # '~' is the user's home; a folder there that does not exist is named, expanded.
+  missing = "~/ccl_jax_no_such_folder_for_tests"
+  out = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", "configs/demo.py:smoke",
+       f"--workdir={tmp_path / 'run'}", "--config.dataset.name=folder",
+       f"--config.dataset.manual_dir={missing}", f"--config.dataset.data_dir={tmp_path}"],
+      capture_output=True, text=True, cwd=repo_root, timeout=300)
+  assert out.returncode == 1
+  assert os.path.expanduser(missing) in out.stderr and "error: " in out.stderr
+  assert "Traceback" not in out.stderr

@@ -6,12 +6,17 @@ import sys
 import pytest
 
 from ccl_jax import settings
-from configs import demo, mvtec_ad
+from configs import all_in_all, btad, demo, manta, mvtec_ad, real_iad, visa
+
+PRESETS = ("", "authors", "paper", "rd")
 
 
 @pytest.mark.parametrize("module, variants", [(demo, ("", "rd", "hiercore", "random_encoder",
                                                       "smoke")),
-                                              (mvtec_ad, ("", "rd", "smoke"))])
+                                              (mvtec_ad, PRESETS + ("smoke",)),
+                                              (visa, PRESETS), (btad, PRESETS),
+                                              (real_iad, PRESETS), (manta, PRESETS),
+                                              (all_in_all, PRESETS)])
 def test_every_shipped_config_is_valid_and_round_trips(module, variants):
   for variant in variants:
     run_settings = settings.from_config(module.get_config(variant))
@@ -34,6 +39,48 @@ def test_every_problem_is_reported_at_once_with_its_key():
   assert "model.encoder='vgg16': expected one of" in message and "'resnet18'" in message
   assert "decision.rule='median'" in message
   assert "validation_fraction=1.0: expected a fraction in [0, 1)" in message
+
+
+def test_the_preset_switches_are_validated_with_their_key():
+  values = settings.from_config(mvtec_ad.get_config("authors")).to_dict()
+  values["loss"].update(global_form="infonce", neck_on_augmented_view="yes")
+  values.update(sampler="balanced", augmented_view_source_size=128)
+  values["dataset"].update(mask_resize="bicubic", real_iad_resolution="2048",
+                           real_iad_views="C6", manta_views="all")
+  values["model"]["anomaly_map_scale"] = 0.0
+  with pytest.raises(settings.ConfigError) as err:
+    settings.from_dict(values)
+  message = str(err.value)
+  assert "9 invalid key(s)" in message
+  for expected in ("loss.global_form='infonce': expected one of 'supcon', 'authors'",
+                   "loss.neck_on_augmented_view='yes': expected True or False",
+                   "sampler='balanced': expected one of 'class_mixing', 'shuffle'",
+                   "augmented_view_source_size=128: expected 0 (the image_size image) or an "
+                   "integer > image_size",
+                   "dataset.mask_resize='bicubic': expected one of 'nearest', "
+                   "'bilinear_threshold'",
+                   "dataset.real_iad_resolution='2048': expected one of '256', '512', '1024'",
+                   "dataset.real_iad_views='C6'", "dataset.manta_views='all'",
+                   "model.anomaly_map_scale=0.0: expected a number > 0"):
+    assert expected in message, expected
+  with pytest.raises(ValueError, match="Unknown variant 'author' of configs/visa.py; "
+                                       "expected one of authors, paper, rd"):
+    visa.get_config("author")
+
+
+def test_switches_that_change_the_trained_model_refuse_a_resume():
+  stored = settings.from_config(mvtec_ad.get_config(""))
+  authors = settings.from_config(mvtec_ad.get_config("authors"))
+  changed = {line.split(":")[0] for line in settings.changed_keys(stored, authors)}
+  assert {"loss.temperature", "loss.global_form", "loss.neck_on_augmented_view", "sampler",
+          "augmented_view_source_size", "validation_fraction"} <= changed
+  # Read only when evaluating (refitted, never part of the trained model):
+  assert not changed & {"dataset.mask_resize", "model.anomaly_map_scale",
+                        "evaluate_checkpoint"}
+  real_iad_1024 = stored.replace(**{"dataset.real_iad_resolution": "1024",
+                                    "dataset.manta_views": "stacked"})
+  assert {line.split(":")[0] for line in settings.changed_keys(stored, real_iad_1024)} == {
+      "dataset.real_iad_resolution", "dataset.manta_views"}
 
 
 def test_unknown_keys_of_a_stored_run_are_named():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import detectors, step
+from ccl_jax import anomaly_maps, detectors, step
 from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
 from ccl_jax.settings import LossSettings, OptimizerSettings
 
@@ -76,6 +76,41 @@ def test_rd_baseline_has_no_contrastive_terms_and_skips_the_augmented_view():
   assert "augment_batch" in ccl_jaxpr and "augment_batch" not in jaxpr
 
 
+def test_neck_on_the_augmented_view_moves_only_the_batchnorm_statistics():
+  # The step runs the neck on the augmented view when the global loss reads it, or when
+  # loss.neck_on_augmented_view asks for it although nothing reads it (the authors' code).
+  original = LossSettings(global_views="original", global_form="authors")
+  switched = LossSettings(global_views="original", global_form="authors",
+                          neck_on_augmented_view=True)
+  assert not original.embeds_augmented_view and switched.embeds_augmented_view
+  assert LossSettings(global_views="both").embeds_augmented_view
+  assert not LossSettings(local_weight=0.0, global_weight=0.0,
+                          neck_on_augmented_view=True).embeds_augmented_view
+
+  encoder, model, encoder_variables, state, batch = _setup(original)
+  images = batch["image"][:4].astype(jnp.float32) / 255.0
+  features = encoder.apply(encoder_variables, images)
+  features_aug = encoder.apply(encoder_variables, images[:, ::-1])
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def forward(embed_augmented):
+    outputs, updates = model.apply(variables, features, features_aug, embed_augmented,
+                                   method="training_outputs", mutable=["batch_stats"])
+    return outputs, updates["batch_stats"]
+  plain, stats = forward(False)
+  both, stats_both = forward(True)
+  # What the losses read is the same; the neck's running statistics also saw the
+  # augmented view, the decoder's did not.
+  for a, b in zip(jax.tree_util.tree_leaves((plain.projected, plain.embedding,
+                                             plain.decoder_features)),
+                  jax.tree_util.tree_leaves((both.projected, both.embedding,
+                                             both.decoder_features))):
+    np.testing.assert_array_equal(a, b)
+  assert plain.embedding_aug is None and both.embedding_aug.shape == both.embedding.shape
+  assert all(jax.tree_util.tree_leaves(_changed(stats["neck"], stats_both["neck"])))
+  assert not any(jax.tree_util.tree_leaves(_changed(stats["decoder"], stats_both["decoder"])))
+
+
 def test_predict_outputs():
   settings = LossSettings()
   encoder, model, encoder_variables, state, batch = _setup(settings)
@@ -84,6 +119,14 @@ def test_predict_outputs():
   assert out["anomaly_map"].shape == (8, SIZE, SIZE)
   np.testing.assert_allclose(out["score"], np.max(np.asarray(out["anomaly_map"]), axis=(1, 2)))
   assert out["kd"].shape == (8,)
+  # The authors' evaluator scale: maps and scores exactly 1/9, the KD loss untouched.
+  scaled = detectors.rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
+                                network=model, encoder=encoder,
+                                map_scale=anomaly_maps.AUTHORS_ANOMALY_MAP_SCALE)
+  np.testing.assert_allclose(9 * np.asarray(scaled["anomaly_map"]), out["anomaly_map"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(9 * np.asarray(scaled["score"]), out["score"], rtol=1e-5)
+  np.testing.assert_array_equal(scaled["kd"], out["kd"])
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""

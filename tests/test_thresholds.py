@@ -12,14 +12,6 @@ import pytest
 from ccl_jax import grouping, thresholds
 
 
-def _walk_numbers(tree):
-  if isinstance(tree, dict):
-    for value in tree.values():
-      yield from _walk_numbers(value)
-  else:
-    yield tree
-
-
 # ----------------------------------------------------------------------------
 # Rules
 # ----------------------------------------------------------------------------
@@ -180,30 +172,44 @@ def test_decision_metrics_hand_computed():
   assert overall["f1"] == pytest.approx(4 / 7) and overall["false_alarm_rate"] == 0.5
 
 
-def test_decision_metrics_degenerate_classes_are_nan_free():
+def test_decision_metrics_leave_undefined_rates_out():
   scores = np.array([0.1, 0.2, 0.9, 0.1, 0.4, 0.9])
   labels = np.array([0, 0, 0, 0, 1, 1])
   per_image = np.full(6, 0.5)
-  # quiet: normals only, none flagged; noisy: one normal flagged;
+  # quiet: normals only, none flagged; noisy: normals only, one flagged;
   # only_bad: anomalies only, one missed; empty: no images.
   class_ids = np.array([0, 0, 1, 1, 2, 2])
   names = ["quiet", "noisy", "only_bad", "empty"]
   result = thresholds.decision_metrics(scores, labels, per_image, class_ids, names)
   assert list(result["per_class"]) == ["quiet", "noisy", "only_bad"]
   quiet, noisy, bad = (result["per_class"][n] for n in names[:3])
-  assert (quiet["precision"], quiet["recall"], quiet["f1"], quiet["false_alarm_rate"]) == \
-      (1.0, 1.0, 1.0, 0.0)
-  assert (noisy["precision"], noisy["recall"], noisy["f1"], noisy["false_alarm_rate"]) == \
-      (0.0, 1.0, 0.0, 0.5)
-  assert (bad["precision"], bad["recall"], bad["f1"], bad["false_alarm_rate"]) == \
-      (1.0, 0.5, pytest.approx(2 / 3), 0.0)
+  for row in (quiet, noisy):
+    assert all(math.isnan(row[m]) for m in ("precision", "recall", "f1"))
+  assert (quiet["false_alarm_rate"], noisy["false_alarm_rate"]) == (0.0, 0.5)
+  assert (bad["precision"], bad["recall"], bad["f1"]) == (1.0, 0.5, pytest.approx(2 / 3))
+  assert math.isnan(bad["false_alarm_rate"])
+  # Each mean is over the classes where the rate exists, not padded with 1.0 or 0.0.
+  assert result["mean"]["recall"] == 0.5 and result["mean"]["false_alarm_rate"] == 0.25
+  assert result["spread"]["recall"] == {"std": 0.0, "min": 0.5, "max": 0.5}
+  assert set(result["skipped"]) == {"quiet", "noisy", "only_bad"}
+  assert set(result["skipped"]["noisy"]) == {"precision", "recall", "f1"}
+  assert "no anomalous test images" in result["skipped"]["noisy"]["f1"]
+  assert list(result["skipped"]["only_bad"]) == ["false_alarm_rate"]
+  # The pooled row has both kinds of image, so every rate is defined there.
+  assert not any(math.isnan(result["overall"][m]) for m in ("precision", "f1"))
   # Nothing flagged while anomalies exist: precision vacuous 1, recall and F1 0.
   missed = thresholds.decision_metrics(np.array([0.1, 0.2]), np.array([0, 1]),
                                        np.ones(2), np.zeros(2, int), ["x"])
   row = missed["per_class"]["x"]
   assert (row["precision"], row["recall"], row["f1"]) == (1.0, 0.0, 0.0)
-  for value in _walk_numbers(result):
-    assert not math.isnan(value)
+  assert "skipped" not in missed
+
+
+def test_decision_metrics_of_normal_images_only_have_no_mean_f1():
+  result = thresholds.decision_metrics(np.array([0.1, 0.9]), np.zeros(2, int), np.full(2, 0.5),
+                                       np.array([0, 1]), ["a", "b"])
+  assert math.isnan(result["mean"]["f1"]) and math.isnan(result["spread"]["f1"]["std"])
+  assert result["mean"]["false_alarm_rate"] == 0.5
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ccl_jax import datasets, detectors, grouping, settings, train
+from ccl_jax.run_dir import RunDir
 from configs import demo, mvtec_ad
 
 
@@ -49,12 +50,18 @@ def test_end_to_end_writes_metrics_table_and_heatmaps(full_run):
   assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
 
 
-def test_interrupted_run_resumes_to_identical_parameters(full_run, smoke_settings, tmp_path):
+def test_interrupted_run_resumes_to_identical_parameters(full_run, smoke_settings, tmp_path,
+                                                         read_events):
   workdir, _ = full_run
   resumed = str(tmp_path / "resumed")
   partial = train.train_and_evaluate(smoke_settings(), resumed, stop_after_steps=7)
   assert partial["metrics"] is None and partial["step"] == 7
   assert not os.path.exists(os.path.join(resumed, "metrics.json"))
+  # What a run killed at step 9 would have logged past its checkpoint (step 7).
+  killed = RunDir(resumed).event_writer()
+  for step in (8, 9):
+    killed.add_scalar("train/loss", -1.0, step)
+  killed.close()
   result = train.train_and_evaluate(smoke_settings(), resumed)
   assert result["step"] == 18
   (state_a, meta_a), (state_b, meta_b) = latest_state(workdir), latest_state(resumed)
@@ -66,6 +73,13 @@ def test_interrupted_run_resumes_to_identical_parameters(full_run, smoke_setting
   assert meta_a["best_step"] == meta_b["best_step"]
   assert [h["validation_loss"] for h in meta_a["history"]] == pytest.approx(
       [h["validation_loss"] for h in meta_b["history"]], rel=1e-5)
+  # The curves go on at the checkpoint's step: every step once, the killed run's purged.
+  losses = {path: read_events(os.path.join(path, "events")).Scalars("train/loss")
+            for path in (workdir, resumed)}
+  assert [s.step for s in losses[resumed]] == list(range(1, 19))
+  assert [s.value for s in losses[resumed]] == pytest.approx(
+      [s.value for s in losses[workdir]], rel=1e-5)
+  assert [r["step"] for r in result["training_log"]] == list(range(1, 19))
   # A finished run is not trained again by a rerun.
   again = train.train_and_evaluate(smoke_settings(), resumed)
   assert again["step"] == 18

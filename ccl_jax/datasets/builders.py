@@ -19,8 +19,12 @@ VisA, Real-IAD and MANTA), plus reading ``OPTIONS`` where it has any:
              <cls>/{normal,abnormal,mask}                  (0.2; open class set)
   =========  ==========================================  ==================
 
-Non-default options are part of the config name (e.g.
-``pcb_256_resolution512_viewsC1``), so each combination is prepared once.
+Every builder also takes ``mask_resize`` ('nearest' default |
+'bilinear_threshold': bilinear, then > 0.5 of the foreground value, as the
+CCL authors' target transform does). Non-default options are part of the
+config name (e.g. ``pcb_256_resolution512_viewsC1``,
+``bottle_256_mask_resizebilinear_threshold``), so each combination is
+prepared once.
 
 One :class:`AnomalyBuilderConfig` per (class, image size), named
 ``<class>_<size>`` (``<class>_orig`` keeps the original resolution), so every
@@ -50,7 +54,8 @@ sorted; key = ``file_name``):
                '#view<k>', k = 1..5, the view's position in the strip)
 
 Images are resized once, at preparation time: bilinear with antialiasing
-(PIL), masks nearest-neighbour then re-binarised. The whole class is
+(PIL), masks nearest-neighbour (or bilinear, see ``mask_resize``) then
+re-binarised. The whole class is
 validated before TFDS writes anything (see :mod:`.mvtec_layout`).
 
 Preparing is parallel within a class: images are decoded, resized and
@@ -107,6 +112,9 @@ MVTEC_AD_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 LABEL_NAMES = ("good", "anomalous")
 PNG_COMPRESS_LEVEL = 3
 _OPEN_CLASS_RE = re.compile(r"^[A-Za-z0-9][\w\-.]*$")
+MASK_RESIZE_MODES = ("nearest", "bilinear_threshold")
+#: options of how every builder encodes (not reads) a sample; first = default.
+ENCODING_OPTIONS = {"mask_resize": MASK_RESIZE_MODES}
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,10 +229,12 @@ def _is_8bit_png(data: bytes) -> bool:
   return data[12:16] == b"IHDR" and data[24] == 8
 
 
-def encode_sample(sample: Sample, image_size: int | None
+def encode_sample(sample: Sample, image_size: int | None,
+                  mask_resize: str = MASK_RESIZE_MODES[0]
                   ) -> tuple[bytes, bytes]:
   """(image PNG, mask PNG) bytes of one sample (its view, if it has one),
-  resized if requested.
+  resized if requested; the mask as ``mask_resize`` says, then
+  foreground where the resized value is above half of 255.
 
   The image becomes 8-bit RGB whatever its bit depth and mode (see
   :mod:`.images`; an unconvertible one raises ``images.UnsupportedImageError``
@@ -259,17 +269,20 @@ def encode_sample(sample: Sample, image_size: int | None
     binary = binary.any(-1)
   mask = Image.fromarray(binary.astype(np.uint8) * 255)
   if mask.size != size:
-    mask = mask.resize(size, Image.Resampling.NEAREST)
+    mask = mask.resize(size, Image.Resampling.NEAREST
+                       if mask_resize == "nearest"
+                       else Image.Resampling.BILINEAR)
     mask = Image.fromarray((np.asarray(mask) > 127).astype(np.uint8) * 255)
   return image_png, _png(mask)
 
 
-def _encode_with_view_label(sample: Sample, image_size: int | None):
+def _encode_with_view_label(sample: Sample, image_size: int | None,
+                            mask_resize: str = MASK_RESIZE_MODES[0]):
   """``encode_sample`` plus, for one view of an anomalous multi-view image,
   whether the defect shows in that view (its strip of the full-resolution
   mask is non-zero; such a view with an empty strip is stored as good).
   None where the question does not arise."""
-  image_png, mask_png = encode_sample(sample, image_size)
+  image_png, mask_png = encode_sample(sample, image_size, mask_resize)
   shows = None
   if sample.view is not None and sample.mask_path is not None:
     with Image.open(sample.mask_path) as m:
@@ -325,26 +338,39 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
 
   @classmethod
   def check_options(cls, options: dict) -> tuple[tuple[str, str], ...]:
-    """Validated non-default options as sorted ``(name, value)`` pairs."""
-    problems = []
-    out = []
+    """Validated non-default options (reading ``OPTIONS`` and
+    ``ENCODING_OPTIONS``) as sorted ``(name, value)`` pairs."""
+    problems, out = [], []
     for key in sorted(options):
-      value = options[key]
-      if key not in cls.OPTIONS:
-        known = ", ".join(cls.OPTIONS) or "none"
-        problems.append((key, f"unknown option of {cls.TITLE} "
-                         f"(known options: {known})"))
-        continue
-      allowed = cls.OPTIONS[key]
-      value = str(value)
-      if value not in allowed:
-        problems.append((key, f"value {value!r} not one of "
-                         f"{', '.join(map(repr, allowed))}"))
-      elif value != allowed[0]:
-        out.append((key, value))
+      cls._check_option(key, options[key], problems, out)
     if problems:
       raise DatasetError(f"{cls.TITLE}: invalid option(s)", problems)
     return tuple(out)
+
+  @classmethod
+  def _check_option(cls, key: str, value, problems: list, out: list) -> None:
+    """Appends ``(key, why)`` to problems, or a non-default value to out."""
+    allowed = {**cls.OPTIONS, **ENCODING_OPTIONS}.get(key)
+    if allowed is None:
+      known = ", ".join([*cls.OPTIONS, *ENCODING_OPTIONS])
+      problems.append((key, f"unknown option of {cls.TITLE} "
+                       f"(known options: {known})"))
+      return
+    value = str(value)
+    if value not in allowed:
+      problems.append((key, f"value {value!r} not one of "
+                       f"{', '.join(map(repr, allowed))}"))
+    elif value != allowed[0]:
+      out.append((key, value))
+
+  @classmethod
+  def reading_options(cls, options: dict) -> dict[str, str]:
+    """Every reading option (``OPTIONS``) of ``options``, defaults filled in;
+    the encoding options left out (``scan_class`` does not take them)."""
+    full = {k: v[0] for k, v in cls.OPTIONS.items()}
+    full.update({k: str(v) for k, v in dict(options or {}).items()
+                 if k in cls.OPTIONS})
+    return full
 
   @classmethod
   def config_for(cls, class_name: str, image_size: int | None,
@@ -405,8 +431,7 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
   def scan_classes(cls, manual_dir, class_names, *, verify: bool = True,
                    options: dict | None = None) -> dict[str, list[Sample]]:
     """Scans (and verifies) several classes: one DatasetError for all."""
-    full = {k: v[0] for k, v in cls.OPTIONS.items()}
-    full.update({k: str(v) for k, v in dict(options or {}).items()})
+    full = cls.reading_options(options)
     return mvtec_layout.scan_classes(
         manual_dir, list(class_names), title=cls.TITLE,
         instructions=cls.MANUAL_DOWNLOAD_INSTRUCTIONS, verify=verify,
@@ -473,8 +498,10 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
   def _generate_examples(self, samples, split: str = ""):
     cfg = self.builder_config
     class_id = self._class_label_names().index(cfg.class_name)
-    encode = functools.partial(_encode_with_view_label,
-                               image_size=cfg.image_size)
+    encode = functools.partial(
+        _encode_with_view_label, image_size=cfg.image_size,
+        mask_resize=cfg.option_values.get("mask_resize",
+                                          MASK_RESIZE_MODES[0]))
     workers = self._num_workers
     n = self.stacked_views()
     # Decoding, resizing and PNG encoding run in a thread pool (PIL
@@ -713,26 +740,19 @@ class Folder(AnomalyDetectionBuilder):
   BUILDER_CONFIGS = []
 
   @classmethod
-  def check_options(cls, options: dict) -> tuple[tuple[str, str], ...]:
+  def _check_option(cls, key: str, value, problems: list, out: list) -> None:
     # The share is a number, not one of a few listed values; it is written
     # canonically ('0.3', never '0.30') so that equal shares share a config.
-    problems, out = [], []
-    for key in sorted(options):
-      if key not in cls.OPTIONS:
-        problems.append((key, f"unknown option of {cls.TITLE} (known "
-                         f"options: {', '.join(cls.OPTIONS)})"))
-        continue
-      try:
-        value = f"{folder_layout.parse_share(options[key]):g}"
-      except (TypeError, ValueError):
-        problems.append((key, f"value {options[key]!r} is not a share in "
-                         "[0, 1)"))
-        continue
-      if value != cls.OPTIONS[key][0]:
-        out.append((key, value))
-    if problems:
-      raise DatasetError(f"{cls.TITLE}: invalid option(s)", problems)
-    return tuple(out)
+    if key != "normal_test_share":
+      super()._check_option(key, value, problems, out)
+      return
+    try:
+      value = f"{folder_layout.parse_share(value):g}"
+    except (TypeError, ValueError):
+      problems.append((key, f"value {value!r} is not a share in [0, 1)"))
+      return
+    if value != cls.OPTIONS[key][0]:
+      out.append((key, value))
 
   @classmethod
   def check_class_names(cls, class_names) -> None:

@@ -234,7 +234,8 @@ def scan_real_iad(manual_dir: pathlib.Path, class_name: str, problems: list,
     problems.append((json_path, "JSON lacks the keys meta, train, test"))
     return []
   meta = data["meta"] if isinstance(data["meta"], dict) else {}
-  prefix = str(meta.get("prefix") or class_name)
+  # The official JSONs' prefix ends with '/' ('audiojack/').
+  prefix = str(meta.get("prefix") or class_name).strip("/")
   normal = str(meta.get("normal_class") or "OK")
   res_dir = root / f"realiad_{resolution}"
   class_dir = res_dir / prefix

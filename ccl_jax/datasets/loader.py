@@ -186,10 +186,8 @@ def _check_source_matches(builder, manual_dir: pathlib.Path | None):
   stored = builder.info.metadata.get("source_fingerprint")
   problems: list = []
   cfg = builder.builder_config
-  options = {k: v[0] for k, v in builder.OPTIONS.items()}
-  options.update(cfg.option_values)
   samples = builder.scan_class(manual_dir, cfg.class_name, problems,
-                               **options)
+                               **builder.reading_options(cfg.option_values))
   if problems or stored is None:
     return  # raw files unusable or gone: the prepared data stands alone
   if fingerprint(samples) != stored:
@@ -242,13 +240,16 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
       The prepared data does not depend on it.
     **options: the dataset's reading options (``BUILDERS[name].OPTIONS``),
       e.g. ``load('real_iad', ..., resolution='512', views='C1')`` or
-      ``load('manta', ..., views='stacked')``; each option value gets its
-      own prepared config.
+      ``load('manta', ..., views='stacked')``, and every dataset's
+      ``mask_resize`` ('nearest' | 'bilinear_threshold'); each option value
+      gets its own prepared config.
   """
   if name not in BUILDERS:
     raise DatasetError(f"unknown dataset {name!r}; known datasets: "
                        f"{', '.join(BUILDERS)}", [(name, "unknown")])
   builder_cls = BUILDERS[name]
+  if manual_dir:
+    manual_dir = pathlib.Path(manual_dir).expanduser()
   class_names = _select_classes(builder_cls, classes, manual_dir or None)
   try:
     builder_cls.check_class_names(class_names)

@@ -24,8 +24,7 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   """
   names = list(data.names)
   data_dir = os.path.expanduser(data.data_dir)
-  def options(name):
-    return {"normal_test_share": data.normal_test_share} if name == "folder" else {}
+  options = data.reading_options
   if len(names) == 1:
     def read():
       return load(names[0], classes=data.classes, manual_dir=data.manual_dir or None,
@@ -59,6 +58,24 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   if not is_main:
     dataset = read()
   return dataset
+
+
+def load_view_source(data: DataSettings, dataset: AnomalyDataset, *, size: int,
+                     is_main: bool):
+  """The training records of `dataset` prepared at `size`, index for index: what the
+  augmented view is cut from (`augmented_view_source_size`). Preparing reads the same raw
+  files in the same order; a source that does not line up is refused."""
+  larger = load_selected(data, image_size=size, is_main=is_main)
+  ends = {0, len(dataset.train) - 1} if len(dataset.train) else set()
+  same = (len(larger.train) == len(dataset.train)
+          and np.array_equal(larger.train_class_ids, dataset.train_class_ids)
+          and all(larger.train[i]["file_name"] == dataset.train[i]["file_name"] for i in ends))
+  if not same:
+    raise ValueError(f"The training images prepared at augmented_view_source_size={size} do "
+                     f"not match those at the run's image size ({len(larger.train)} vs "
+                     f"{len(dataset.train)} records); delete the stale prepared data under "
+                     f"{data.data_dir} and rerun.")
+  return larger.train
 
 
 def training_split(run_settings: RunSettings,

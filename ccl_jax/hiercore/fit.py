@@ -68,6 +68,5 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
   result["memory_bank"] = {"patches_per_group": bank.counts.tolist(),
                            "mib": bank.nbytes / 2**20, "build_seconds": build_seconds}
   if is_main:
-    decisions.write_results(run_dir, result, dataset, outputs,
-                            run_settings.num_heatmaps_per_class)
+    decisions.write_results(run_dir, result, dataset, outputs, run_settings)
   return result
