@@ -24,7 +24,8 @@ maps), timed through four paths, interleaved round by round so load changes hit 
 `--onnx_profile` adds ONNX Runtime's own profile of one batch: its time per operator type.
 Threads: the process is pinned to `--threads` cores (default: all), and PyTorch
 (set_num_threads) and ONNX Runtime (intra_op_num_threads) get that many threads; XLA's CPU
-client uses one thread per core it may run on.
+client uses one thread per core it may run on. ONNX Runtime's workers do not spin while
+idle, so they leave the cores to the path timed after them.
 
 Prints a markdown table and writes benchmarks/results/inference_<device>.json and .md.
 """
@@ -53,6 +54,9 @@ SETTINGS = {
 PATHS = ("ccl_jax_jit", "exported_jax", "exported_jax_constants", "onnxruntime",
          "torch_eager", "torch_compile")
 CCL_JAX_PATHS = PATHS[:4]
+# ONNX Runtime's idle workers otherwise spin after each call, competing for the cores with
+# the path timed next.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 def _model_dir(detector: detectors.Detector, directory: str, embedding_dim: int) -> str:
@@ -121,7 +125,8 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
   embedding_dim = detector.embed(np.zeros((1, size, size, 3), np.uint8)).shape[1]
   model_dir = _model_dir(detector, os.path.join(directory, setting["encoder"]), embedding_dim)
   models = {"exported_jax": exported.load(model_dir, "jax"),
-            "onnxruntime": exported.load(model_dir, "onnx", num_threads=num_threads)}
+            "onnxruntime": exported.load(model_dir, "onnx", num_threads=num_threads,
+                                         onnx_config=NO_SPINNING)}
   files = exported.read_manifest(model_dir)["files"]
   sizes = {name: entry["bytes"] for name, entry in files.items()}
   constant_score = None

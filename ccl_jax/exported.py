@@ -133,7 +133,8 @@ def _deserialize(model_dir: str, manifest: dict[str, Any], function: str):
 class ExportedModel:
   """The functions of a model directory on one backend ('jax' or 'onnx')."""
 
-  def __init__(self, model_dir: str, backend: str = "jax", num_threads: int | None = None):
+  def __init__(self, model_dir: str, backend: str = "jax", num_threads: int | None = None,
+               onnx_config: dict[str, str] | None = None):
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     self.model_dir = os.path.abspath(os.path.expanduser(model_dir))
@@ -157,7 +158,8 @@ class ExportedModel:
                 np.asarray(x) for x in jax.tree_util.tree_leaves(call(weights, *args))))
     else:
       self._functions = {f: _onnx_function(os.path.join(self.model_dir, function_file(f, "onnx")),
-                                           f, num_threads) for f in FUNCTIONS}
+                                           f, num_threads, onnx_config or {})
+                         for f in FUNCTIONS}
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     """Routing embeddings [B, D] of uint8 images [B, S, S, 3]."""
@@ -180,9 +182,12 @@ class ExportedModel:
                        f"{self.image_size}, 3], got {images.dtype} {tuple(images.shape)}.")
 
 
-def _onnx_function(path: str, function: str, num_threads: int | None):
+def _onnx_function(path: str, function: str, num_threads: int | None,
+                   config: dict[str, str]):
   import onnxruntime  # pylint: disable=import-outside-toplevel  # the ONNX backend only
   options = onnxruntime.SessionOptions()
+  for key, value in config.items():
+    options.add_session_config_entry(key, value)
   options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
   if num_threads:
     options.intra_op_num_threads = num_threads
@@ -192,6 +197,8 @@ def _onnx_function(path: str, function: str, num_threads: int | None):
   return lambda *args: tuple(session.run(outputs, dict(zip(inputs, args))))
 
 
-def load(model_dir: str, backend: str = "jax", num_threads: int | None = None) -> ExportedModel:
-  """The model of `model_dir` on `backend`; `num_threads` sets ONNX Runtime's threads."""
-  return ExportedModel(model_dir, backend, num_threads)
+def load(model_dir: str, backend: str = "jax", num_threads: int | None = None,
+         onnx_config: dict[str, str] | None = None) -> ExportedModel:
+  """The model of `model_dir` on `backend`; `num_threads` sets ONNX Runtime's threads and
+  `onnx_config` adds its session config entries (e.g. session.intra_op.allow_spinning)."""
+  return ExportedModel(model_dir, backend, num_threads, onnx_config)
