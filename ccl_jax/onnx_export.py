@@ -59,6 +59,10 @@ class _Value:
   lazy: bool = False
   perm: tuple[int, ...] | None = None
   layouts: dict[tuple[int, ...], str] = dataclasses.field(default_factory=dict)
+  # The 1x1 convolution [B, bs*bs*C, H, W] a value came from (`_pointwise_conv`), and, once
+  # reshaped to [B, bs*H, bs*W, C], the depth-to-space still to be applied to `name`.
+  source: tuple[str, tuple[int, ...]] | None = None
+  depth_to_space: tuple[int, int] | None = None  # (block size, channels)
 
 
 def _dim_linear(dim) -> tuple[int, int]:
@@ -132,6 +136,7 @@ class _Graph:
   def tensor(self, value: _Value, perm: Sequence[int] | None = None) -> str:
     """A tensor of `value` (possibly lazy) holding transpose(value, perm) (None: the
     value's own axis order)."""
+    self.settle(value)
     rank = len(value.shape)
     perm = tuple(perm) if perm is not None else tuple(range(rank))
     if perm not in value.layouts:
@@ -148,6 +153,13 @@ class _Graph:
           value.layouts[perm] = self.one("Transpose", [value.name],
                                          perm=[int(inverse[p]) for p in perm])
     return value.layouts[perm]
+
+  def settle(self, value: _Value) -> None:
+    """Applies a pending depth-to-space: `value` becomes an NCHW tensor."""
+    if value.depth_to_space is not None:
+      block, _ = value.depth_to_space
+      value.name = self.one("DepthToSpace", [value.name], blocksize=block, mode="DCR")
+      value.perm, value.depth_to_space = (0, 3, 1, 2), None
 
   def full(self, value: _Value, perm: Sequence[int] | None = None) -> str:
     """`tensor(value, perm)` with its full shape."""
@@ -169,6 +181,10 @@ _UNARY = {"sqrt": "Sqrt", "exp": "Exp", "log": "Log", "neg": "Neg", "abs": "Abs"
           "tanh": "Tanh", "logistic": "Sigmoid", "floor": "Floor", "ceil": "Ceil",
           "not": "Not", "sign": "Sign", "erf": "Erf"}
 _IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
+# Elementwise primitives that can run before a pending depth-to-space (`_Value`).
+_KEEPS_DEPTH_TO_SPACE = {"add", "sub", "mul", "div", "max", "min", "convert_element_type",
+                         "rsqrt", "sqrt", "neg", "exp", "abs", "stop_gradient", "copy",
+                         "copy_p", "optimization_barrier"}
 _REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
            "reduce_prod": "ReduceProd"}
 _SUBJAXPR = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
@@ -237,6 +253,9 @@ class _Translator:
       return [_Value(tuple(np.shape(r)), const=np.asarray(r)) for r in results]
     handler = getattr(self, f"_{name}", None)
     out_shape = out_shapes[0]
+    if name not in _KEEPS_DEPTH_TO_SPACE:
+      for value in inputs:
+        self.g.settle(value)
     if name in _ELEMENTWISE or name in _UNARY or name in _IDENTITY:
       return [self.elementwise(name, inputs, out_shape)]
     if handler is None:
@@ -247,7 +266,32 @@ class _Translator:
 
   def _common_layout(self, inputs: list[_Value], out_shape) -> tuple[list[str], dict]:
     """The inputs of an elementwise op as tensors in one layout (that of the first
-    permuted input of the output's rank), and the result's lazy/perm fields."""
+    permuted input of the output's rank), and the result's lazy/perm fields.
+
+    Before a pending depth-to-space (the decoder's 2x2 transposed convolution) the op runs
+    on the convolution's own output, with per-channel constants repeated for each of the
+    block's positions, so ONNX Runtime folds a BatchNorm and ReLU there into the
+    convolution."""
+    pending = next((v.depth_to_space for v in inputs if v.depth_to_space is not None), None)
+    if pending is not None:
+      block, channels = pending
+      def per_channel(v: _Value) -> bool:
+        return v.depth_to_space == pending or (
+            v.const is not None and (v.const.size == 1 or tuple(v.const.shape) == (
+                1, 1, 1, channels)))
+      if all(per_channel(v) for v in inputs):
+        names = []
+        for v in inputs:
+          if v.depth_to_space is not None:
+            names.append(v.name)
+          elif v.const.size == 1:
+            names.append(self.g.constant(v.const.reshape(())))
+          else:
+            names.append(self.g.constant(np.tile(v.const.reshape(channels), block * block)
+                                         .reshape(1, -1, 1, 1)))
+        return names, {"depth_to_space": pending}
+      for v in inputs:
+        self.g.settle(v)
     rank = len(out_shape)
     perm = next((v.perm for v in inputs if v.perm is not None and len(v.shape) == rank),
                 None)
@@ -312,6 +356,9 @@ class _Translator:
   # -- handlers: _<primitive>(eqn, inputs, out_shape) -> _Value ------------------------------
 
   def _unary(self, op: str, x: _Value, out_shape, **attrs) -> _Value:
+    if x.depth_to_space is not None:
+      return _Value(out_shape, self.g.one(op, [x.name], **attrs),
+                    depth_to_space=x.depth_to_space)
     return _Value(out_shape, self.g.one(op, [self.g.tensor(x, x.perm)], **attrs), lazy=x.lazy,
                   perm=x.perm)
 
@@ -362,6 +409,17 @@ class _Translator:
 
   def _reshape(self, eqn, inputs, out_shape):
     (x,) = inputs
+    if x.source is not None and len(x.shape) == 6 and len(out_shape) == 4:
+      conv, features = x.source
+      block = features[0]
+      b, h, d, w, e, c = x.shape
+      # [B, h, d, w, e, C] (read from the conv's [B, d*e*C, h, w]) -> [B, h*d, w*e, C]: a
+      # depth-to-space, left pending so elementwise ops can run on the conv's output.
+      if (tuple(features) == (block, block, c) and d == e == block
+          and x.perm == (0, 2, 4, 5, 1, 3)
+          and tuple(out_shape[1:]) == (h * block, w * block, c)):
+        return _Value(out_shape, conv, depth_to_space=(block, int(c)))
+    self.g.settle(x)
     blocks = _reshape_blocks(x.shape, out_shape) if x.perm is not None or (
         len(out_shape) == 4) else None
     if blocks is None:
@@ -406,7 +464,7 @@ class _Translator:
     inverse = np.argsort(eqn.params["permutation"])
     perm = tuple(int(inverse[a]) for a in have)
     return _Value(out_shape, self.g.tensor(x, have), lazy=x.lazy,
-                  perm=None if perm == tuple(range(len(perm))) else perm)
+                  perm=None if perm == tuple(range(len(perm))) else perm, source=x.source)
 
   def _concatenate(self, eqn, inputs, out_shape):
     perm = inputs[0].perm if all(v.perm == inputs[0].perm for v in inputs) else None
@@ -519,15 +577,16 @@ class _Translator:
     kernel = np.transpose(np.broadcast_to(weight.const, weight.shape), free + [contract])
     features = [int(weight.shape[a]) for a in free]
     kernel = kernel.reshape(int(np.prod(features)), -1)[:, :, None, None]
-    y = self.g.one("Conv", [self.g.full(data, (0, 3, 1, 2)),
-                            self.g.constant(np.ascontiguousarray(kernel))])
+    y = conv = self.g.one("Conv", [self.g.full(data, (0, 3, 1, 2)),
+                                   self.g.constant(np.ascontiguousarray(kernel))])
     if len(features) != 1:
       y = self.g.one("Reshape", [y, self.g.shape_tensor(
           [data.shape[0], *features, data.shape[1], data.shape[2]], minus_one=True)])
     n = len(features)
     # Result axes: (b, h, w, *F) or (*F, b, h, w); the tensor holds (b, *F, h, w).
     perm = (0, *range(3, 3 + n), 1, 2) if data_first else (n, *range(n), n + 1, n + 2)
-    return _Value(out_shape, y, perm=None if perm == tuple(range(n + 3)) else perm)
+    return _Value(out_shape, y, perm=None if perm == tuple(range(n + 3)) else perm,
+                  source=(conv, tuple(features)))
 
   def _conv_general_dilated(self, eqn, inputs, out_shape):
     x, kernel = inputs
