@@ -16,7 +16,10 @@ set of primitives; the ones without a direct ONNX operator are lowered different
   kernel flipped and the padding mirrored.
 * dot_general: a 1x1 Conv for [B, H, W, C] x [C, O] with constant weights (how
   `ccl_jax.models.conv` computes 1x1 convolutions on the CPU), MatMul for other
-  matrix-vector products, else Einsum.
+  matrix-vector products, else Einsum. The 2x2 transposed convolution of
+  `models.resnet.Deconv2x2` (an einsum and a reshape) becomes a 1x1 Conv and a
+  DepthToSpace that waits until the elementwise ops after it (BatchNorm, ReLU) have run
+  on the Conv's output, where ONNX Runtime folds them into the Conv.
 * broadcast_in_dim: a Reshape adding unit axes, left to the consumers' numpy broadcasting;
   Expand only where a consumer needs the full shape.
 * scan (HierCore's chunked nearest-neighbour search): unrolled, one copy of the body per
