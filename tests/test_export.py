@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -139,41 +141,39 @@ def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
   np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), expected.anomaly_maps)
 
 
-def _copy(model: str, target) -> str:
-  target.mkdir()
-  for name in os.listdir(model):
-    (target / name).write_bytes(open(os.path.join(model, name), "rb").read())
-  return str(target)
+def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(model, target)
+  return target
 
 
 def test_damaged_or_incompatible_model_directories_are_clear_errors(runs, tmp_path):
   model = runs["models"]["ccl"]
   corrupted = _copy(model, tmp_path / "corrupted")
-  weights = os.path.join(corrupted, exported.WEIGHTS_FILE)
-  data = bytearray(open(weights, "rb").read())
+  weights = corrupted / exported.WEIGHTS_FILE
+  data = bytearray(weights.read_bytes())
   data[len(data) // 2] ^= 0xFF
-  open(weights, "wb").write(bytes(data))
+  weights.write_bytes(bytes(data))
   with pytest.raises(exported.ModelDirError, match=f"{weights} is corrupted"):
-    exported.load(corrupted)
+    exported.load(str(corrupted))
 
   missing = _copy(model, tmp_path / "missing")
-  os.remove(os.path.join(missing, "score.onnx"))
+  (missing / "score.onnx").unlink()
   with pytest.raises(exported.ModelDirError, match="score.onnx is missing"):
-    exported.load(missing, "onnx")
+    exported.load(str(missing), "onnx")
 
   for key, value, message in (
       ("format_version", 99, "format_version is 99; this code reads version 1"),
       ("calling_convention_version", 999, "calling convention version 999 .* Install jax==")):
     changed = _copy(model, tmp_path / key)
-    manifest_path = os.path.join(changed, exported.MANIFEST_FILE)
-    manifest = json.loads(open(manifest_path).read())
+    manifest_path = changed / exported.MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
     if key == "format_version":
       manifest[key] = value
     else:
       manifest["functions"]["embed"][key] = value
-    open(manifest_path, "w").write(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(exported.ModelDirError, match=message):
-      exported.load(changed)
+      exported.load(str(changed))
 
   with pytest.raises(exported.ModelDirError, match="not a model directory"):
     exported.load(str(tmp_path))
