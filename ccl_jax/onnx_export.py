@@ -6,8 +6,8 @@ computes the function JAX compiles, not a re-implementation of the model. Closed
 arrays (the weights) become initializers; equations whose inputs are all constants are
 evaluated here (BatchNorm scales, transposed kernels, HierCore's per-chunk memory slices).
 
-Why our own translator: jax2onnx (PyPI) pins orbax-checkpoint < 0.11.37 while this project
-needs >= 0.12.8, and its primitive handlers lag JAX releases. The models here use a small
+Why our own translator: jax2onnx 0.17.1 (PyPI) requires orbax-checkpoint < 0.11.37 while
+this project needs >= 0.12.8. The models here use a small
 set of primitives; the ones without a direct ONNX operator are lowered differently:
 
 * conv_general_dilated: ONNX Conv in NCHW, its result left in NCHW for the elementwise ops
