@@ -73,7 +73,9 @@ def _dim_linear(dim) -> tuple[int, int]:
   if isinstance(dim, (int, np.integer)):
     return int(dim), 0
   text = str(dim)
-  values = [eval(text, {"__builtins__": {}}, {BATCH: b}) for b in (0, 1, 2)]  # pylint: disable=eval-used
+  # The text of a linear dimension expression is Python arithmetic ('b', '2*b', 'b + 1').
+  values = [eval(text, {"__builtins__": {}}, {BATCH: b})  # pylint: disable=eval-used
+            for b in (0, 1, 2)]
   a, c = values[0], values[1] - values[0]
   if values[2] != a + 2 * c:
     raise NotImplementedError(f"dimension {text}: only a + c*{BATCH} is supported.")
