@@ -74,8 +74,11 @@ def _dim_linear(dim) -> tuple[int, int]:
     return int(dim), 0
   text = str(dim)
   # The text of a linear dimension expression is Python arithmetic ('b', '2*b', 'b + 1').
-  values = [eval(text, {"__builtins__": {}}, {BATCH: b})  # pylint: disable=eval-used
-            for b in (0, 1, 2)]
+  try:
+    values = [int(eval(text, {"__builtins__": {}}, {BATCH: b}))  # pylint: disable=eval-used
+              for b in (0, 1, 2)]
+  except (NameError, SyntaxError, TypeError) as err:
+    raise NotImplementedError(f"dimension {text}: only a + c*{BATCH} is supported.") from err
   a, c = values[0], values[1] - values[0]
   if values[2] != a + 2 * c:
     raise NotImplementedError(f"dimension {text}: only a + c*{BATCH} is supported.")
