@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ccl_jax import anomaly_maps, hiercore, inference, losses, run_dir as run_dir_lib, weights
 from ccl_jax.models import ReverseDistillation, build_encoder, encoder_spec
@@ -79,6 +80,34 @@ class Detector(Router, abc.ABC):
   def _score(self, images: jax.Array, group_ids: jax.Array) -> Scores:
     """`score` on checked inputs."""
 
+  @abc.abstractmethod
+  def _weights(self) -> dict[str, Any]:
+    """Every array the model computes with, {'encoder': ..., ...}."""
+
+  @abc.abstractmethod
+  def _pure_score(self, arrays: dict[str, Any], images: jax.Array,
+                  group_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(anomaly maps, image scores) from `_weights()`-shaped arrays; traceable."""
+
+  def pure_functions(self) -> tuple[list[np.ndarray], Callable, Callable]:
+    """(weights, embed, score) for serialising the model (`ccl_jax.export`): the weights as
+    a flat list of host arrays, and pure functions of it that compute what `embed` and
+    `score` do, embed(weights, images) -> [B, D] and score(weights, images, group_ids) ->
+    (anomaly maps [B, S, S], image scores [B]). A flat list, so the serialised functions
+    take only arrays, never this package's pytree types."""
+    leaves, treedef = jax.tree_util.tree_flatten(self._weights())
+
+    def embed(arrays: list[jax.Array], images: jax.Array) -> jax.Array:
+      encoder_variables = jax.tree_util.tree_unflatten(treedef, arrays)["encoder"]
+      return routing_embedding(encoder_variables, images, encoder=self.encoder)
+
+    def score(arrays: list[jax.Array], images: jax.Array,
+              group_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+      return self._pure_score(jax.tree_util.tree_unflatten(treedef, arrays), images,
+                              group_ids)
+
+    return [np.asarray(leaf) for leaf in leaves], embed, score
+
   def _check_images(self, images: jax.Array) -> None:
     shape = (self.image_size, self.image_size, 3)
     if images.dtype != jnp.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
@@ -108,6 +137,15 @@ class ReverseDistillationDetector(Detector):
     outputs = self.outputs(images)
     return Scores(outputs["anomaly_map"], outputs["score"])
 
+  def _weights(self) -> dict[str, Any]:
+    return {"encoder": self.encoder_variables, "network": self.variables}
+
+  def _pure_score(self, arrays, images, group_ids):
+    del group_ids  # one model for every class
+    outputs = rd_outputs(arrays["network"], arrays["encoder"], images,
+                         network=self.network, encoder=self.encoder)
+    return outputs["anomaly_map"], outputs["score"]
+
   def global_embedding(self, images: jax.Array) -> jax.Array:
     """The neck's global embedding [B, D] (the paper's global contrastive loss input)."""
     return _jitted_global_embedding(self.network, self.encoder)(self.variables,
@@ -129,6 +167,14 @@ class HierCoreDetector(Detector):
     outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim, self.reweight_neighbours)(
         self.bank, self.encoder_variables, images, group_ids)
     return Scores(outputs["anomaly_map"], outputs["score"])
+
+  def _weights(self) -> dict[str, Any]:
+    return {"encoder": self.encoder_variables, "bank": self.bank}
+
+  def _pure_score(self, arrays, images, group_ids):
+    outputs = hiercore.score_images(arrays["bank"], arrays["encoder"], images, group_ids,
+                                    encoder=self.encoder, feature_dim=self.feature_dim)
+    return outputs["anomaly_map"], outputs["score"]
 
 
 def rd_outputs(variables, encoder_variables, images: jax.Array, *,

@@ -1,7 +1,8 @@
 """Writing a file atomically: readers see the old file or the whole new one, never a part.
 
 Every file ccl_jax writes (run directories, variable files, predictions, figures) goes
-through `atomic_write`.
+through `atomic_write`; a folder that must appear whole (an exported model) is written
+inside `atomic_directory`.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import contextlib
 import io
 import os
 import secrets
-from typing import Callable
+import shutil
+from typing import Callable, Iterator
 
 
 def atomic_write(path: str, content: Callable[[io.IOBase], None] | bytes | str) -> str:
@@ -42,6 +44,35 @@ def atomic_write(path: str, content: Callable[[io.IOBase], None] | bytes | str) 
     raise
   _fsync_directory(directory)
   return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+  """Yields an empty temporary folder beside `path`; when the block ends without an error,
+  the folder replaces `path` (and whatever `path` held is deleted), else it is deleted.
+
+  `path` is never half-written: files go to the temporary folder (through `atomic_write`),
+  which is renamed into place whole. A kill leaves at most a hidden '.<name>.<token>.tmp'
+  folder beside `path`, or, in the instant between moving the old folder aside and the new
+  one in, the old one as '.<name>.<token>.old'.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  token = secrets.token_hex(6)
+  tmp = os.path.join(parent, f".{name}.{token}.tmp")
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    old = os.path.join(parent, f".{name}.{token}.old")
+    if os.path.lexists(path):
+      os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_directory(parent)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def _fsync_directory(directory: str) -> None:

@@ -2,6 +2,11 @@ r"""Anomaly decisions for new images with a trained model and its decision file.
 
   python -m ccl_jax.predict --workdir ~/runs/demo --images ~/photos --output preds.csv \
       --overlay_dir ~/photos_overlays
+  python -m ccl_jax.predict --model ~/models/demo [--backend onnx] --images ~/photos ...
+
+--workdir scores with the run directory itself; --model with a model directory written by
+`python -m ccl_jax.export` (its groups and thresholds are the run's), through jax.export
+(--backend jax) or ONNX Runtime (--backend onnx). Both give the same rows.
 
 --images (repeatable) is a folder (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff,
 sorted), an image file, or a .txt file listing image paths one per line (blank lines and
@@ -50,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ccl_jax import detectors, grouping, thresholds, visualize
+from ccl_jax import detectors, exported, grouping, thresholds, visualize
 from ccl_jax.datasets import builders, images, mvtec_layout
 from ccl_jax.files import atomic_write
 from ccl_jax.run_dir import RunDir
@@ -167,7 +172,10 @@ def run_batched(fn: Callable[..., dict[str, Any]], batch_size: int,
   return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def _score(detector: detectors.Detector, batch_size: int, groups: grouping.Groups,
+Model = detectors.Detector | exported.ExportedModel
+
+
+def _score(detector: Model, batch_size: int, groups: grouping.Groups,
            images: np.ndarray, forced: int | None) -> list[tuple[int, float, np.ndarray]]:
   """(group, score, anomaly map) of each image: routed, or all in group `forced`."""
   if forced is None:
@@ -181,7 +189,7 @@ def _score(detector: detectors.Detector, batch_size: int, groups: grouping.Group
   return list(zip(group_ids, outputs["image_scores"], outputs["anomaly_maps"]))
 
 
-def predict_images(detector: detectors.Detector, groups: grouping.Groups,
+def predict_images(detector: Model, groups: grouping.Groups,
                    decision_thresholds: thresholds.Thresholds, paths: Sequence[str], *,
                    class_name: str | None = None, threshold_mode: str = "classwise",
                    overlay_dir: str | None = None, skip_unreadable: bool = False,
@@ -266,6 +274,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = flag_values
   flags.DEFINE_string("workdir", None, "Training (or HierCore) run with a decision.json.",
                       flag_values=fv)
+  flags.DEFINE_string("model", None, "Model directory of `python -m ccl_jax.export` "
+                      "(instead of --workdir).", flag_values=fv)
+  flags.DEFINE_enum("backend", "jax", list(exported.BACKENDS), "With --model: run the "
+                    "jax.export functions or the ONNX graphs (ONNX Runtime).", flag_values=fv)
   flags.DEFINE_multi_string("images", None, "Image folder (recursive), image file or .txt "
                             "list of image paths; repeat for several.", flag_values=fv)
   flags.DEFINE_string("output", None, "Output file, .csv or .json.", flag_values=fv)
@@ -279,23 +291,35 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "thresholds or the single class-agnostic one.", flag_values=fv)
   flags.DEFINE_bool("skip_unreadable", False, "List unreadable images as 'error' rows "
                     "instead of stopping.", flag_values=fv)
-  flags.mark_flags_as_required(["workdir", "images", "output"], flag_values=fv)
+  flags.mark_flags_as_required(["images", "output"], flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True, flag_values=fv)
 
 
 def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
   """The program on parsed flags: writes the output and returns its rows."""
   check_output_path(flag_values.output)
-  workdir = os.path.abspath(os.path.expanduser(flag_values.workdir))
-  groups, decision_thresholds, _ = RunDir(workdir).read_decision()
+  if flag_values.model:
+    model = exported.load(flag_values.model, flag_values.backend)
+    groups = grouping.Groups.from_json(model.manifest["groups"])
+    decision_thresholds = thresholds.Thresholds.from_json(model.manifest["thresholds"])
+    meta = {"model": model.model_dir, "backend": model.backend}
+  else:
+    if flag_values["backend"].present:
+      raise ValueError("--backend chooses how an exported --model runs; with --workdir the "
+                       "run's own model is used. Leave --backend out, or export the run and "
+                       "pass --model.")
+    workdir = os.path.abspath(os.path.expanduser(flag_values.workdir))
+    groups, decision_thresholds, _ = RunDir(workdir).read_decision()
+    meta = {"workdir": workdir}
   paths = list_images(flag_values.images)
-  detector = detectors.load_detector(workdir)
+  detector = model if flag_values.model else detectors.load_detector(workdir)
   rows = predict_images(detector, groups, decision_thresholds, paths,
                         class_name=flag_values.class_name,
                         threshold_mode=flag_values.threshold,
                         overlay_dir=flag_values.overlay_dir,
                         skip_unreadable=flag_values.skip_unreadable,
                         batch_size=flag_values.batch_size)
-  write_output(flag_values.output, rows, {"workdir": workdir, "model_kind": detector.name,
+  write_output(flag_values.output, rows, {**meta, "model_kind": detector.name,
                                           "threshold_mode": flag_values.threshold})
   return rows
 

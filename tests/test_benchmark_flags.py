@@ -1,5 +1,6 @@
 """The benchmark programs define their absl flags when they run, never on import."""
 import importlib
+import os
 
 import pytest
 from absl import flags
@@ -9,6 +10,10 @@ from ccl_jax import hiercore
 # Each program's flags and defaults, as they were when the programs used argparse.
 DEFAULTS = {
     "cpu_schedule": {"settings": ["small"], "rounds": 5, "worker": None},
+    "inference": {"settings": ["small", "paper"], "batch_sizes": ["1", "16"], "rounds": 10,
+                  "warmup": 2, "threads": len(os.sched_getaffinity(0)),
+                  "torch_compile": False, "weights_as_constants": False,
+                  "onnx_profile": False, "output": None},
     "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5,
                        "augmented_view_source_size": None},
     "memory_bank": {
@@ -48,6 +53,11 @@ def test_list_flags_and_validation():
     _parsed("train_step", "--settings", "tiny,huge")
   with pytest.raises(flags.IllegalFlagValueError):
     _parsed("cpu_schedule", "--settings", "huge")
+  assert _parsed("inference", "--batch_sizes", "1,4").batch_sizes == ["1", "4"]
+  for bad in (["--batch_sizes", "1,0"], ["--settings", "huge"],
+              ["--threads", str(len(os.sched_getaffinity(0)) + 1)]):
+    with pytest.raises(flags.IllegalFlagValueError):
+      _parsed("inference", *bad)
 
 
 @pytest.mark.parametrize("everything", [False, True])

@@ -74,6 +74,10 @@ def lowering(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides:
   if kh == 1:
     return "matmul"
   n, h, w, _ = lhs_shape
+  if not isinstance(n, int):
+    # A symbolic batch (jax.export's serialised inference): the band only changes the
+    # weight gradient, so XLA's convolution computes the same forward pass.
+    return "xla"
   flops = 2 * n * -(-h // sh) * -(-w // sw) * kh * kw * cin * cout
   return "band" if flops >= BAND_MIN_FLOPS else "xla"
 
@@ -91,8 +95,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                    rhs_dilation=rhs_dilation, feature_group_count=feature_group_count)
   stride = int(window_strides[0])
   if how == "matmul":
-    return lax.dot_general(lhs[:, ::stride, ::stride], rhs[0, 0], (((3,), (0,)), ((), ())),
-                           precision=precision)
+    # lax.slice, not lhs[:, ::s, ::s]: with a symbolic batch (jax.export) indexing becomes
+    # a gather.
+    strided = lax.slice(lhs, (0, 0, 0, 0), lhs.shape, (1, stride, stride, 1))
+    return lax.dot_general(strided, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
   if how == "band":
     return _conv_with_band_weight_gradient(lhs, rhs, stride, precision)
   return lax.conv_general_dilated(

@@ -1,0 +1,232 @@
+"""`python -m ccl_jax.export`, the standalone loader `ccl_jax.exported` and predict --model,
+on the tiny trained models of configs/demo.py:smoke (CCL and HierCore)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from ccl_jax import detectors, export, exported, main, predict
+from ccl_jax.datasets import selection
+from ccl_jax.run_dir import RunDir
+
+NUM_IMAGES = 5  # with --batch_size 2 the last batch is padded
+
+
+def _export(*args: str) -> dict:
+  flag_values = flags.FlagValues()
+  export.define_flags(flag_values)
+  flag_values(["export", *args])
+  return export.run(flag_values)
+
+
+def _predict(*args: str) -> list[dict]:
+  flag_values = flags.FlagValues()
+  predict.define_flags(flag_values)
+  flag_values(["predict", *args])
+  return predict.run(flag_values)
+
+
+@pytest.fixture(scope="module")
+def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
+  """Both smoke runs exported (jax and onnx), and test images of the smoke data."""
+  root = tmp_path_factory.mktemp("export")
+  run_settings, ccl_dir = trained_smoke_run
+  hiercore_dir = str(root / "hiercore_run")
+  main.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
+           hiercore_dir)
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  picks = np.linspace(0, len(dataset.test) - 1, NUM_IMAGES).astype(int)
+  images = np.stack([dataset.test[int(i)]["image"] for i in picks])
+  folder = root / "images"
+  folder.mkdir()
+  for k, image in enumerate(images):
+    Image.fromarray(image).save(folder / f"{k}.png")
+  models = {}
+  for name, workdir in (("ccl", ccl_dir), ("hiercore", hiercore_dir)):
+    models[name] = str(root / f"model_{name}")
+    _export(f"--workdir={workdir}", f"--output={models[name]}")
+  return dict(workdirs={"ccl": ccl_dir, "hiercore": hiercore_dir}, models=models,
+              images=images, folder=str(folder), group_ids=np.arange(NUM_IMAGES) % 2)
+
+
+@pytest.mark.parametrize("kind", ["ccl", "hiercore"])
+def test_exported_maps_equal_the_workdir_detectors(runs, kind):
+  detector = detectors.load_detector(runs["workdirs"][kind])
+  images, group_ids = runs["images"], runs["group_ids"]
+  expected = detector.score(images, group_ids)
+  expected_maps = np.asarray(expected.anomaly_maps)
+  embedding = np.asarray(detector.embed(images))
+  for backend in exported.BACKENDS:
+    model = exported.load(runs["models"][kind], backend)
+    assert (model.name, model.image_size) == (detector.name, detector.image_size)
+    # Any batch size: the functions were exported with a symbolic batch dimension.
+    scores = [model.score(images[i:i + 3], group_ids[i:i + 3]) for i in (0, 3)]
+    maps = np.concatenate([s.anomaly_maps for s in scores])
+    # 1e-4 of the maps' range: the translated ONNX graph, in float32 like XLA's.
+    tolerance = 1e-4 * np.abs(expected_maps).max()
+    np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(np.concatenate([s.image_scores for s in scores]),
+                               np.asarray(expected.image_scores), rtol=1e-4)
+    np.testing.assert_allclose(model.embed(images), embedding, rtol=0,
+                               atol=1e-4 * np.abs(embedding).max())
+  if kind == "hiercore":
+    # The group decides the score: the other group's memory bank gives other maps.
+    other = exported.load(runs["models"][kind]).score(images, 1 - group_ids).anomaly_maps
+    assert np.abs(other - expected_maps).max() > 100 * tolerance
+
+
+@pytest.mark.parametrize("kind", ["ccl", "hiercore"])
+def test_predict_from_the_model_gives_the_workdir_rows(runs, kind, tmp_path):
+  common = [f"--images={runs['folder']}", "--batch_size=2"]
+  rows = _predict(f"--workdir={runs['workdirs'][kind]}", f"--output={tmp_path / 'w.csv'}",
+                  *common)
+  assert len(rows) == NUM_IMAGES
+  for backend in exported.BACKENDS:
+    output = tmp_path / f"{backend}.json"
+    got = _predict(f"--model={runs['models'][kind]}", f"--backend={backend}",
+                   f"--output={output}", *common)
+    for row, expected in zip(got, rows):
+      assert {k: v for k, v in row.items() if k != "score"} == {
+          k: v for k, v in expected.items() if k != "score"}
+      assert row["score"] == pytest.approx(expected["score"], rel=1e-4)
+    written = json.loads(output.read_text())
+    assert written["backend"] == backend
+    assert written["model"] == runs["models"][kind]
+  with pytest.raises(ValueError, match="--backend chooses"):
+    _predict(f"--workdir={runs['workdirs'][kind]}", "--backend=onnx",
+             f"--output={tmp_path / 'x.csv'}", *common)
+
+
+def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
+  """The loader in a fresh interpreter where the training stack cannot be imported."""
+  model = runs["models"]["hiercore"]
+  expected = exported.load(model).score(runs["images"], runs["group_ids"])
+  np.savez(tmp_path / "inputs.npz", images=runs["images"], group_ids=runs["group_ids"])
+  script = textwrap.dedent(f"""
+      import sys
+      BLOCKED = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "grain",
+                 "sklearn", "torch", "ml_collections", "ccl_jax.train",
+                 "ccl_jax.detectors", "ccl_jax.models", "ccl_jax.datasets")
+
+      class Block:
+        def find_spec(self, name, path=None, target=None):
+          if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError("blocked in this test: " + name)
+          return None
+
+      sys.meta_path.insert(0, Block())
+      import numpy as np
+      from ccl_jax import exported
+      inputs = np.load({str(tmp_path / 'inputs.npz')!r})
+      scores = exported.load({model!r}).score(inputs["images"], inputs["group_ids"])
+      np.save({str(tmp_path / 'maps.npy')!r}, scores.anomaly_maps)
+      print(sorted(m for m in sys.modules if m.split(".")[0] in
+                   ("flax", "optax", "orbax", "sklearn", "tensorflow")))
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True,
+                          text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1] == "[]"
+  np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), expected.anomaly_maps)
+
+
+def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(model, target)
+  return target
+
+
+def test_damaged_or_incompatible_model_directories_are_clear_errors(runs, tmp_path):
+  model = runs["models"]["ccl"]
+  corrupted = _copy(model, tmp_path / "corrupted")
+  weights = corrupted / exported.WEIGHTS_FILE
+  data = bytearray(weights.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  weights.write_bytes(bytes(data))
+  with pytest.raises(exported.ModelDirError, match=f"{weights} is corrupted"):
+    exported.load(str(corrupted))
+
+  missing = _copy(model, tmp_path / "missing")
+  (missing / "score.onnx").unlink()
+  with pytest.raises(exported.ModelDirError, match="score.onnx is missing"):
+    exported.load(str(missing), "onnx")
+
+  for key, value, message in (
+      ("format_version", 99, "format_version is 99; this code reads version 1"),
+      ("calling_convention_version", 999, "calling convention version 999 .* Install jax==")):
+    changed = _copy(model, tmp_path / key)
+    manifest_path = changed / exported.MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    if key == "format_version":
+      manifest[key] = value
+    else:
+      manifest["functions"]["embed"][key] = value
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(exported.ModelDirError, match=message):
+      exported.load(str(changed))
+
+  with pytest.raises(exported.ModelDirError, match="not a model directory"):
+    exported.load(str(tmp_path))
+
+
+def test_export_refuses_to_replace_another_model(runs, tmp_path):
+  target = tmp_path / "model"
+  args = [f"--workdir={runs['workdirs']['hiercore']}", f"--output={target}", "--format=jax"]
+  target.mkdir()
+  (target / "notes.txt").write_text("mine")
+  with pytest.raises(export.ExportError, match="not an exported model.*--overwrite"):
+    _export(*args)
+  assert (target / "notes.txt").read_text() == "mine"
+  _export(*args, "--overwrite")
+  assert sorted(os.listdir(target)) == sorted(
+      ["manifest.json", "weights.npz", "embed.jaxexport", "score.jaxexport"])
+  _export(*args)  # the same run again replaces it
+  with pytest.raises(export.ExportError, match="holds the export of"):
+    _export(f"--workdir={runs['workdirs']['ccl']}", f"--output={target}", "--format=jax")
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temporary left
+  with pytest.raises(export.ExportError, match="--format 'tflite'"):
+    _export(*args, "--format=tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["", "hiercore"])
+def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
+  """configs/demo.py (CCL) and :hiercore trained, exported, and scored on all test images."""
+  workdir, model_dir = tmp_path / "run", tmp_path / "model"
+  config = os.path.join(repo_root, "configs", "demo.py") + (f":{variant}" if variant else "")
+  result = subprocess.run(
+      [sys.executable, "-m", "ccl_jax.main", "--config", config, "--workdir", str(workdir),
+       f"--config.dataset.data_dir={tmp_path / 'data'}"],
+      capture_output=True, text=True, cwd=repo_root, timeout=1800, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  export.export_model(str(workdir), str(model_dir))
+  run_settings = RunDir(str(workdir)).read_settings()
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  images = np.stack([dataset.test[i]["image"] for i in range(len(dataset.test))])
+  jax_model, onnx_model = (exported.load(str(model_dir), b) for b in exported.BACKENDS)
+  num_groups = len(jax_model.manifest["groups"]["names"])
+  group_ids = np.asarray(dataset.test_class_ids, np.int32) % num_groups
+  for start in range(0, len(images), 16):
+    batch, groups = images[start:start + 16], group_ids[start:start + 16]
+    expected = jax_model.score(batch, groups).anomaly_maps
+    np.testing.assert_allclose(onnx_model.score(batch, groups).anomaly_maps, expected,
+                               rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_predict_takes_either_a_workdir_or_a_model(tmp_path):
+  for args in ([], ["--workdir=run", "--model=model"]):
+    flag_values = flags.FlagValues()
+    predict.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError, match="workdir.*model"):
+      flag_values(["predict", "--images=x", f"--output={tmp_path / 'p.csv'}", *args])
