@@ -318,9 +318,14 @@ def from_dict(values: dict[str, Any], *, source: str = "config") -> RunSettings:
 
 def changed_keys(stored: RunSettings, requested: RunSettings) -> list[str]:
   """`RUN_IDENTITY_KEYS` whose values differ, as 'key: stored -> requested' lines."""
-  old, new = _flat(stored.to_dict()), _flat(requested.to_dict())
+  old, new = flat_values(stored), flat_values(requested)
   return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in RUN_IDENTITY_KEYS
           if old[key] != new[key]]
+
+
+def flat_values(run_settings: RunSettings) -> dict[str, Any]:
+  """Every setting under its dotted config key ('loss.temperature': 0.1)."""
+  return _flat(run_settings.to_dict())
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

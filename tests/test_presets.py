@@ -15,18 +15,8 @@ from configs import mvtec_ad
 PRESETS = {"authors": default_config.as_authors, "paper": default_config.as_paper}
 
 
-def _flat(values, prefix=""):
-  flat = {}
-  for key, value in values.items():
-    if isinstance(value, dict) and key != "rule_params":
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def _values(config):
-  return _flat(settings.from_config(config).to_dict())
+  return settings.flat_values(settings.from_config(config))
 
 
 def _table(path, header_start):
