@@ -272,8 +272,9 @@ def _nearest_patches(bank: MemoryBank, patch_features: jax.Array, group_ids: jax
   batch, height, width, channels = patch_features.shape
   squared, nearest = _nearest(bank, patch_features.reshape(batch, height * width, channels),
                               group_ids, 1, memory_chunk=memory_chunk, rows=rows)
-  distances = jnp.sqrt(jnp.maximum(squared[..., 0], 0.0)).reshape(batch, height, width)
-  return distances, nearest[..., 0]
+  # squeeze, not [..., 0]: under a symbolic batch (jax.export) indexing becomes a gather.
+  distances = jnp.sqrt(jnp.maximum(jnp.squeeze(squared, -1), 0.0)).reshape(batch, height, width)
+  return distances, jnp.squeeze(nearest, -1)
 
 
 def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array,
