@@ -77,12 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.hiercore.feature_dim = 0       # patch feature channels; 0 = all (no pooling)
   config.hiercore.projection_dim = 128  # random projection for the k-center search; 0 = off
   config.hiercore.chunk_images = 64     # images per streaming coreset reduction
-  # Thresholds from K-fold cross-fitted scores: banks of K-1 folds score the held-out fold,
-  # the final bank holds every training image (no hold-out); 0 or 1 = validation hold-out.
+  # Thresholds from cross-fitted scores of the training images (the final bank holds every
+  # training image, no hold-out); 0 or 1 = from the validation hold-out instead.
   config.hiercore.threshold_folds = 5
-  # How images are dealt to folds: 'random' | 'clusters' (k-means of the routing
-  # embeddings per group, so a held-out fold looks unlike the bank, as new parts do)
-  config.hiercore.fold_split = "clusters"
+  # 'leave_one_out': each image scored by the final bank without its own patches (one bank);
+  # 'random' | 'clusters': K = threshold_folds folds, banks of K-1 folds score the held-out
+  # one ('clusters': k-means of the routing embeddings, for images that overlap one another)
+  config.hiercore.fold_split = "leave_one_out"
   # PatchCore Eq. 7 image-score reweighting over the nearest patch's b neighbours; 0 = off
   config.hiercore.reweight_neighbours = 0
 

@@ -143,7 +143,7 @@ class ReverseDistillationDetector(Detector):
   def _pure_score(self, arrays, images, group_ids):
     del group_ids  # one model for every class
     outputs = rd_outputs(arrays["network"], arrays["encoder"], images,
-                         network=self.network, encoder=self.encoder)
+                         network=self.network, encoder=self.encoder, map_scale=self.map_scale)
     return outputs["anomaly_map"], outputs["score"]
 
   def global_embedding(self, images: jax.Array) -> jax.Array:
@@ -171,9 +171,19 @@ class HierCoreDetector(Detector):
   def _weights(self) -> dict[str, Any]:
     return {"encoder": self.encoder_variables, "bank": self.bank}
 
+  def score_leaving_out(self, images: jax.Array, group_ids: jax.Array,
+                        excluded: hiercore.Excluded) -> Scores:
+    """`score` against the bank without the points `excluded` names per image (a training
+    image's own patches: its leave-one-out score)."""
+    self._check_images(images)
+    outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim, self.reweight_neighbours)(
+        self.bank, self.encoder_variables, images, group_ids, excluded=excluded)
+    return Scores(outputs["anomaly_map"], outputs["score"])
+
   def _pure_score(self, arrays, images, group_ids):
     outputs = hiercore.score_images(arrays["bank"], arrays["encoder"], images, group_ids,
-                                    encoder=self.encoder, feature_dim=self.feature_dim)
+                                    encoder=self.encoder, feature_dim=self.feature_dim,
+                                    reweight_neighbours=self.reweight_neighbours)
     return outputs["anomaly_map"], outputs["score"]
 
 

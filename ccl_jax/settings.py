@@ -141,7 +141,7 @@ class HierCoreSettings:
   projection_dim: int
   chunk_images: int
   threshold_folds: int  # 0 / 1: thresholds from the validation hold-out
-  fold_split: Literal["random", "clusters"]
+  fold_split: Literal["leave_one_out", "random", "clusters"]
   reweight_neighbours: int  # 0: image score = maximum of the map (no reweighting)
 
   @property
@@ -411,7 +411,7 @@ def validate(s: RunSettings) -> list[str]:
   check("hiercore.chunk_images", h.chunk_images, integer(h.chunk_images, 1), "an integer >= 1")
   check("hiercore.threshold_folds", h.threshold_folds, integer(h.threshold_folds, 0),
         "an integer >= 0 (0 or 1 = thresholds from the validation hold-out)")
-  choice("hiercore.fold_split", h.fold_split, ("random", "clusters"))
+  choice("hiercore.fold_split", h.fold_split, ("leave_one_out", "random", "clusters"))
   check("hiercore.reweight_neighbours", h.reweight_neighbours,
         integer(h.reweight_neighbours, 0), "an integer >= 0 (0 = no reweighting)")
   choice("decision.rule", c.rule, THRESHOLD_RULES)

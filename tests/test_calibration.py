@@ -161,10 +161,13 @@ def test_reweighting_matches_patchcore_eq7_by_hand():
   np.testing.assert_allclose(out["anomaly_map"], plain["anomaly_map"], rtol=1e-6)
 
 
-def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp_path):
+@pytest.mark.parametrize("fold_split", ["leave_one_out", "clusters"])
+def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp_path,
+                                                             fold_split):
   run_settings = smoke_settings(**{"model.kind": "hiercore", "validation_fraction": 0.25,
                                    "num_heatmaps_per_class": 0,
-                                   "hiercore.threshold_folds": 3})
+                                   "hiercore.threshold_folds": 3,
+                                   "hiercore.fold_split": fold_split})
   from ccl_jax import main  # pylint: disable=import-outside-toplevel
   main.run(run_settings, str(tmp_path))
   run_dir = RunDir(str(tmp_path))
@@ -172,7 +175,8 @@ def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
   per_class = np.bincount(dataset.train_class_ids).tolist()
-  assert meta["threshold_source"] == "cross_fit" and meta["threshold_folds"] == 3
+  assert meta["threshold_source"] == "cross_fit" and meta["fold_split"] == fold_split
+  assert meta["threshold_folds"] == (None if fold_split == "leave_one_out" else 3)
   assert list(estimated.num_normal) == per_class  # no hold-out: every image scored
   bank = run_dir.read_memory_bank()
   patches = (run_settings.image_size // 8) ** 2

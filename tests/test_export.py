@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -84,6 +85,21 @@ def test_exported_maps_equal_the_workdir_detectors(runs, kind):
     # The group decides the score: the other group's memory bank gives other maps.
     other = exported.load(runs["models"][kind]).score(images, 1 - group_ids).anomaly_maps
     assert np.abs(other - expected_maps).max() > 100 * tolerance
+
+
+@pytest.mark.parametrize("kind,setting,value", [("ccl", "map_scale", 1 / 9),
+                                                ("hiercore", "reweight_neighbours", 3)])
+def test_the_serialised_functions_keep_every_scoring_setting(runs, kind, setting, value):
+  # `:authors` scales CCL maps by 1/9, `hiercore.reweight_neighbours` reweights HierCore
+  # scores: an exported model must score as the run did, or its thresholds would not apply.
+  detector = detectors.load_detector(runs["workdirs"][kind])
+  setattr(detector, setting, value)
+  images, group_ids = runs["images"], runs["group_ids"]
+  expected = detector.score(images, group_ids)
+  weights, _, score = detector.pure_functions()
+  maps, image_scores = jax.jit(score)(weights, images, group_ids)
+  np.testing.assert_allclose(maps, expected.anomaly_maps, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(image_scores, expected.image_scores, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ccl", "hiercore"])

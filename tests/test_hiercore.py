@@ -11,9 +11,10 @@ import pytest
 import scipy.ndimage
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ccl_jax import anomaly_maps, hiercore, inference, models
+from ccl_jax import anomaly_maps, detectors, hiercore, inference, models
 from ccl_jax.models.frozen import encode
 from ccl_jax.hiercore import features as features_lib
+from ccl_jax.hiercore import fit
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -96,6 +97,18 @@ def test_streaming_coreset_keeps_everything_when_it_fits():
   stream.add(x)
   np.testing.assert_array_equal(stream.result(), x)
   assert stream.radius_bound == 0.0
+
+
+def test_streaming_coreset_traces_each_point_to_its_source():
+  x = np.random.default_rng(7).normal(size=(500, 4)).astype(np.float32)
+  stream = hiercore.StreamingCoreset(60, 90, 4, projection_dim=None)
+  for start in range(0, len(x), 70):
+    stream.add(x[start:start + 70], np.arange(start, min(start + 70, len(x))))
+  coreset = stream.result()
+  assert stream.num_reductions > 1 and len(set(stream.sources.tolist())) == 60
+  np.testing.assert_array_equal(coreset, x[stream.sources])
+  with pytest.raises(ValueError, match="one per point"):
+    stream.add(x[:3], np.arange(2))
 
 
 def _bank(rng, counts, size, channels):
@@ -235,3 +248,36 @@ def test_patch_features(name, channels):
   assert reduced.shape == (2, 8, 8, 16)
   np.testing.assert_allclose(reduced[..., :8].mean(-1), got[..., :fine].mean(-1), rtol=1e-4,
                              atol=1e-5)  # bins of equal size preserve the channel mean
+
+
+def test_leave_one_out_scores_equal_banks_built_without_the_image(resnet18):
+  encoder, variables = resnet18
+  patch_fn = hiercore.make_patch_fn(encoder, variables)
+  groups = np.array([0, 1, 0, 1, 0, 1, 0, 2])  # group 2 has one image: nothing to score it by
+  train = _Records(np.minimum(groups, 1), 32, seed=2)
+  sharding = NamedSharding(inference.data_mesh(), PartitionSpec("data"))
+
+  def bank_of(indices, **kwargs):
+    return hiercore.build_memory_bank(
+        patch_fn, train, indices, groups[indices], 3, coreset_fraction=1.0, chunk_images=2,
+        global_batch_size=4, batch_sharding=sharding, progress=False, **kwargs)
+
+  def detector_of(bank):
+    return detectors.HierCoreDetector(32, encoder, variables, bank, None)
+
+  indices = np.arange(len(groups))
+  bank, sources = bank_of(indices, with_sources=True)
+  assert sources.shape == bank.features.shape[:2]
+  for g in range(3):  # every point of a group's bank traced to one of its own images
+    assert set(sources[g, :bank.counts[g]].tolist()) == set(np.flatnonzero(groups == g))
+  scores = fit.leave_one_out_scores(detector_of(bank), sources, train, indices, groups,
+                                    global_batch_size=4, batch_sharding=sharding)
+  assert np.isnan(scores[7]) and not np.isnan(scores[:7]).any()
+  full = np.asarray(detector_of(bank).score(
+      jnp.stack([train[i]["image"] for i in range(7)]), jnp.asarray(groups[:7])).image_scores)
+  for i in (0, 3):
+    others = np.delete(indices, i)
+    without = detector_of(bank_of(others)).score(train[i]["image"][None],
+                                                 jnp.asarray(groups[i:i + 1])).image_scores
+    assert scores[i] == pytest.approx(float(without[0]), rel=1e-5)
+    assert scores[i] > full[i]  # its own patches would have matched it exactly

@@ -44,7 +44,7 @@ def test_every_problem_is_reported_at_once_with_its_key():
   assert "decision.rule='median'" in message
   assert "validation_fraction=1.0: expected a fraction in [0, 1)" in message
   assert "hiercore.threshold_folds=-1: expected an integer >= 0" in message
-  assert "hiercore.fold_split='blocks': expected one of 'random', 'clusters'" in message
+  assert "hiercore.fold_split='blocks': expected one of 'leave_one_out', 'random', 'clusters'" in message
   assert "hiercore.reweight_neighbours=-3: expected an integer >= 0" in message
   assert "validation_min_images=-2: expected an integer >= 0" in message
 
@@ -56,7 +56,7 @@ def test_calibration_keys_identify_a_run():
   changed = base.replace(**{"hiercore.threshold_folds": 0, "hiercore.fold_split": "random",
                              "hiercore.reweight_neighbours": 3, "validation_min_images": 20})
   assert settings.changed_keys(base, changed) == [
-      "hiercore.threshold_folds: 5 -> 0", "hiercore.fold_split: 'clusters' -> 'random'",
+      "hiercore.threshold_folds: 5 -> 0", "hiercore.fold_split: 'leave_one_out' -> 'random'",
       "hiercore.reweight_neighbours: 0 -> 3", "validation_min_images: 0 -> 20"]
 
 

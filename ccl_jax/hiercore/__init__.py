@@ -8,7 +8,8 @@ group and scored by nearest-neighbour patch distance to that group's coreset onl
 
   features.py     patch_features / make_patch_fn: PatchCore's locally aware patch features
   coreset.py      greedy_coreset (exact or JL-projected) and StreamingCoreset (merge-and-reduce)
-  memory_bank.py  MemoryBank, build_memory_bank, score, score_images, nearest_distances
+  memory_bank.py  MemoryBank, build_memory_bank, score, score_images, nearest_distances,
+                  Excluded (leave-one-out scoring)
   fit.py          fitting a HierCore run: groups, memory bank, thresholds, evaluation
 """
 from __future__ import annotations
@@ -16,11 +17,11 @@ from __future__ import annotations
 from ccl_jax.hiercore.coreset import (DEFAULT_PROJECTION_DIM, StreamingCoreset,
                                       covering_radius, greedy_coreset, projection_matrix)
 from ccl_jax.hiercore.features import PATCH_SCALES, make_patch_fn, patch_features
-from ccl_jax.hiercore.memory_bank import (MemoryBank, build_memory_bank, coreset_sizes,
-                                          nearest_distances, score, score_images)
+from ccl_jax.hiercore.memory_bank import (Excluded, MemoryBank, build_memory_bank,
+                                          coreset_sizes, nearest_distances, score, score_images)
 
 __all__ = [
-    "DEFAULT_PROJECTION_DIM", "MemoryBank", "PATCH_SCALES", "StreamingCoreset",
+    "DEFAULT_PROJECTION_DIM", "Excluded", "MemoryBank", "PATCH_SCALES", "StreamingCoreset",
     "build_memory_bank", "coreset_sizes", "covering_radius", "greedy_coreset",
     "make_patch_fn", "nearest_distances", "patch_features", "projection_matrix", "score",
     "score_images",

@@ -143,7 +143,9 @@ class StreamingCoreset:
   `add` buffers points and reduces whenever `chunk_points` are pending; `result` reduces the
   rest and returns the coreset [<= num_samples, C] (fewer only if fewer points were added).
   `radius_bound` certifies that every point added is within that distance of the result (in
-  the selection metric: exact when no projection is used). The reduction buffer always has
+  the selection metric: exact when no projection is used). `sources` [len(result)] holds the id
+  given with each kept point (`add(points, ids)`; -1 where none was given), so a point of the
+  coreset can be traced to the image it came from. The reduction buffer always has
   `max_samples + chunk_points` rows, so coresets of different groups with the same
   `max_samples` share one compilation.
   """
@@ -163,16 +165,20 @@ class StreamingCoreset:
     self.num_channels = num_channels
     self.projection = projection_matrix(num_channels, projection_dim, seed)
     self.coreset = np.zeros((0, num_channels), np.float32)
+    self.sources = np.zeros((0,), np.int64)
     self.radius_bound = 0.0
     self.num_reductions = 0
-    self._pending: list[np.ndarray] = []
+    self._pending: list[tuple[np.ndarray, np.ndarray]] = []
     self._num_pending = 0
 
-  def add(self, points: np.ndarray) -> None:
+  def add(self, points: np.ndarray, ids: np.ndarray | None = None) -> None:
     points = np.asarray(points, np.float32)
     if points.ndim != 2 or points.shape[1] != self.num_channels:
       raise ValueError(f"points must be [n, {self.num_channels}], got shape {points.shape}.")
-    self._pending.append(points)
+    ids = np.full(points.shape[0], -1, np.int64) if ids is None else np.asarray(ids, np.int64)
+    if ids.shape != points.shape[:1]:
+      raise ValueError(f"ids must be [{points.shape[0]}], one per point; got {ids.shape}.")
+    self._pending.append((points, ids))
     self._num_pending += points.shape[0]
     while self._num_pending >= self.chunk_points:
       self._reduce(self._take(self.chunk_points))
@@ -182,16 +188,17 @@ class StreamingCoreset:
       self._reduce(self._take(self._num_pending))
     return self.coreset
 
-  def _take(self, count: int) -> np.ndarray:
-    pending = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-    self._pending = [pending[count:]] if count < pending.shape[0] else []
+  def _take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+    points, ids = (np.concatenate(parts) for parts in zip(*self._pending))
+    self._pending = [(points[count:], ids[count:])] if count < points.shape[0] else []
     self._num_pending -= count
-    return pending[:count]
+    return points[:count], ids[:count]
 
-  def _reduce(self, chunk: np.ndarray) -> None:
-    merged = np.concatenate([self.coreset, chunk])
+  def _reduce(self, chunk: tuple[np.ndarray, np.ndarray]) -> None:
+    merged = np.concatenate([self.coreset, chunk[0]])
+    merged_sources = np.concatenate([self.sources, chunk[1]])
     if merged.shape[0] <= self.num_samples:  # nothing to drop: exact, radius 0
-      self.coreset = merged
+      self.coreset, self.sources = merged, merged_sources
       return
     capacity = self.max_samples + self.chunk_points
     buffer = np.zeros((capacity, self.num_channels), np.float32)
@@ -200,6 +207,7 @@ class StreamingCoreset:
     indices, radius = _greedy(jnp.asarray(buffer), jnp.asarray(valid),
                               jnp.int32(self.num_samples), self.projection,
                               max_samples=self.max_samples)
-    self.coreset = merged[np.asarray(indices)[:self.num_samples]]
+    kept = np.asarray(indices)[:self.num_samples]
+    self.coreset, self.sources = merged[kept], merged_sources[kept]
     self.radius_bound += float(radius)
     self.num_reductions += 1

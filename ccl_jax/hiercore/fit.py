@@ -33,7 +33,7 @@ from sklearn.cluster import KMeans
 
 from ccl_jax import decisions, detectors, inference
 from ccl_jax.datasets import selection
-from ccl_jax.hiercore.memory_bank import build_memory_bank
+from ccl_jax.hiercore.memory_bank import Excluded, build_memory_bank
 from ccl_jax.hiercore.features import make_patch_fn
 from ccl_jax.run_dir import RunDir
 from ccl_jax.settings import RunSettings
@@ -73,34 +73,46 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
   patch_fn = make_patch_fn(encoder, encoder_variables,
                            feature_dim=hiercore_settings.feature_dim or None)
 
-  def bank_of(indices, group_ids):
+  def bank_of(indices, group_ids, with_sources=False):
     return build_memory_bank(
         patch_fn, dataset.train, indices, group_ids, groups.num_groups,
         coreset_fraction=hiercore_settings.coreset_fraction,
         chunk_images=hiercore_settings.chunk_images, global_batch_size=global_batch_size,
         batch_sharding=batch_sharding, projection_dim=hiercore_settings.projection_dim or None,
-        seed=run_settings.seed, worker_count=run_settings.worker_count, progress=is_main)
+        seed=run_settings.seed, worker_count=run_settings.worker_count, progress=is_main,
+        with_sources=with_sources)
 
   def detector_of(bank):
     return detectors.hiercore_detector(run_settings, bank, encoder, encoder_variables)
 
+  leave_one_out = (hiercore_settings.cross_fitted
+                   and hiercore_settings.fold_split == "leave_one_out")
   started = time.perf_counter()
-  bank = bank_of(train_indices, train_groups)
+  bank = bank_of(train_indices, train_groups, with_sources=leave_one_out)
   build_seconds = time.perf_counter() - started
+  if leave_one_out:
+    bank, bank_sources = bank
   if is_main:
     run_dir.write_memory_bank(bank)
   fitted = None
   if hiercore_settings.cross_fitted:
-    folds = assign_folds(embeddings, train_groups, hiercore_settings.threshold_folds,
-                         split=hiercore_settings.fold_split, seed=run_settings.seed)
-    scores = cross_fitted_scores(bank_of, detector_of, dataset.train, train_indices,
-                                 train_groups, folds, global_batch_size=global_batch_size,
-                                 batch_sharding=batch_sharding)
-    scored = folds >= 0
+    if leave_one_out:
+      scores = leave_one_out_scores(detector_of(bank), bank_sources, dataset.train,
+                                    train_indices, train_groups,
+                                    global_batch_size=global_batch_size,
+                                    batch_sharding=batch_sharding)
+    else:
+      folds = assign_folds(embeddings, train_groups, hiercore_settings.threshold_folds,
+                           split=hiercore_settings.fold_split, seed=run_settings.seed)
+      scores = cross_fitted_scores(bank_of, detector_of, dataset.train, train_indices,
+                                   train_groups, folds, global_batch_size=global_batch_size,
+                                   batch_sharding=batch_sharding)
+    scored = ~np.isnan(scores)
     fitted = (decisions.thresholds_of_scores(scores[scored], train_groups[scored],
                                              groups.num_groups, run_settings.decision),
               {"labels_at_training": labels_at_training, "threshold_source": "cross_fit",
-               "threshold_folds": hiercore_settings.threshold_folds,
+               "threshold_folds": (None if leave_one_out
+                                   else hiercore_settings.threshold_folds),
                "fold_split": hiercore_settings.fold_split,
                "num_holdout_images": 0, "num_cross_fitted_images": int(scored.sum()),
                "embedding_dim": int(groups.centroids.shape[1])})
@@ -141,6 +153,29 @@ def assign_folds(embeddings: np.ndarray, group_ids: np.ndarray, num_folds: int, 
       folds[members] = KMeans(k, n_init=10, random_state=seed).fit_predict(
           np.asarray(embeddings, np.float64)[members])
   return folds
+
+
+def leave_one_out_scores(detector: detectors.HierCoreDetector, bank_sources: np.ndarray,
+                         source, indices: np.ndarray, group_ids: np.ndarray, *,
+                         global_batch_size: int, batch_sharding) -> np.ndarray:
+  """Image scores [N] of `source[indices]`, each against its group's bank without the
+  points that came from the image itself (`bank_sources`, positions in `indices`); NaN
+  for the only image of a group (its bank would be empty)."""
+  bank_sources = jax.device_put(np.asarray(bank_sources, np.int32),
+                                inference.replicated_sharding())
+
+  def score(images, group_id, image_source):
+    excluded = Excluded(bank_sources, image_source)
+    return {"score": detector.score_leaving_out(images, group_id, excluded).image_scores}
+
+  scores = inference.run_inference(
+      score, source, indices, outputs=("score",),
+      per_image_inputs={"group_id": group_ids,
+                        "image_source": np.arange(indices.size, dtype=np.int32)},
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding)["score"]
+  scores = scores.astype(np.float64)
+  scores[np.bincount(group_ids)[group_ids] < 2] = np.nan
+  return scores
 
 
 def cross_fitted_scores(bank_of: Callable, detector_of: Callable, source,

@@ -128,8 +128,12 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
                       coreset_fraction: float | None = None, coreset_size: int | None = None,
                       chunk_images: int = 64, global_batch_size: int, batch_sharding,
                       projection_dim: int | None = DEFAULT_PROJECTION_DIM, seed: int = 0,
-                      worker_count: int = 0, progress: bool = True) -> MemoryBank:
-  """The memory bank of the training images `source[indices]`.
+                      worker_count: int = 0, progress: bool = True,
+                      with_sources: bool = False
+                      ) -> MemoryBank | tuple[MemoryBank, np.ndarray]:
+  """The memory bank of the training images `source[indices]`, and with `with_sources` the
+  position in `indices` of the image each coreset point came from ([G, M] int32, -1 in the
+  padding), for scoring a training image against the bank without its own patches.
 
   Args:
     patch_fn: uint8 images [B, S, S, 3] -> patch features [B, h, w, C] (`make_patch_fn`).
@@ -189,7 +193,8 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
     seen[position] = True
     for g in np.unique(ordered_groups[position]):
       rows = ordered_groups[position] == g
-      streams[g].add(features[rows].reshape(-1, channels))
+      streams[g].add(features[rows].reshape(-1, channels),
+                     np.repeat(order[position[rows]], patches_per_image))
     # Positions arrive in group order: groups before this batch's last one are complete, so
     # their last partial chunk is reduced now rather than held until the end.
     last = int(ordered_groups[position.max()]) if position.size else finished
@@ -200,19 +205,24 @@ def build_memory_bank(patch_fn: Callable[[jax.Array], jax.Array], source,
     raise RuntimeError(f"{np.sum(~seen)} training images were never produced.")
   bank = np.zeros((num_groups, max_size, channels), np.float32)
   counts = np.zeros(num_groups, np.int32)
+  sources = np.full((num_groups, max_size), -1, np.int32)
   for g, stream in enumerate(streams):
     coreset = stream.result()
     bank[g, :coreset.shape[0]] = coreset
+    sources[g, :coreset.shape[0]] = stream.sources
     counts[g] = coreset.shape[0]
-  return MemoryBank.create(bank, counts)
+  bank = MemoryBank.create(bank, counts)
+  return (bank, sources) if with_sources else bank
 
 
 def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int, *,
-             memory_chunk: int, rows: bool = True) -> tuple[jax.Array, jax.Array]:
+             memory_chunk: int, rows: bool = True,
+             excluded: Excluded | None = None) -> tuple[jax.Array, jax.Array]:
   """Squared distances and bank rows [B, P, k] of the k nearest points of each query [B, P, C]
   in its image's group coreset, nearest first; the memory axis is scanned in chunks with a
   running top-k. Where the group has fewer than k points the rest are +inf. `rows` False
-  (k = 1 only) skips the rows (returned as zeros): a running minimum is the cheapest scan."""
+  (k = 1 only) skips the rows (returned as zeros): a running minimum is the cheapest scan.
+  `excluded` leaves out, for query image b, the points whose source is `image_sources[b]`."""
   features = jnp.asarray(bank.features, jnp.float32)
   counts = jnp.asarray(bank.counts)
   batch, num_queries, channels = queries.shape
@@ -232,6 +242,10 @@ def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int,
     slots = start + jnp.arange(chunk)
     valid = ((slots[None, :] < counts[group_ids][:, None])
              & (slots[None, :] >= k_chunk * chunk))  # [B, chunk]
+    if excluded is not None:
+      sources = jax.lax.dynamic_slice_in_dim(excluded.bank_sources, start, chunk,
+                                             axis=1)[group_ids]
+      valid = valid & (sources != excluded.image_sources[:, None])
     squared = (query_norms[:, :, None] + jnp.sum(jnp.square(memory), axis=-1)[:, None, :]
                - 2.0 * jnp.einsum("bpc,bmc->bpm", queries, memory,
                                   precision=jax.lax.Precision.HIGHEST))
@@ -257,6 +271,16 @@ def _nearest(bank: MemoryBank, queries: jax.Array, group_ids: jax.Array, k: int,
   return squared, nearest
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("bank_sources", "image_sources"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+  """Bank points to leave out per query image: those of bank_sources [G, M] (as returned by
+  `build_memory_bank(with_sources=True)`) equal to the image's own image_sources [B]."""
+  bank_sources: jax.Array
+  image_sources: jax.Array
+
+
 def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
                       memory_chunk: int = 1024) -> jax.Array:
   """Euclidean distance [B, h, w] of every patch to the nearest point of its image's group
@@ -266,12 +290,14 @@ def nearest_distances(bank: MemoryBank, patch_features: jax.Array, group_ids: ja
 
 
 def _nearest_patches(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
-                     memory_chunk: int, rows: bool) -> tuple[jax.Array, jax.Array]:
+                     memory_chunk: int, rows: bool,
+                     excluded: Excluded | None = None) -> tuple[jax.Array, jax.Array]:
   """Distances [B, h, w] to the nearest coreset point, and that point's row [B, h*w] (zeros
   unless `rows`)."""
   batch, height, width, channels = patch_features.shape
   squared, nearest = _nearest(bank, patch_features.reshape(batch, height * width, channels),
-                              group_ids, 1, memory_chunk=memory_chunk, rows=rows)
+                              group_ids, 1, memory_chunk=memory_chunk, rows=rows,
+                              excluded=excluded)
   # squeeze, not [..., 0]: under a symbolic batch (jax.export) indexing becomes a gather.
   distances = jnp.sqrt(jnp.maximum(jnp.squeeze(squared, -1), 0.0)).reshape(batch, height, width)
   return distances, jnp.squeeze(nearest, -1)
@@ -279,7 +305,7 @@ def _nearest_patches(bank: MemoryBank, patch_features: jax.Array, group_ids: jax
 
 def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array,
                 distances: jax.Array, nearest_rows: jax.Array, neighbours: int, *,
-                memory_chunk: int = 1024) -> jax.Array:
+                memory_chunk: int = 1024, excluded: Excluded | None = None) -> jax.Array:
   """PatchCore's image-score weight [B] (Roth et al. 2022, Eq. 7):
   1 - exp|m_test - m*| / sum over m in N_b(m*) of exp|m_test - m|, with m_test the patch
   farthest from its nearest coreset point m* and N_b(m*) the b = `neighbours` points of the
@@ -295,7 +321,7 @@ def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Arra
   group_ids = jnp.asarray(group_ids, jnp.int32)
   anchor = features[group_ids, nearest_rows[images, worst]]  # m*, [B, C]
   squared, support = _nearest(bank, anchor[:, None, :], group_ids, neighbours,
-                              memory_chunk=memory_chunk)
+                              memory_chunk=memory_chunk, excluded=excluded)
   points = features[group_ids[:, None], support[:, 0]]  # [B, b, C]
   gaps = jnp.sqrt(jnp.sum(jnp.square(query[:, None, :].astype(jnp.float32) - points), -1))
   logits = jnp.where(jnp.isfinite(squared[:, 0]), gaps, -jnp.inf)
@@ -305,25 +331,30 @@ def reweighting(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Arra
 
 def score(bank: MemoryBank, patch_features: jax.Array, group_ids: jax.Array, *,
           image_size: int | Sequence[int], memory_chunk: int = 1024,
-          blur: bool = True, reweight_neighbours: int = 0) -> dict[str, jax.Array]:
+          blur: bool = True, reweight_neighbours: int = 0,
+          excluded: Excluded | None = None) -> dict[str, jax.Array]:
   """{'anomaly_map': [B, H, W], 'score': [B]} of patch features [B, h, w, C] against the
-  coresets of `group_ids` [B] (module docstring); `reweight_neighbours` b > 0 multiplies
-  each image score by `reweighting`. Jittable; `image_size`, `memory_chunk`, `blur` and
-  `reweight_neighbours` are static."""
+  coresets of `group_ids` [B] (module docstring), without the points `excluded` names;
+  `reweight_neighbours` b > 0 multiplies each image score by `reweighting`. Jittable;
+  `image_size`, `memory_chunk`, `blur` and `reweight_neighbours` are static."""
   distances, rows = _nearest_patches(bank, patch_features, group_ids,
-                                     memory_chunk=memory_chunk, rows=bool(reweight_neighbours))
+                                     memory_chunk=memory_chunk, rows=bool(reweight_neighbours),
+                                     excluded=excluded)
   maps = anomaly_maps.resize_maps(distances, image_size, blur=blur)
   image_scores = anomaly_maps.image_score(maps)
   if reweight_neighbours:
     image_scores = image_scores * reweighting(bank, patch_features, group_ids, distances, rows,
-                                              reweight_neighbours, memory_chunk=memory_chunk)
+                                              reweight_neighbours, memory_chunk=memory_chunk,
+                                              excluded=excluded)
   return {"anomaly_map": maps, "score": image_scores}
 
 
 def score_images(bank: MemoryBank, encoder_variables, images: jax.Array, group_id: jax.Array, *,
                  encoder, feature_dim: int | None = None, memory_chunk: int = 1024,
-                 reweight_neighbours: int = 0) -> dict[str, jax.Array]:
+                 reweight_neighbours: int = 0,
+                 excluded: Excluded | None = None) -> dict[str, jax.Array]:
   """Anomaly maps and scores of uint8 images [B, H, W, 3] routed to `group_id` [B]."""
   features = patch_features(encoder, encoder_variables, images, feature_dim=feature_dim)
   return score(bank, features, group_id, image_size=images.shape[1:3],
-               memory_chunk=memory_chunk, reweight_neighbours=reweight_neighbours)
+               memory_chunk=memory_chunk, reweight_neighbours=reweight_neighbours,
+               excluded=excluded)
