@@ -31,6 +31,9 @@ def get_config(arg: str | None = None):
   config.dataset.name = "folder"
   config.dataset.manual_dir = "~/photo_parts"
   config.image_size = 128
+  # Thresholds from at least 10 held-out images per class rather than 10 % of 48 (5): the
+  # largest of a handful of scores flags about 1 / (n + 1) of new good parts.
+  config.validation_min_images = 10
   variant, _, rest = (arg or "").partition(",")
   if variant == "lookalike":
     config.dataset.manual_dir = "~/photo_parts_lookalike"

@@ -5,20 +5,20 @@ class label, or by clustering the routing embeddings without labels), each group
 reduced to a coreset, and the run ends like every other (`decisions.fit_and_evaluate`).
 Writes memory_bank.npz, decision.json, metrics.json, results.md and heatmaps/.
 
-Thresholds by cross-fitting (`hiercore.threshold_folds` K >= 2, the default 5): a bank
-costs seconds, so instead of holding images out, each group's training images are dealt
-to K folds; a bank of the other K-1 folds scores each fold, so every training image gets
-an out-of-bank normal score, and the final bank holds all of them. Folds
-(`hiercore.fold_split`):
-* 'random': an even random deal. Out-of-bank is not out-of-part: a training image that
-  shares content with others (overlapping views of one surface, near-duplicates) finds
-  its own patches in the other folds, so its score is optimistic;
-* 'clusters' (default): k-means of the routing embeddings within each group, so a fold is
-  a set of images alike among themselves and unlike the bank, as a new part is unlike the
-  training parts. Its scores err high rather than low (a fold's bank misses a whole region
-  of the normal variation), so the thresholds are conservative: on the photographs of
-  docs/thresholds.md the false-alarm rate on new parts is 16 % instead of 49 % with random
-  folds, at the price of recall.
+Thresholds by cross-fitting (`hiercore.threshold_folds` >= 2, the default): every training
+image gets a normal score from a bank that does not hold it, and the final bank holds all of
+them (no hold-out). `hiercore.fold_split`:
+* 'leave_one_out' (default): each image is scored by the final bank without the coreset
+  points that came from the image itself (`build_memory_bank(with_sources=True)`), so one
+  bank and one scoring pass serve all images (the jackknife; exact when the coreset keeps
+  every patch, `coreset_fraction` 1). On parts that are separate objects, as on a production
+  line, these scores are distributed as new parts' are;
+* 'random' / 'clusters': the images are dealt to K = `threshold_folds` folds and a bank of
+  the other K-1 folds scores each fold (K + 1 banks). 'clusters' deals by k-means of the
+  routing embeddings, so a fold is a set of images alike among themselves and unlike its
+  bank: for training images that overlap one another (crops of one surface,
+  near-duplicates), where an image would find its own content in the others' patches and its
+  score would be too low; its scores err high instead (docs/thresholds.md measures both).
 K <= 1 keeps the validation hold-out (`validation_fraction`) for the thresholds.
 """
 from __future__ import annotations
@@ -88,10 +88,9 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
   leave_one_out = (hiercore_settings.cross_fitted
                    and hiercore_settings.fold_split == "leave_one_out")
   started = time.perf_counter()
-  bank = bank_of(train_indices, train_groups, with_sources=leave_one_out)
+  built = bank_of(train_indices, train_groups, with_sources=leave_one_out)
   build_seconds = time.perf_counter() - started
-  if leave_one_out:
-    bank, bank_sources = bank
+  bank, bank_sources = built if leave_one_out else (built, None)
   if is_main:
     run_dir.write_memory_bank(bank)
   fitted = None
