@@ -180,7 +180,8 @@ def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp
   assert list(estimated.num_normal) == per_class  # no hold-out: every image scored
   bank = run_dir.read_memory_bank()
   patches = (run_settings.image_size // 8) ** 2
-  assert bank.counts.tolist() == [int(np.ceil(0.1 * n * patches)) for n in per_class]
+  fraction = run_settings.hiercore.coreset_fraction
+  assert bank.counts.tolist() == [int(np.ceil(fraction * n * patches)) for n in per_class]
   with open(os.path.join(run_dir.path, "metrics.json")) as f:
     saved = json.load(f)
   for row in saved["classwise"]["per_class"].values():
