@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 5.0
 
   config.hiercore = ml_collections.ConfigDict()  # see ccl_jax/hiercore/
-  config.hiercore.coreset_fraction = 0.01  # share of each group's patches kept (docs/hiercore.md)
+  config.hiercore.coreset_fraction = 0.1  # share of each group's patches kept
   config.hiercore.feature_dim = 0       # patch feature channels; 0 = all (no pooling)
   config.hiercore.projection_dim = 128  # random projection for the k-center search; 0 = off
   config.hiercore.chunk_images = 64     # images per streaming coreset reduction
