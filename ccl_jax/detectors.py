@@ -163,9 +163,10 @@ class HierCoreDetector(Detector):
     self.feature_dim = feature_dim
     self.reweight_neighbours = reweight_neighbours
 
-  def _score(self, images: jax.Array, group_ids: jax.Array) -> Scores:
+  def _score(self, images: jax.Array, group_ids: jax.Array,
+             excluded: hiercore.Excluded | None = None) -> Scores:
     outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim, self.reweight_neighbours)(
-        self.bank, self.encoder_variables, images, group_ids)
+        self.bank, self.encoder_variables, images, group_ids, excluded=excluded)
     return Scores(outputs["anomaly_map"], outputs["score"])
 
   def _weights(self) -> dict[str, Any]:
@@ -176,9 +177,7 @@ class HierCoreDetector(Detector):
     """`score` against the bank without the points `excluded` names per image (a training
     image's own patches: its leave-one-out score)."""
     self._check_images(images)
-    outputs = _jitted_hiercore_scores(self.encoder, self.feature_dim, self.reweight_neighbours)(
-        self.bank, self.encoder_variables, images, group_ids, excluded=excluded)
-    return Scores(outputs["anomaly_map"], outputs["score"])
+    return self._score(images, group_ids, excluded)
 
   def _pure_score(self, arrays, images, group_ids):
     outputs = hiercore.score_images(arrays["bank"], arrays["encoder"], images, group_ids,

@@ -189,7 +189,8 @@ class StreamingCoreset:
     return self.coreset
 
   def _take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-    points, ids = (np.concatenate(parts) for parts in zip(*self._pending))
+    points, ids = (self._pending[0] if len(self._pending) == 1
+                   else tuple(np.concatenate(parts) for parts in zip(*self._pending)))
     self._pending = [(points[count:], ids[count:])] if count < points.shape[0] else []
     self._num_pending -= count
     return points[:count], ids[:count]
