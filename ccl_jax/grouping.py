@@ -1,4 +1,4 @@
-"""Upper level of the HierCore hierarchy: image-level embeddings -> groups.
+"""Image-level embeddings -> groups: the routing behind every model's class-wise thresholds.
 
 HierCore (Multi-class Image Anomaly Detection for Practical Applications, 2025,
 abstract) keeps one memory bank

@@ -193,8 +193,6 @@ _IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
 _KEEPS_DEPTH_TO_SPACE = {"add", "sub", "mul", "div", "max", "min", "convert_element_type",
                          "rsqrt", "sqrt", "neg", "exp", "abs", "stop_gradient", "copy",
                          "copy_p", "optimization_barrier"}
-_REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
-           "reduce_prod": "ReduceProd"}
 _SUBJAXPR = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
              "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
              "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}

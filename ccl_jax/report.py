@@ -29,7 +29,6 @@ from ccl_jax import metrics, visualize
 
 # Bounds the file (a few MB at 256 px): the worst cases of each class, not all of them.
 GALLERY_PER_CLASS = 6
-GALLERY_HEIGHT_PX = 256
 _HISTOGRAM_BINS = 24
 _NORMAL_COLOUR, _DEFECT_COLOUR = "#2b6cb0", "#c53030"
 _CURVES = (("loss", "total loss"), ("kd", "KD loss"), ("local", "local contrastive loss"),

@@ -1,4 +1,4 @@
-"""The jitted training and inference steps, and the state they carry.
+"""The jitted training step and the state it carries.
 
 `train_step(state, encoder_variables, batch) -> (state, metrics)` is one jitted,
 state-donating function. Under a 1-D ('data') mesh the batch is sharded over devices and

@@ -1,13 +1,14 @@
-"""Class-wise decision thresholds from normal held-out images, and decision metrics.
+"""Class-wise decision thresholds from scores of unseen normal images, and decision metrics.
 
 A ranking metric (AUROC, AP) needs no threshold, but a deployed detector must
 say "anomalous" or "normal", and in a multi-class model one global threshold
 is poor because score scales differ between classes (the HierCore abstract's
 "class-wise decision criteria"). Here each group of
 ``ccl_jax.grouping`` gets its own threshold, estimated only from the scores of
-NORMAL held-out training images routed to it. Anomalous images and test images
-are never used: the estimators only see the scores passed to them, and the
-callers pass held-out normal training scores.
+NORMAL training images routed to it, each scored by a model that did not see it:
+a validation hold-out (CCL/RD), or HierCore's leave-one-out / cross-fitted scores
+(``ccl_jax.hiercore``). Anomalous images and test images are never used: the
+estimators only see the scores passed to them.
 
 Rules (``RULES``; n = number of normal scores, s_(1) <= ... <= s_(n) sorted):
 
@@ -91,7 +92,6 @@ import numpy as np
 import scipy.stats
 
 from ccl_jax import metrics
-from ccl_jax.grouping import Groups
 
 RULES = ("quantile", "lognormal", "mean_std", "max")
 DEFAULT_RULE = "quantile"
