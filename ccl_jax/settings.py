@@ -1,4 +1,10 @@
-"""The config, read once: typed, frozen settings, validated before any work starts.
+"""The config schema, and the config read once into typed, frozen settings.
+
+Each key is written once, as a field of the dataclasses below: its default, the values it
+accepts, whether it changes the trained model, and a comment saying what it means. The rest
+is derived from those fields: the ConfigDict the config files start from (`config_defaults`,
+used by `ccl_jax.default_config.base_config`), the validation of every key, and the keys
+that identify a run (`RUN_IDENTITY_KEYS`).
 
 The programs (`ccl_jax.main`, `evaluate`, `scenarios`, ...) turn their ConfigDict into a
 `RunSettings` with `from_config`; everything below them takes these settings (or plain
@@ -11,19 +17,20 @@ form (`ConfigError`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from typing import Any, Literal
+import typing
+from typing import Any, Callable
 
 import ml_collections
 
-from ccl_jax import default_config
+from ccl_jax import thresholds
 from ccl_jax.datasets.builders import MASK_RESIZE_MODES
+from ccl_jax.datasets.folder_layout import DEFAULT_NORMAL_TEST_SHARE
 from ccl_jax.datasets.layouts import MANTA_VIEW_MODES, REAL_IAD_RESOLUTIONS, REAL_IAD_VIEWS
-from ccl_jax.models import ENCODERS
+from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, ENCODERS
 
-MODEL_KINDS = ("reverse_distillation", "hiercore")
-THRESHOLD_RULES = ("quantile", "lognormal", "mean_std", "max")
 # The paper's all-in-all setting (60 classes).
 ALL_IN_ALL = ("mvtec_ad", "visa", "btad", "real_iad")
 # The encoders' deepest feature map has stride 16 and the neck halves it once more, so the
@@ -36,19 +43,130 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Accepts:
+  """The values a key accepts: `test(value, settings)` and, for the error, their form.
+
+  `settings` is the whole RunSettings, for the few keys bounded by another key.
+  """
+  test: Callable[[Any, Any], bool]
+  expected: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key. `default` is the config's value (what config files and config.json
+  hold); `read` turns a config value into the setting's value, `write` turns it back."""
+  default: Any
+  accepts: Accepts | None  # None: any value (paths, names looked up later)
+  changes_model: bool  # a run directory trained with another value cannot be resumed
+  read: Callable[[Any], Any] | None = None
+  write: Callable[[Any], Any] | None = None
+
+
+def key(default: Any, accepts: Accepts | None, *, changes_model: bool,
+        read: Callable[[Any], Any] | None = None,
+        write: Callable[[Any], Any] | None = None) -> Any:
+  """A settings field for one config key (see `Key`)."""
+  return dataclasses.field(
+      default=read(default) if read else default,
+      metadata={"key": Key(default, accepts, changes_model, read, write)})
+
+
+def _is_integer(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def one_of(*options: Any) -> Accepts:
+  return Accepts(lambda value, _: value in options,
+                 "one of " + ", ".join(map(repr, options)))
+
+
+def integer(minimum: int, note: str = "") -> Accepts:
+  return Accepts(lambda value, _: _is_integer(value) and value >= minimum,
+                 f"an integer >= {minimum}" + (f" ({note})" if note else ""))
+
+
+def number(*, above: float | None = None, at_least: float | None = None,
+           below: float | None = None, at_most: float | None = None,
+           noun: str = "a number", note: str = "") -> Accepts:
+  """A finite number within the given bounds, e.g. number(at_least=0, below=1)."""
+  def test(value: Any, _) -> bool:
+    return _is_number(value) and all((
+        above is None or value > above, at_least is None or value >= at_least,
+        below is None or value < below, at_most is None or value <= at_most))
+  low = ("(", above) if above is not None else ("[", at_least)
+  high = (")", below) if below is not None else ("]", at_most)
+  if low[1] is not None and high[1] is not None:
+    within = f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+  elif low[1] is not None:
+    within = (">" if low[0] == "(" else ">=") + f" {low[1]}"
+  else:
+    within = ("<" if high[0] == ")" else "<=") + f" {high[1]}"
+  return Accepts(test, f"{noun} {within}" + (f" ({note})" if note else ""))
+
+
+BOOLEAN = Accepts(lambda value, _: isinstance(value, bool), "True or False")
+
+
+def _split(value: Any) -> list[str]:
+  return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _classes(value: Any) -> str | tuple[str, ...]:
+  if isinstance(value, str):
+    return "all" if value == "all" else tuple(_split(value))
+  return tuple(value)
+
+
+def _sorted_items(value: Any) -> tuple[tuple[str, float], ...]:
+  return tuple(sorted(dict(value or {}).items()))
+
+
+def _plain(value: Any) -> Any:
+  """JSON's form of a setting: tuples as lists."""
+  if isinstance(value, tuple):
+    return [_plain(v) for v in value]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
   """Which data a run reads (config block `dataset`)."""
-  name: str
-  manual_dir: str
-  data_dir: str
-  classes: str | tuple[str, ...]  # 'all' or class names
-  class_labels: Literal["true", "kmeans"]
-  num_pseudo_classes: int
-  normal_test_share: float  # dataset 'folder', flat layout only
-  mask_resize: Literal["nearest", "bilinear_threshold"]
-  real_iad_resolution: str
-  real_iad_views: str
-  manta_views: Literal["split", "stacked"]
+  # mvtec_ad | visa | btad | real_iad | manta | folder (your own images, any class names) |
+  # synthetic (built-in demo data), or several comma-separated ('mvtec_ad,visa';
+  # 'all_in_all' = mvtec_ad,visa,btad,real_iad)
+  name: str = key("mvtec_ad", Accepts(lambda v, _: isinstance(v, str) and bool(_split(v)),
+                                      "a dataset name or several, comma-separated"),
+                  changes_model=True)
+  # The downloaded folder(s), comma-separated for several. Not part of a run's identity, nor
+  # is data_dir: the prepared data is checked against its source.
+  manual_dir: str = key("", None, changes_model=False)
+  data_dir: str = key("~/ccl_jax_data", None, changes_model=False)  # prepared TFDS data
+  # 'all', or a comma-separated list / tuple of names
+  classes: str | tuple[str, ...] = key("all", None, changes_model=True, read=_classes)
+  # 'true': the dataset's classes | 'kmeans': pseudo-classes (paper Table 3)
+  class_labels: str = key("true", one_of("true", "kmeans"), changes_model=True)
+  # K for 'kmeans' (the paper's best of 15/30/60)
+  num_pseudo_classes: int = key(30, integer(2), changes_model=True)
+  # dataset 'folder', flat layout (<class>/normal/): share of the normal images held out as
+  # test normals, picked by file name (ccl_jax/datasets/folder_layout.py)
+  normal_test_share: float = key(DEFAULT_NORMAL_TEST_SHARE,
+                                 number(at_least=0, below=1, noun="a share"), changes_model=True)
+  # Ground-truth masks at preparation: 'nearest' | 'bilinear_threshold' (bilinear, then
+  # > 0.5: the authors' target transform); each mode is prepared once, under its own name.
+  # Masks are only read when evaluating.
+  mask_resize: str = key("nearest", one_of(*MASK_RESIZE_MODES), changes_model=False)
+  # realiad_<this>/ is read: 256 | 512 | 1024 | raw
+  real_iad_resolution: str = key("256", one_of(*REAL_IAD_RESOLUTIONS), changes_model=True)
+  # all | C1..C5 (one view only)
+  real_iad_views: str = key("all", one_of(*REAL_IAD_VIEWS), changes_model=True)
+  # split (one sample per view) | stacked
+  manta_views: str = key("split", one_of(*MANTA_VIEW_MODES), changes_model=True)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -75,41 +193,59 @@ class DataSettings:
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
   """The network (config block `model`)."""
-  kind: Literal["reverse_distillation", "hiercore"]
-  encoder: str
-  encoder_weights: str
-  projector: Literal["auto", "on", "off"]
-  neck_width_per_group: int
-  decoder_width_per_group: int
-  feature_noise_probability: float
-  dtype: str
-  anomaly_map_scale: float
+  # reverse_distillation (CCL, or RD with both contrastive weights 0) | hiercore (memory
+  # bank, no training; uses encoder, encoder_weights and the hiercore block)
+  kind: str = key("reverse_distillation", one_of("reverse_distillation", "hiercore"),
+                  changes_model=True)
+  encoder: str = key("wide_resnet50_2", one_of(*ENCODERS), changes_model=True)
+  # Flax msgpack file of the encoder, 'packaged' or 'none' (ccl_jax/weights.py)
+  encoder_weights: str = key("none", None, changes_model=True)
+  # auto: on iff a contrastive weight is > 0
+  projector: str = key("auto", one_of("auto", "on", "off"), changes_model=True)
+  # authors' CCL code; 0 = the encoder's (RD4AD)
+  neck_width_per_group: int = key(64, integer(0, "0 = the encoder's"), changes_model=True)
+  # 0 = the encoder's (RD4AD and CCL)
+  decoder_width_per_group: int = key(0, integer(0, "0 = the encoder's"), changes_model=True)
+  # 0 disables
+  feature_noise_probability: float = key(
+      AUTHORS_NOISE_PROBABILITY, number(at_least=0, at_most=1, noun="a probability"),
+      changes_model=True)
+  # compute dtype; losses stay float32
+  dtype: str = key("float32", one_of("float32", "bfloat16", "float16", "float64"),
+                   changes_model=True)
+  # Factor on the anomaly map (sum over scales). The authors' evaluator divides the sum by
+  # 3 scales x 3 weights = 9 (AUTHORS_ANOMALY_MAP_SCALE); rankings, hence AUROC/AUPRO, are
+  # unchanged, absolute scores and thresholds are not (refitted when evaluating).
+  anomaly_map_scale: float = key(
+      1.0, number(above=0, note="1 = the sum over scales; 1/9 = the authors' evaluator"),
+      changes_model=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-  """Everything the loss needs to know, as plain values (hashable: a jit static argument).
-
-  local_weight, global_weight: lambda_1 and lambda_2 of the paper's Eq. 6 (both 0 = the RD
-    baseline, which then skips the augmented view entirely).
-  temperature: tau of both contrastive losses.
-  window: local matching window (odd int) or None for the whole map.
-  local_negatives: 'all' other-class images (paper) or 'one_random' (authors' code).
-  same_class_positive: add the paper's second local positive.
-  global_views: 'both' views in the global loss (paper) or 'original' only (authors' code).
-  global_form: 'supcon' (paper Eq. 1) or 'authors' (their SCLLoss, `losses.authors_global_loss`).
-  neck_on_augmented_view: run the neck (training mode) on the augmented view even when no
-    loss reads its embedding, so that its BatchNorm statistics see both views (authors' code).
-  """
-  local_weight: float = 1.0
-  global_weight: float = 1.0
-  temperature: float = 0.1
-  window: int | None = None
-  local_negatives: Literal["all", "one_random"] = "all"
-  same_class_positive: bool = False
-  global_views: Literal["both", "original"] = "both"
-  global_form: Literal["supcon", "authors"] = "supcon"
-  neck_on_augmented_view: bool = False
+  """Everything the loss needs to know, as plain values (hashable: a jit static argument)."""
+  # lambda_1 and lambda_2 of the paper's Eq. 6; both 0 = the RD joint baseline, which then
+  # skips the augmented view entirely
+  local_weight: float = key(1.0, number(at_least=0), changes_model=True)
+  global_weight: float = key(1.0, number(at_least=0), changes_model=True)
+  # tau of both contrastive losses: 0.1 in the paper; the authors' RD configs use 0.05
+  temperature: float = key(0.1, number(above=0), changes_model=True)
+  # local matching window (odd), or None for the whole map
+  window: int | None = key(None, Accepts(
+      lambda v, _: v is None or (_is_integer(v) and v >= 1 and v % 2 == 1),
+      "an odd integer >= 1, or None for the whole map"), changes_model=True)
+  # 'all' other-class images (paper) | 'one_random' (authors' code)
+  local_negatives: str = key("all", one_of("all", "one_random"), changes_model=True)
+  # the paper's optional second local positive
+  same_class_positive: bool = key(False, BOOLEAN, changes_model=True)
+  # 'both' views in the global loss (paper) | 'original' only (authors' code)
+  global_views: str = key("both", one_of("both", "original"), changes_model=True)
+  # 'supcon' (paper Eq. 1) | 'authors' (their SCLLoss, `losses.authors_global_loss`)
+  global_form: str = key("supcon", one_of("supcon", "authors"), changes_model=True)
+  # Run the neck (training mode) on the augmented view even when no loss reads its
+  # embedding, as the authors' code does: its BatchNorm running statistics then see both
+  # views.
+  neck_on_augmented_view: bool = key(False, BOOLEAN, changes_model=True)
 
   @property
   def uses_augmented_view(self) -> bool:
@@ -126,23 +262,38 @@ class LossSettings:
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
   """Adam with the projector on its own learning rate (config block `optimizer`)."""
-  projector_learning_rate: float
-  learning_rate: float
-  b1: float
-  b2: float
-  clip_norm: float
+  projector_learning_rate: float = key(1e-3, number(above=0), changes_model=True)
+  learning_rate: float = key(5e-3, number(above=0), changes_model=True)  # neck and decoder
+  b1: float = key(0.5, number(at_least=0, below=1), changes_model=True)
+  b2: float = key(0.999, number(at_least=0, below=1), changes_model=True)
+  clip_norm: float = key(5.0, number(above=0), changes_model=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class HierCoreSettings:
-  """The memory bank (config block `hiercore`)."""
-  coreset_fraction: float
-  feature_dim: int
-  projection_dim: int
-  chunk_images: int
-  threshold_folds: int  # 0 / 1: thresholds from the validation hold-out
-  fold_split: Literal["leave_one_out", "random", "clusters"]
-  reweight_neighbours: int  # 0: image score = maximum of the map (no reweighting)
+  """The memory bank (config block `hiercore`, see ccl_jax/hiercore/)."""
+  # share of each group's patches kept
+  coreset_fraction: float = key(0.1, number(above=0, at_most=1, noun="a fraction"),
+                                changes_model=True)
+  # patch feature channels; 0 = all (no pooling)
+  feature_dim: int = key(0, Accepts(lambda v, _: _is_integer(v) and v >= 0 and v % 2 == 0,
+                                    "0 (all channels) or an even integer >= 2"),
+                         changes_model=True)
+  # random projection for the k-center search; 0 = off
+  projection_dim: int = key(128, integer(0, "0 = no projection"), changes_model=True)
+  # images per merge-and-reduce step of the streaming coreset (bounds memory)
+  chunk_images: int = key(64, integer(1), changes_model=False)
+  # Thresholds from cross-fitted scores of the training images (the final bank holds every
+  # training image, no hold-out); 0 or 1 = from the validation hold-out instead.
+  threshold_folds: int = key(
+      5, integer(0, "0 or 1 = thresholds from the validation hold-out"), changes_model=True)
+  # 'leave_one_out': each image scored by the final bank without its own patches (one bank);
+  # 'random' | 'clusters': K = threshold_folds folds, banks of K-1 folds score the held-out
+  # one ('clusters': k-means of the routing embeddings, for images that overlap one another)
+  fold_split: str = key("leave_one_out", one_of("leave_one_out", "random", "clusters"),
+                        changes_model=True)
+  # PatchCore Eq. 7 image-score reweighting over the nearest patch's b neighbours; 0 = off
+  reweight_neighbours: int = key(0, integer(0, "0 = no reweighting"), changes_model=True)
 
   @property
   def cross_fitted(self) -> bool:
@@ -151,15 +302,31 @@ class HierCoreSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DecisionSettings:
-  """Groups and thresholds (config block `decision`)."""
-  rule: str
-  rule_params: tuple[tuple[str, float], ...]
-  num_groups: int
-  max_groups: int
+  """Groups and thresholds (config block `decision`, see ccl_jax/decisions.py); refitted
+  whenever a run is evaluated, so none of them identifies a run."""
+  # quantile | lognormal | mean_std | max (ccl_jax/thresholds.py)
+  rule: str = key(thresholds.DEFAULT_RULE, one_of(*thresholds.RULES), changes_model=False)
+  # quantile, lognormal: alpha; mean_std: k
+  rule_params: tuple[tuple[str, float], ...] = key(
+      {"alpha": 0.05}, None, changes_model=False, read=_sorted_items, write=dict)
+  # groups without class labels; 0 = chosen automatically
+  num_groups: int = key(0, integer(0, "0 = chosen automatically"), changes_model=False)
+  # the automatic choice's upper bound
+  max_groups: int = key(20, integer(2), changes_model=False)
 
   @property
   def rule_kwargs(self) -> dict[str, float]:
     return dict(self.rule_params)
+
+
+def _image_size_ok(value: Any, _) -> bool:
+  return _is_integer(value) and value >= IMAGE_SIZE_MULTIPLE and (
+      value % IMAGE_SIZE_MULTIPLE == 0)
+
+
+def _view_source_size_ok(value: Any, run_settings: RunSettings) -> bool:
+  return value == 0 or (_is_integer(value) and value >= 1
+                        and value > run_settings.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,23 +338,42 @@ class RunSettings:
   optimizer: OptimizerSettings
   hiercore: HierCoreSettings
   decision: DecisionSettings
-  image_size: int
-  batch_size: int
-  eval_batch_size: int
-  num_epochs: int
-  seed: int
-  sampler: Literal["class_mixing", "shuffle"]
-  augmented_view_source_size: int
-  validation_fraction: float
-  validation_min_images: int
-  early_stopping_patience: int
-  evaluate_checkpoint: Literal["best", "last"]
-  eval_every_epochs: int
-  log_every_steps: int
-  checkpoint_every_steps: int
-  num_heatmaps_per_class: int
-  worker_count: int
-  xla_cpu_low_memory_schedule: bool
+  image_size: int = key(256, Accepts(_image_size_ok, (
+      f"a positive multiple of {IMAGE_SIZE_MULTIPLE} (the network halves the image five "
+      "times)")), changes_model=True)
+  batch_size: int = key(16, integer(1), changes_model=True)
+  eval_batch_size: int = key(0, integer(0, "0 = batch_size"), changes_model=False)
+  # Not part of a run's identity: a finished run can be extended.
+  num_epochs: int = key(100, integer(1), changes_model=False)
+  seed: int = key(0, integer(0), changes_model=True)
+  # 'class_mixing': every batch holds >= 2 classes (paper Sec. 3.2) | 'shuffle': a plain
+  # shuffle (the authors' DataLoader)
+  sampler: str = key("class_mixing", one_of("class_mixing", "shuffle"), changes_model=True)
+  # > image_size: the augmented view is cut from the image prepared at this size (the
+  # authors crop it from the full-resolution file); 0: from the image_size image.
+  augmented_view_source_size: int = key(0, Accepts(
+      _view_source_size_ok, "0 (the image_size image) or an integer > image_size"),
+      changes_model=True)
+  # held-out normal training images, per class
+  validation_fraction: float = key(0.05, number(at_least=0, below=1, noun="a fraction"),
+                                   changes_model=True)
+  # at least this many held out per class (thresholds of RD/CCL), one always kept; 0 = off
+  validation_min_images: int = key(0, integer(0, "0 = validation_fraction only"),
+                                   changes_model=True)
+  # epochs without validation improvement; 0 = off
+  early_stopping_patience: int = key(0, integer(0), changes_model=False)
+  # 'best' (lowest validation loss) | 'last'
+  evaluate_checkpoint: str = key("best", one_of("best", "last"), changes_model=False)
+  # test-set metrics during training; 0 = only at the end
+  eval_every_epochs: int = key(0, integer(0), changes_model=False)
+  log_every_steps: int = key(10, integer(1), changes_model=False)
+  checkpoint_every_steps: int = key(500, integer(0), changes_model=False)
+  num_heatmaps_per_class: int = key(3, integer(0), changes_model=False)
+  worker_count: int = key(0, integer(0), changes_model=False)  # grain decoding processes
+  # XLA:CPU's memory-minimising schedule (ccl_jax/xla_options.py): a third less memory for
+  # the paper step at the same speed on a 2-core CPU; False keeps XLA's concurrency-first
+  # order.
+  xla_cpu_low_memory_schedule: bool = key(True, BOOLEAN, changes_model=False)
 
   @property
   def global_eval_batch_size(self) -> int:
@@ -218,59 +404,73 @@ class RunSettings:
 
   def to_dict(self) -> dict[str, Any]:
     """Nested plain values in the config's key structure (JSON-serialisable)."""
-    def plain(value):
-      if isinstance(value, tuple):
-        return [plain(v) for v in value]
-      return value
-    result = {}
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if dataclasses.is_dataclass(value):
-        block = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if field.name == "decision":
-          block["rule_params"] = dict(value.rule_params)
-        result[field.name] = block
-      else:
-        result[field.name] = plain(value)
-    return result
+    values: dict[str, Any] = {}
+    for dotted, value in flat_values(self).items():
+      *parents, leaf = dotted.split(".")
+      node = values
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[leaf] = value
+    return values
 
   def replace(self, **changes: Any) -> RunSettings:
     """A copy with dotted keys changed ('dataset.class_labels': 'kmeans'), re-validated."""
     values = self.to_dict()
-    for key, value in changes.items():
+    for dotted, value in changes.items():
+      if dotted not in KEYS:
+        raise ConfigError(f"Unknown config key {dotted!r}.")
+      *parents, leaf = dotted.split(".")
       node = values
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      if leaf not in node:
-        raise ConfigError(f"Unknown config key {key!r}.")
+      for parent in parents:
+        node = node[parent]
       node[leaf] = value
     return from_dict(values)
 
 
-_BLOCKS = {"dataset": DataSettings, "model": ModelSettings, "loss": LossSettings,
-           "optimizer": OptimizerSettings, "hiercore": HierCoreSettings,
-           "decision": DecisionSettings}
+# Config block name -> its settings class.
+_BLOCKS: dict[str, type] = {
+    field.name: typing.get_type_hints(RunSettings)[field.name]
+    for field in dataclasses.fields(RunSettings) if "key" not in field.metadata}
 
+
+def _keys() -> dict[str, tuple[Key, Any]]:
+  """Every config key, dotted ('loss.window'), with its definition and type hint."""
+  keys = {}
+  for prefix, cls in [(f"{name}.", cls) for name, cls in _BLOCKS.items()] + [("", RunSettings)]:
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+      if "key" in field.metadata:
+        keys[prefix + field.name] = (field.metadata["key"], hints[field.name])
+  return keys
+
+
+KEYS: dict[str, tuple[Key, Any]] = _keys()
 # Keys that decide what a run trains or builds: a run directory holding a run that differs
-# in any of them cannot be resumed by the new command (`changed_keys`). Not among them:
-# where the data lies (manual_dir, data_dir: the prepared data is checked against its
-# source), how long to train (num_epochs: a finished run can be extended), and everything
-# refitted or only read after training (decision.*, evaluation and logging keys).
-RUN_IDENTITY_KEYS = (
-    "dataset.name", "dataset.classes", "dataset.class_labels",
-    "dataset.num_pseudo_classes", "dataset.normal_test_share", "model.kind", "model.encoder",
-    "model.encoder_weights", "model.projector", "model.neck_width_per_group",
-    "dataset.real_iad_resolution", "dataset.real_iad_views", "dataset.manta_views",
-    "model.decoder_width_per_group", "model.feature_noise_probability", "model.dtype",
-    "loss.local_weight", "loss.global_weight", "loss.temperature", "loss.window",
-    "loss.local_negatives", "loss.same_class_positive", "loss.global_views",
-    "loss.global_form", "loss.neck_on_augmented_view", "optimizer.projector_learning_rate",
-    "optimizer.learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.clip_norm",
-    "hiercore.coreset_fraction", "hiercore.feature_dim", "hiercore.projection_dim",
-    "hiercore.threshold_folds", "hiercore.fold_split", "hiercore.reweight_neighbours",
-    "image_size", "batch_size", "seed", "sampler", "augmented_view_source_size",
-    "validation_fraction", "validation_min_images")
+# in any of them cannot be resumed by the new command (`changed_keys`).
+RUN_IDENTITY_KEYS: tuple[str, ...] = tuple(
+    dotted for dotted, (definition, _) in KEYS.items() if definition.changes_model)
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """A ConfigDict holding every key at its default; files in configs/ start from it.
+
+  A key whose default is None holds a typed placeholder, so `--config.loss.window=3` is
+  parsed as that type.
+  """
+  config = ml_collections.ConfigDict()
+  for name in _BLOCKS:
+    config[name] = ml_collections.ConfigDict()
+  for dotted, (definition, hint) in KEYS.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if definition.default is None:
+      (kind,) = [t for t in typing.get_args(hint) if t is not type(None)]
+      node[leaf] = ml_collections.config_dict.placeholder(kind)
+    else:
+      node[leaf] = copy.deepcopy(definition.default)
+  return config
 
 
 def from_config(config: ml_collections.ConfigDict) -> RunSettings:
@@ -279,37 +479,29 @@ def from_config(config: ml_collections.ConfigDict) -> RunSettings:
 
 
 def from_dict(values: dict[str, Any], *, source: str = "config") -> RunSettings:
-  """Settings from nested plain values; keys missing from `values` take their defaults
-  (`ccl_jax.default_config`), unknown keys are an error."""
-  merged = default_config.base_config().to_dict()
+  """Settings from nested plain values; keys missing from `values` take their defaults,
+  unknown keys are an error."""
+  given: dict[str, Any] = {}
   problems: list[str] = []
-  for key, value in values.items():
-    if key not in merged:
-      problems.append(f"unknown key {key!r}")
-    elif isinstance(merged[key], dict) and key != "rule_params":
+  for name, value in values.items():
+    if name in _BLOCKS:
       if not isinstance(value, dict):
-        problems.append(f"{key!r} must be a block of keys, got {value!r}")
+        problems.append(f"{name!r} must be a block of keys, got {value!r}")
         continue
-      for sub, sub_value in value.items():
-        if sub not in merged[key]:
-          problems.append(f"unknown key '{key}.{sub}'")
-        else:
-          merged[key][sub] = sub_value
+      given.update({f"{name}.{sub}": sub_value for sub, sub_value in value.items()})
     else:
-      merged[key] = value
+      given[name] = value
+  problems += [f"unknown key {dotted!r}" for dotted in given if dotted not in KEYS]
   if problems:
     raise ConfigError(f"{source}: " + "; ".join(problems) + ".")
-  blocks = {}
-  for name, cls in _BLOCKS.items():
-    block = dict(merged[name])
-    if name == "decision":
-      block["rule_params"] = tuple(sorted(dict(block["rule_params"] or {}).items()))
-    if name == "dataset":
-      block["classes"] = _classes(block["classes"])
-    blocks[name] = cls(**block)
-  top = {k: v for k, v in merged.items() if k not in _BLOCKS}
-  settings = RunSettings(**blocks, **top)
-  problems = validate(settings)
+  fields: dict[str, dict[str, Any]] = {name: {} for name in ("",) + tuple(_BLOCKS)}
+  for dotted, (definition, _) in KEYS.items():
+    value = given[dotted] if dotted in given else copy.deepcopy(definition.default)
+    block, _, leaf = dotted.rpartition(".")
+    fields[block][leaf] = definition.read(value) if definition.read else value
+  settings = RunSettings(**{name: cls(**fields[name]) for name, cls in _BLOCKS.items()},
+                         **fields[""])
+  problems = _problems(settings)
   if problems:
     raise ConfigError(f"{source} has {len(problems)} invalid key(s):\n  "
                       + "\n  ".join(problems))
@@ -323,134 +515,24 @@ def changed_keys(stored: RunSettings, requested: RunSettings) -> list[str]:
           if old[key] != new[key]]
 
 
+def _value(run_settings: RunSettings, dotted: str) -> Any:
+  value = run_settings
+  for part in dotted.split("."):
+    value = getattr(value, part)
+  return value
+
+
 def flat_values(run_settings: RunSettings) -> dict[str, Any]:
-  """Every setting under its dotted config key ('loss.temperature': 0.1)."""
-  return _flat(run_settings.to_dict())
+  """Every setting as its config value, under its dotted key ('loss.temperature': 0.1)."""
+  return {dotted: (definition.write or _plain)(_value(run_settings, dotted))
+          for dotted, (definition, _) in KEYS.items()}
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in values.items():
-    if isinstance(value, dict) and key != "rule_params":
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def validate(s: RunSettings) -> list[str]:
-  """Every invalid key of `s` as 'key=value: expected ...' (empty when all are valid)."""
-  problems: list[str] = []
-
-  def check(key: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-      problems.append(f"{key}={value!r}: expected {expected}")
-
-  def integer(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-  def number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-  def choice(key: str, value: Any, options: tuple) -> None:
-    check(key, value, value in options, "one of " + ", ".join(map(repr, options)))
-
-  d, m, l, o, h, c = s.dataset, s.model, s.loss, s.optimizer, s.hiercore, s.decision
-  check("dataset.name", d.name, isinstance(d.name, str) and bool(_split(d.name)),
-        "a dataset name or several, comma-separated")
-  choice("dataset.class_labels", d.class_labels, ("true", "kmeans"))
-  check("dataset.num_pseudo_classes", d.num_pseudo_classes, integer(d.num_pseudo_classes, 2),
-        "an integer >= 2")
-  check("dataset.normal_test_share", d.normal_test_share,
-        number(d.normal_test_share) and 0 <= d.normal_test_share < 1, "a share in [0, 1)")
-  choice("dataset.mask_resize", d.mask_resize, MASK_RESIZE_MODES)
-  choice("dataset.real_iad_resolution", d.real_iad_resolution, REAL_IAD_RESOLUTIONS)
-  choice("dataset.real_iad_views", d.real_iad_views, REAL_IAD_VIEWS)
-  choice("dataset.manta_views", d.manta_views, MANTA_VIEW_MODES)
-  choice("model.kind", m.kind, MODEL_KINDS)
-  choice("model.encoder", m.encoder, tuple(ENCODERS))
-  choice("model.projector", m.projector, ("auto", "on", "off"))
-  choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
-  for key in ("neck_width_per_group", "decoder_width_per_group"):
-    value = getattr(m, key)
-    check(f"model.{key}", value, integer(value, 0), "an integer >= 0 (0 = the encoder's)")
-  check("model.feature_noise_probability", m.feature_noise_probability,
-        number(m.feature_noise_probability) and 0 <= m.feature_noise_probability <= 1,
-        "a probability in [0, 1]")
-  check("model.anomaly_map_scale", m.anomaly_map_scale,
-        number(m.anomaly_map_scale) and m.anomaly_map_scale > 0,
-        "a number > 0 (1 = the sum over scales; 1/9 = the authors' evaluator)")
-  for key in ("local_weight", "global_weight"):
-    value = getattr(l, key)
-    check(f"loss.{key}", value, number(value) and value >= 0, "a number >= 0")
-  check("loss.temperature", l.temperature, number(l.temperature) and l.temperature > 0,
-        "a number > 0")
-  check("loss.window", l.window, l.window is None or (integer(l.window, 1) and l.window % 2),
-        "an odd integer >= 1, or None for the whole map")
-  choice("loss.local_negatives", l.local_negatives, ("all", "one_random"))
-  check("loss.same_class_positive", l.same_class_positive,
-        isinstance(l.same_class_positive, bool), "True or False")
-  choice("loss.global_views", l.global_views, ("both", "original"))
-  choice("loss.global_form", l.global_form, ("supcon", "authors"))
-  check("loss.neck_on_augmented_view", l.neck_on_augmented_view,
-        isinstance(l.neck_on_augmented_view, bool), "True or False")
-  for key in ("projector_learning_rate", "learning_rate", "clip_norm"):
-    value = getattr(o, key)
-    check(f"optimizer.{key}", value, number(value) and value > 0, "a number > 0")
-  for key in ("b1", "b2"):
-    value = getattr(o, key)
-    check(f"optimizer.{key}", value, number(value) and 0 <= value < 1, "a number in [0, 1)")
-  check("hiercore.coreset_fraction", h.coreset_fraction,
-        number(h.coreset_fraction) and 0 < h.coreset_fraction <= 1, "a fraction in (0, 1]")
-  check("hiercore.feature_dim", h.feature_dim,
-        integer(h.feature_dim, 0) and h.feature_dim % 2 == 0,
-        "0 (all channels) or an even integer >= 2")
-  check("hiercore.projection_dim", h.projection_dim, integer(h.projection_dim, 0),
-        "an integer >= 0 (0 = no projection)")
-  check("hiercore.chunk_images", h.chunk_images, integer(h.chunk_images, 1), "an integer >= 1")
-  check("hiercore.threshold_folds", h.threshold_folds, integer(h.threshold_folds, 0),
-        "an integer >= 0 (0 or 1 = thresholds from the validation hold-out)")
-  choice("hiercore.fold_split", h.fold_split, ("leave_one_out", "random", "clusters"))
-  check("hiercore.reweight_neighbours", h.reweight_neighbours,
-        integer(h.reweight_neighbours, 0), "an integer >= 0 (0 = no reweighting)")
-  choice("decision.rule", c.rule, THRESHOLD_RULES)
-  check("decision.num_groups", c.num_groups, integer(c.num_groups, 0),
-        "an integer >= 0 (0 = chosen automatically)")
-  check("decision.max_groups", c.max_groups, integer(c.max_groups, 2), "an integer >= 2")
-  check("image_size", s.image_size,
-        integer(s.image_size, IMAGE_SIZE_MULTIPLE) and s.image_size % IMAGE_SIZE_MULTIPLE == 0,
-        f"a positive multiple of {IMAGE_SIZE_MULTIPLE} (the network halves the image five "
-        "times)")
-  check("batch_size", s.batch_size, integer(s.batch_size, 1), "an integer >= 1")
-  check("eval_batch_size", s.eval_batch_size, integer(s.eval_batch_size, 0),
-        "an integer >= 0 (0 = batch_size)")
-  check("num_epochs", s.num_epochs, integer(s.num_epochs, 1), "an integer >= 1")
-  check("seed", s.seed, integer(s.seed, 0), "an integer >= 0")
-  choice("sampler", s.sampler, ("class_mixing", "shuffle"))
-  check("augmented_view_source_size", s.augmented_view_source_size,
-        s.augmented_view_source_size == 0 or (
-            integer(s.augmented_view_source_size, 1)
-            and s.augmented_view_source_size > s.image_size),
-        "0 (the image_size image) or an integer > image_size")
-  check("validation_fraction", s.validation_fraction,
-        number(s.validation_fraction) and 0 <= s.validation_fraction < 1,
-        "a fraction in [0, 1)")
-  check("validation_min_images", s.validation_min_images,
-        integer(s.validation_min_images, 0), "an integer >= 0 (0 = validation_fraction only)")
-  choice("evaluate_checkpoint", s.evaluate_checkpoint, ("best", "last"))
-  for key in ("early_stopping_patience", "eval_every_epochs", "checkpoint_every_steps",
-              "num_heatmaps_per_class", "worker_count"):
-    check(key, getattr(s, key), integer(getattr(s, key), 0), "an integer >= 0")
-  check("log_every_steps", s.log_every_steps, integer(s.log_every_steps, 1), "an integer >= 1")
+def _problems(run_settings: RunSettings) -> list[str]:
+  """Every invalid key as 'key=value: expected ...' (empty when all are valid)."""
+  problems = []
+  for dotted, (definition, _) in KEYS.items():
+    value = _value(run_settings, dotted)
+    if definition.accepts and not definition.accepts.test(value, run_settings):
+      problems.append(f"{dotted}={value!r}: expected {definition.accepts.expected}")
   return problems
-
-
-def _split(value: Any) -> list[str]:
-  return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def _classes(value: Any) -> str | tuple[str, ...]:
-  if isinstance(value, str):
-    return "all" if value == "all" else tuple(_split(value))
-  return tuple(value)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ccl_jax import settings
+from ccl_jax import default_config, settings
 from configs import all_in_all, btad, demo, manta, mvtec_ad, real_iad, visa
 
 PRESETS = ("", "authors", "paper", "rd")
@@ -21,6 +21,26 @@ def test_every_shipped_config_is_valid_and_round_trips(module, variants):
   for variant in variants:
     run_settings = settings.from_config(module.get_config(variant))
     assert settings.from_dict(run_settings.to_dict()) == run_settings
+
+
+def test_the_schema_gives_the_config_the_settings_and_the_checks():
+  defaults = settings.from_config(default_config.base_config())
+  # The typed settings' own defaults are the config's.
+  assert (defaults.dataset, defaults.model, defaults.loss, defaults.optimizer,
+          defaults.hiercore, defaults.decision) == (
+              settings.DataSettings(), settings.ModelSettings(), settings.LossSettings(),
+              settings.OptimizerSettings(), settings.HierCoreSettings(),
+              settings.DecisionSettings())
+  assert set(settings.flat_values(defaults)) == set(settings.KEYS)
+  assert set(settings.RUN_IDENTITY_KEYS) < set(settings.KEYS)
+  # Every key with a check refuses a value of the wrong kind, each named in one error.
+  checked = [key for key, (definition, _) in settings.KEYS.items() if definition.accepts]
+  with pytest.raises(settings.ConfigError) as err:
+    defaults.replace(**{key: [] for key in checked})
+  message = str(err.value)
+  assert f"{len(checked)} invalid key(s)" in message
+  for key in checked:
+    assert f"\n  {key}=[]: expected " in message, key
 
 
 def test_every_problem_is_reported_at_once_with_its_key():
