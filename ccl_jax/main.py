@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ccl_jax import distributed, settings as settings_lib, xla_options
-from ccl_jax.datasets.mvtec_layout import DatasetError
+from ccl_jax.datasets.common import DatasetError
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -12,8 +12,8 @@ r"""Anomaly decisions for new images with a trained model and its decision file.
 sorted), an image file, or a .txt file listing image paths one per line (blank lines and
 lines starting with '#' skipped; relative paths are relative to the list's folder).
 Images are converted to RGB (grey replicated, an alpha channel dropped) and resized to the
-model's image size by the dataset pipeline's own function (ccl_jax.datasets.builders.
-encode_sample: bilinear, antialiased), so they look like what the model saw in training.
+model's image size by the dataset pipeline's own function (ccl_jax.datasets.images.
+read_resized: bilinear, antialiased), so they look like what the model saw in training.
 
 Each image is embedded, routed to the nearest group of the workdir's decision.json (or put
 in --class_name's group), scored, and called 'anomalous' when its score is above the
@@ -56,7 +56,7 @@ from absl import app, flags
 from PIL import Image
 
 from ccl_jax import detectors, exported, grouping, thresholds, visualize
-from ccl_jax.datasets import builders, images, mvtec_layout
+from ccl_jax.datasets import common, images
 from ccl_jax.files import atomic_write
 from ccl_jax.run_dir import RunDir
 
@@ -81,9 +81,9 @@ def list_images(specs: Sequence[str]) -> list[str]:
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
       found = sorted(str(p) for p in path.rglob("*")
-                     if p.is_file() and p.suffix.lower() in mvtec_layout.IMAGE_EXTENSIONS)
+                     if p.is_file() and p.suffix.lower() in common.IMAGE_EXTENSIONS)
       if not found:
-        raise FileNotFoundError(f"--images {spec}: no {'/'.join(mvtec_layout.IMAGE_EXTENSIONS)}"
+        raise FileNotFoundError(f"--images {spec}: no {'/'.join(common.IMAGE_EXTENSIONS)}"
                                 " files in this folder or below.")
       paths += found
     elif path.suffix.lower() == ".txt" and path.is_file():
@@ -108,14 +108,9 @@ class _Loaded:
 
 
 def _load(path: str, image_size: int, keep_original: bool) -> _Loaded:
-  sample = mvtec_layout.Sample("test", pathlib.Path(path), None, 0, "good",
-                               os.path.basename(path))
   try:
-    # The dataset's own conversion and resize, so inputs match what training saw; its PNG
-    # output is lossless.
-    image_png, _ = builders.encode_sample(sample, image_size)
-    with Image.open(io.BytesIO(image_png)) as im:
-      image = np.asarray(im, np.uint8)
+    # The dataset's own conversion and resize, so inputs match what training saw.
+    image = images.read_resized(path, image_size)
     original = None
     if keep_original:
       with Image.open(path) as im:
@@ -130,7 +125,7 @@ def _batches(paths: Sequence[str], image_size: int, batch_size: int,
   """Loaded images in input order, `batch_size` at a time (decoded by a thread pool ahead
   of the model)."""
   batch = []
-  for loaded in mvtec_layout.ordered_map(lambda p: _load(p, image_size, keep_original), paths):
+  for loaded in common.ordered_map(lambda p: _load(p, image_size, keep_original), paths):
     batch.append(loaded)
     if len(batch) == batch_size:
       yield batch

@@ -24,7 +24,7 @@ def test_prepares_then_reuses_and_reports_bad_input(tmp_path):
                    "--classes=carpet,washer")
   assert first.returncode == 0, first.stderr[-2000:]
   assert "2 classes, 80 train / 44 test images ready" in first.stdout
-  prepared = sorted(d for d in os.listdir(os.path.join(data_dir, "synthetic_ad"))
+  prepared = sorted(d for d in os.listdir(os.path.join(data_dir, "synthetic"))
                     if not d.startswith("."))
   assert prepared == ["carpet_32", "washer_32"]
   again = _prepare("--dataset=synthetic", f"--data_dir={data_dir}", "--image_size=32",

@@ -16,7 +16,7 @@ from skimage import data as skdata
 from ccl_jax import datasets as D
 from ccl_jax.datasets import builders as B
 from ccl_jax.datasets import images
-from ccl_jax.datasets.mvtec_layout import Sample
+from ccl_jax.datasets.common import Sample
 
 
 def _png16(array: np.ndarray) -> bytes:
@@ -95,6 +95,25 @@ def test_16bit_grey_maps_the_full_range_by_the_high_byte(tmp_path):
   Image.fromarray(codes).save(tmp_path / "ramp.png")
   got, _ = B.encode_sample(_sample(tmp_path / "ramp.png"), None)
   np.testing.assert_array_equal(_decode(got)[0, :, 0], [0, 0, 1, 127, 128, 254, 255, 255])
+
+
+@pytest.mark.parametrize("image_size", [64, 512])  # 512: the files' own size
+def test_read_resized_gives_the_pixels_a_prepared_sample_stores(camera, astronaut, tmp_path,
+                                                                 image_size):
+  rgb = Image.fromarray(astronaut)
+  rgb.save(tmp_path / "rgb.png")
+  rgb.save(tmp_path / "photo.jpg", quality=90)
+  rgb.convert("RGBA").save(tmp_path / "rgba.png")
+  rgb.convert("P").save(tmp_path / "palette.png")
+  Image.fromarray(camera).save(tmp_path / "grey.png")
+  (tmp_path / "grey16.png").write_bytes(_png16(_to16(camera)))
+  (tmp_path / "rgb16.png").write_bytes(_png16(_to16(astronaut)))
+  for name in ("rgb.png", "photo.jpg", "rgba.png", "palette.png", "grey.png", "grey16.png",
+               "rgb16.png"):
+    got = images.read_resized(tmp_path / name, image_size)
+    want = _decode(B.encode_sample(_sample(tmp_path / name), image_size)[0])
+    assert got.dtype == np.uint8 and got.shape == (image_size, image_size, 3), name
+    np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_32bit_integer_grey_holding_16bit_values_reads_as_16bit(camera, tmp_path):

@@ -1,4 +1,7 @@
 """Which data a run reads: the hold-out split and dataset mixtures."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,13 @@ def test_dataset_mixture_has_one_class_space(smoke_settings, make_mvtec_tree, tm
     load(name="synthetic,mvtec_ad", manual_dir=f",{mvtec}", classes="bottle")
   with pytest.raises(ValueError, match="one per dataset"):
     load(name="synthetic,mvtec_ad", manual_dir=str(mvtec), classes="bottle")
+
+
+def test_the_datasets_package_does_not_import_the_settings(repo_root):
+  # Arrows point down: ccl_jax.settings reads the datasets' choice lists, never the reverse.
+  out = subprocess.run(
+      [sys.executable, "-c", "import sys, ccl_jax.datasets.selection; "
+       "print(sorted(m for m in sys.modules if m.startswith('ccl_jax.settings')))"],
+      capture_output=True, text=True, cwd=repo_root, timeout=300, check=True)
+  assert out.stdout.strip() == "[]"
+

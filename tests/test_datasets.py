@@ -13,6 +13,7 @@ from PIL import Image
 
 from ccl_jax import datasets as D
 from ccl_jax.datasets import builders as B
+from ccl_jax.datasets import images
 from ccl_jax.datasets import synthetic as syn
 
 TINY = dict(seed=3, image_size=64, num_train=3, num_test_good=2,
@@ -237,7 +238,7 @@ def test_load_synthetic_default_generation(tmp_path, capsys):
   raw = tmp_path / "synthetic_raw"
   assert json.loads((raw / syn.MARKER_NAME).read_text())["num_train"] == 40
   assert len(ds.train) == 80 and len(ds.test) == 44
-  assert "preparing synthetic_ad/washer_64 (1/2)" in capsys.readouterr().out
+  assert "preparing synthetic/washer_64 (1/2)" in capsys.readouterr().out
   r = ds.test[len(ds.test) - 1]
   assert r["image"].shape == (64, 64, 3) and r["class_id"] == 1
   assert r["class_name"] == "grid" and r["label"] == 1
@@ -416,7 +417,7 @@ def test_config_for_and_names():
   cfg = B.MvtecAd.config_for("bottle", 256)
   assert cfg.name == "bottle_256" and cfg in B.MvtecAd.BUILDER_CONFIGS
   assert B.MvtecAd.config_for("bottle", None).name == "bottle_orig"
-  dyn = B.SyntheticAd.config_for("wood", 96)
+  dyn = B.Synthetic.config_for("wood", 96)
   assert (dyn.name, dyn.class_name, dyn.image_size) == ("wood_96", "wood",
                                                         96)
   assert pickle.loads(pickle.dumps(cfg)) is cfg
@@ -424,3 +425,21 @@ def test_config_for_and_names():
   with pytest.raises(D.DatasetError, match="known classes"):
     B.MvtecAd.config_for("wood_grain", 256)
   assert os.fspath(B.MvtecAd.code_path).endswith("builders.py")
+
+
+def test_one_registry_names_each_builder_as_its_dataset():
+  assert {name: builder.name for name, builder in D.BUILDERS.items()} == {
+      name: name for name in D.BUILDERS}
+  assert D.BUILDERS["synthetic"] is B.Synthetic
+  predefined = B.Synthetic.config_for("wood", 128)
+  assert predefined in B.Synthetic.BUILDER_CONFIGS
+  assert pickle.loads(pickle.dumps(predefined)) is predefined
+
+
+def test_read_resized_gives_the_prepared_test_images_bit_for_bit(tiny_raw, tiny_loaded):
+  ds, _ = tiny_loaded
+  for i in range(len(ds.test)):
+    record = ds.test[i]
+    got = images.read_resized(pathlib.Path(tiny_raw) / record["file_name"], 32)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, record["image"], err_msg=record["file_name"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ccl_jax import datasets as D
 from ccl_jax import main, predict
-from ccl_jax.datasets import folder_layout, selection
+from ccl_jax.datasets import common, folder_layout, selection
 
 SIZE = 32
 
@@ -273,3 +273,19 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   predicted = _predict(workdir, root / "gravel_16" / "normal", tmp_path / "out.json")
   assert len(predicted) == 10
   assert {r["decision"] for r in predicted} <= {"normal", "anomalous"}
+
+
+@pytest.mark.parametrize("name", ["bottle", "screw_y", "Grass.v2", "brick-wall", "01"])
+def test_class_names_within_the_rule_are_accepted(name):
+  assert common.class_name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["", "_hidden", ".v2", "my screws", "a,b", "a/b", "écrou",
+                                  "bolt\n"])
+def test_every_open_class_set_refuses_names_outside_the_rule(name):
+  assert common.CLASS_NAME_RULE in common.class_name_problem(name)
+  for builder in (D.Folder, D.Manta):
+    with pytest.raises(D.DatasetError, match="refused") as info:
+      builder.config_for(name, SIZE)
+    assert repr(name) in str(info.value)
+

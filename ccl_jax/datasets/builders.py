@@ -56,7 +56,7 @@ sorted; key = ``file_name``):
 Images are resized once, at preparation time: bilinear with antialiasing
 (PIL), masks nearest-neighbour (or bilinear, see ``mask_resize``) then
 re-binarised. The whole class is
-validated before TFDS writes anything (see :mod:`.mvtec_layout`).
+validated before TFDS writes anything (see :mod:`.common`).
 
 Preparing is parallel within a class: images are decoded, resized and
 PNG-encoded by ``num_workers`` threads (default min(8, CPU count); PIL
@@ -75,7 +75,6 @@ import inspect
 import io
 import os
 import pathlib
-import re
 from typing import ClassVar
 
 import numpy as np
@@ -85,13 +84,14 @@ from etils import epath
 from PIL import Image
 
 from ccl_jax.datasets import (
-    folder_layout, images, layouts, mvtec_layout, synthetic)
-from ccl_jax.datasets.mvtec_layout import (
+    common, folder_layout, images, layouts, mvtec_layout, synthetic)
+from ccl_jax.datasets.common import (
     DatasetError, Sample, check_manual_dir, fingerprint, ordered_map)
 
 __all__ = [
     "AnomalyBuilderConfig",
     "AnomalyDetectionBuilder",
+    "BUILDERS",
     "MVTEC_AD_CLASSES",
     "MVTEC_AD_URL",
     "Btad",
@@ -99,7 +99,7 @@ __all__ = [
     "Manta",
     "MvtecAd",
     "RealIad",
-    "SyntheticAd",
+    "Synthetic",
     "Visa",
     "config_name",
     "default_num_workers",
@@ -111,7 +111,6 @@ MVTEC_AD_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut",
 MVTEC_AD_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 LABEL_NAMES = ("good", "anomalous")
 PNG_COMPRESS_LEVEL = 3
-_OPEN_CLASS_RE = re.compile(r"^[A-Za-z0-9][\w\-.]*$")
 MASK_RESIZE_MODES = ("nearest", "bilinear_threshold")
 #: options of how every builder encodes (not reads) a sample; first = default.
 ENCODING_OPTIONS = {"mask_resize": MASK_RESIZE_MODES}
@@ -178,7 +177,7 @@ def _make_configs(class_names, sizes, predefined_in=None, options=()):
 
 
 def _predefined_config(builder_name: str, config_name_: str):
-  for cfg in _BUILDER_CLASSES[builder_name].BUILDER_CONFIGS:
+  for cfg in BUILDERS[builder_name].BUILDER_CONFIGS:
     if cfg.name == config_name_:
       return cfg
   raise KeyError(f"{builder_name} has no predefined config {config_name_}")
@@ -253,9 +252,7 @@ def encode_sample(sample: Sample, image_size: int | None,
       rgb = images.to_rgb(im, sample.image_path)
       if sample.view is not None:
         rgb = rgb.crop(_view_box(sample.view, *rgb.size))
-      if image_size is not None and rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size),
-                         Image.Resampling.BILINEAR)
+      rgb = images.resized(rgb, image_size)
       image_png = _png(rgb)
       size = rgb.size
   if sample.mask_path is None:
@@ -378,10 +375,7 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
     """The (predefined or new) config for one class at one size, with
     the reading ``options`` of ``OPTIONS`` (defaults if not given)."""
     if cls.OPEN_CLASS_SET:
-      if not _OPEN_CLASS_RE.match(str(class_name)):
-        raise DatasetError(
-            f"{cls.TITLE}: invalid class name {class_name!r} (letters,"
-            " digits, '_', '-', '.')", [(class_name, "invalid name")])
+      cls.check_class_names([class_name])
     elif class_name not in cls.CLASS_NAMES:
       raise DatasetError(
           f"{cls.TITLE}: unknown class {class_name!r}; known classes: "
@@ -397,10 +391,17 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
 
   @classmethod
   def check_class_names(cls, class_names) -> None:
-    """Raises one DatasetError naming every class name the builder refuses
-    (only open class sets refuse names; a fixed set is checked on
-    selection)."""
-    del class_names
+    """Raises one DatasetError naming every class name the builder refuses:
+    in an open class set, the names ``common.class_name_problem`` refuses
+    (a fixed set is checked on selection)."""
+    if not cls.OPEN_CLASS_SET:
+      return
+    problems = [(name, common.class_name_problem(name)) for name in class_names
+                if common.class_name_problem(name)]
+    if problems:
+      raise DatasetError(
+          f"{cls.TITLE}: {len(problems)} class name(s) refused; rename the "
+          "folders or select other classes with dataset.classes", problems)
 
   @classmethod
   def list_classes(cls, manual_dir=None) -> tuple[str, ...] | None:
@@ -432,7 +433,7 @@ class AnomalyDetectionBuilder(tfds.core.GeneratorBasedBuilder,
                    options: dict | None = None) -> dict[str, list[Sample]]:
     """Scans (and verifies) several classes: one DatasetError for all."""
     full = cls.reading_options(options)
-    return mvtec_layout.scan_classes(
+    return common.scan_classes(
         manual_dir, list(class_names), title=cls.TITLE,
         instructions=cls.MANUAL_DOWNLOAD_INSTRUCTIONS, verify=verify,
         scan=functools.partial(cls.scan_class, **full), layout=cls.LAYOUT)
@@ -559,7 +560,7 @@ class MvtecAd(AnomalyDetectionBuilder):
   BUILDER_CONFIGS = _make_configs(MVTEC_AD_CLASSES, (256, None), "mvtec_ad")
 
 
-class SyntheticAd(AnomalyDetectionBuilder):
+class Synthetic(AnomalyDetectionBuilder):
   """The procedural dataset of :mod:`ccl_jax.datasets.synthetic`."""
 
   CLASS_NAMES = synthetic.CLASS_NAMES
@@ -569,7 +570,7 @@ class SyntheticAd(AnomalyDetectionBuilder):
       " and pass that path as manual_dir (ccl_jax.datasets.load('synthetic',"
       " ...) does this by itself under <data_dir>/synthetic_raw).")
   BUILDER_CONFIGS = _make_configs(synthetic.CLASS_NAMES, (128, 256, None),
-                                  "synthetic_ad")
+                                  "synthetic")
 
 
 VISA_URL = "https://github.com/amazon-science/spot-diff"
@@ -755,21 +756,6 @@ class Folder(AnomalyDetectionBuilder):
       out.append((key, value))
 
   @classmethod
-  def check_class_names(cls, class_names) -> None:
-    problems = [(name, folder_layout.class_name_problem(name))
-                for name in class_names
-                if folder_layout.class_name_problem(name)]
-    if problems:
-      raise DatasetError(
-          f"{cls.TITLE}: {len(problems)} class name(s) refused; rename the "
-          "folders or select other classes with dataset.classes", problems)
-
-  @classmethod
-  def config_for(cls, class_name, image_size, **options):
-    cls.check_class_names([class_name])
-    return super().config_for(class_name, image_size, **options)
-
-  @classmethod
   def list_classes(cls, manual_dir=None):
     if manual_dir is None or not pathlib.Path(manual_dir).is_dir():
       return None
@@ -781,6 +767,7 @@ class Folder(AnomalyDetectionBuilder):
                                      **options)
 
 
-_BUILDER_CLASSES = {"mvtec_ad": MvtecAd, "synthetic_ad": SyntheticAd,
-                    "visa": Visa, "btad": Btad, "real_iad": RealIad,
-                    "manta": Manta, "folder": Folder}
+#: dataset name (``dataset.name``, ``load(name)``; also the TFDS name) -> builder class.
+BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
+    builder.name: builder
+    for builder in (MvtecAd, Synthetic, Visa, Btad, RealIad, Manta, Folder)}

@@ -27,7 +27,7 @@ move an image between splits unless the count itself changes, and the split is
 the same on every machine.
 
 Masks pair with their image by stem (any extension of
-``mvtec_layout.IMAGE_EXTENSIONS``); any non-zero value is foreground. Masks are
+``common.IMAGE_EXTENSIONS``); any non-zero value is foreground. Masks are
 optional, but within a class either every defective image has one or none
 does: a defective image without a mask is then stored with an all-zero mask,
 and the pixel metrics of that class are reported as skipped. A class with no
@@ -37,7 +37,7 @@ evaluation skips what needs defective images.
 Class names become TFDS config names and folder names (``<class>_<size>``),
 are written comma-separated in ``dataset.classes`` and prefixed with
 ``<dataset>/`` in mixtures, so only ASCII letters, digits, '_', '-' and '.'
-are accepted, starting with a letter or digit (``CLASS_NAME_RULE``); any
+are accepted, starting with a letter or digit (``common.CLASS_NAME_RULE``); any
 other name is refused, naming the folder.
 """
 
@@ -47,18 +47,13 @@ import hashlib
 import pathlib
 import re
 
-from ccl_jax.datasets.mvtec_layout import (
-    IMAGE_EXTENSIONS, Sample, _images_in, _subdirs)
+from ccl_jax.datasets.common import (
+    IMAGE_EXTENSIONS, Sample, class_name_problem, images_in, subfolders)
 
-__all__ = ["CLASS_NAME_RULE", "DEFAULT_NORMAL_TEST_SHARE", "LAYOUT_DESCRIPTION",
-           "class_name_problem", "list_classes", "parse_share", "scan_folder",
-           "held_out_normals"]
+__all__ = ["DEFAULT_NORMAL_TEST_SHARE", "LAYOUT_DESCRIPTION", "list_classes", "parse_share",
+           "scan_folder", "held_out_normals"]
 
 DEFAULT_NORMAL_TEST_SHARE = 0.2
-CLASS_NAME_RULE = ("ASCII letters, digits, '_', '-' and '.', starting with a letter or "
-                   "digit")
-_CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
 LAYOUT_DESCRIPTION = (
     "Expected layout (one folder per class, either form): <manual_dir>/<class>/"
     "train/good/*, optional <class>/test/{good,<type>}/* and <class>/ground_truth/"
@@ -66,18 +61,9 @@ LAYOUT_DESCRIPTION = (
     "abnormal/[<type>/]* and <class>/mask/[<type>/]<stem>[_mask].*")
 
 
-def class_name_problem(name: str) -> str | None:
-  """Why `name` cannot be a class name, or None if it can."""
-  if _CLASS_NAME_RE.match(name):
-    return None
-  return (f"class name {name!r} refused: it becomes a TFDS config and folder name and "
-          f"is listed comma-separated in dataset.classes, so it may hold only "
-          f"{CLASS_NAME_RULE}")
-
-
 def list_classes(manual_dir) -> tuple[str, ...]:
   """Every non-hidden sub-folder of `manual_dir`, sorted (names are checked later)."""
-  return tuple(d.name for d in _subdirs(pathlib.Path(manual_dir)))
+  return tuple(d.name for d in subfolders(pathlib.Path(manual_dir)))
 
 
 def parse_share(value) -> float:
@@ -128,22 +114,22 @@ def _pair_masks(defective: list[tuple[str, pathlib.Path, list[pathlib.Path]]],
 
 def _scan_mvtec_form(cdir: pathlib.Path, class_name: str,
                      problems: list, rel) -> list[Sample]:
-  train = _images_in(cdir / "train" / "good")
+  train = images_in(cdir / "train" / "good")
   if not train:
     problems.append((cdir / "train" / "good", f"class {class_name!r} has no training "
                      "images (expected train/good/*)"))
   samples = [Sample("train", p, None, 0, "good", rel(p)) for p in train]
   samples += [Sample("test", p, None, 0, "good", rel(p))
-              for p in _images_in(cdir / "test" / "good")]
+              for p in images_in(cdir / "test" / "good")]
   defective = [(d.name, img, [cdir / "ground_truth" / d.name])
-               for d in _subdirs(cdir / "test") if d.name != "good"
-               for img in _images_in(d)]
+               for d in subfolders(cdir / "test") if d.name != "good"
+               for img in images_in(d)]
   return samples + _pair_masks(defective, rel, problems)
 
 
 def _scan_flat_form(cdir: pathlib.Path, class_name: str,
                     problems: list, rel, share: float) -> list[Sample]:
-  normal = _images_in(cdir / "normal")
+  normal = images_in(cdir / "normal")
   names = [rel(p) for p in normal]
   held_out = held_out_normals(names, share)
   if len(normal) - len(held_out) < 1:
@@ -154,9 +140,9 @@ def _scan_flat_form(cdir: pathlib.Path, class_name: str,
   test = [Sample("test", p, None, 0, "good", n)
           for p, n in zip(normal, names) if n in held_out]
   abnormal, mask_dir = cdir / "abnormal", cdir / "mask"
-  defective = [("abnormal", img, [mask_dir]) for img in _images_in(abnormal)]
+  defective = [("abnormal", img, [mask_dir]) for img in images_in(abnormal)]
   defective += [(d.name, img, [mask_dir / d.name, mask_dir])
-                for d in _subdirs(abnormal) for img in _images_in(d)]
+                for d in subfolders(abnormal) for img in images_in(d)]
   return train + test + _pair_masks(defective, rel, problems)
 
 

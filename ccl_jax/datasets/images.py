@@ -90,3 +90,22 @@ def to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
   grey = np.asarray(image)  # 16-bit grey
   grey8 = (grey.astype(np.uint32) >> 8).astype(np.uint8)
   return Image.fromarray(grey8).convert("RGB")
+
+
+def resized(rgb: Image.Image, size: int | None) -> Image.Image:
+  """`rgb` at size x size, bilinear (antialiased when shrinking), as every image is prepared;
+  unchanged for None or when it already has that size."""
+  if size is None or rgb.size == (size, size):
+    return rgb
+  return rgb.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def read_resized(path: str | os.PathLike, size: int) -> np.ndarray:
+  """The image file at `path` as a prepared dataset stores it: [size, size, 3] uint8.
+
+  8-bit RGB (``to_rgb``), then ``resized``: the same pixels as the image of a prepared
+  sample (`builders.encode_sample`, whose PNG is lossless), without the PNG round trip.
+  """
+  with Image.open(path) as image:
+    image.load()
+    return np.asarray(resized(to_rgb(image, path), size), np.uint8)

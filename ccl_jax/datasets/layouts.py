@@ -1,10 +1,10 @@
 """Readers of VisA, BTAD, Real-IAD and MANTA as distributed.
 
-Each ``scan_*`` function lists the :class:`~.mvtec_layout.Sample` objects of
+Each ``scan_*`` function lists the :class:`~.common.Sample` objects of
 one class and appends every problem it finds to ``problems`` as
 ``(path, message)`` pairs; nothing is raised here, so that
-:func:`~.mvtec_layout.scan_classes` can report all problems of all requested
-classes in a single :class:`~.mvtec_layout.DatasetError`. Images are fully
+:func:`~.common.scan_classes` can report all problems of all requested
+classes in a single :class:`~.common.DatasetError`. Images are fully
 decoded (and mask sizes checked) later, by ``verify_samples``.
 
 Sample order is deterministic and documented per reader: train sorted by
@@ -21,7 +21,7 @@ import re
 from typing import Sequence
 
 from ccl_jax.datasets import mvtec_layout
-from ccl_jax.datasets.mvtec_layout import Sample, _images_in, _subdirs
+from ccl_jax.datasets.common import Sample, images_in, subfolders
 
 __all__ = [
     "BTAD_CLASSES", "MANTA_NUM_VIEWS", "MANTA_VIEW_MODES", "REAL_IAD_CLASSES",
@@ -298,11 +298,11 @@ MANTA_MASK_DIR = "mask"
 def _manta_class_dirs(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   """Class name -> candidate folders (``<cls>`` or ``<domain>/<cls>``)."""
   found: dict[str, list[pathlib.Path]] = {}
-  for d in _subdirs(root):
+  for d in subfolders(root):
     if (d / "train").is_dir():
       found.setdefault(d.name, []).append(d)
       continue
-    for c in _subdirs(d):
+    for c in subfolders(d):
       if (c / "train").is_dir():
         found.setdefault(c.name, []).append(c)
   return found
@@ -333,10 +333,10 @@ def _manta_split(root, cdir, split, folder, problems, views):
   """Samples (whole images, not yet split into views) of one split."""
   sdir = cdir / folder
   images, masks_by_defect = [], {}
-  for d in sorted(_subdirs(sdir), key=lambda d: (d.name != "good", d.name)):
+  for d in sorted(subfolders(sdir), key=lambda d: (d.name != "good", d.name)):
     if d.name == MANTA_MASK_DIR:
       continue
-    imgs = _images_in(d)
+    imgs = images_in(d)
     if d.name != "good" and split == "train":
       problems.append((d, "anomalous images in the train split"))
       continue
@@ -347,9 +347,9 @@ def _manta_split(root, cdir, split, folder, problems, views):
     per_defect = [d for d in defects if (mdir / d).is_dir()]
     if per_defect:  # mask/<defect>/*, paired within each defect
       for d in defects:
-        masks_by_defect[d] = _images_in(mdir / d)
+        masks_by_defect[d] = images_in(mdir / d)
     else:  # flat mask/*, paired with all defect images in sorted order
-      flat = _images_in(mdir)
+      flat = images_in(mdir)
       ordered = [p for name, p in images if name != "good"]
       if len(flat) != len(ordered):
         problems.append((mdir, f"{len(flat)} mask(s) for "

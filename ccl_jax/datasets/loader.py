@@ -32,24 +32,12 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from ccl_jax.datasets import report, synthetic
 from ccl_jax.datasets.builders import (
-    AnomalyDetectionBuilder, Btad, Folder, Manta, MvtecAd, RealIad, SyntheticAd, Visa,
-    _check_image_size, check_num_workers)
-from ccl_jax.datasets.mvtec_layout import (
-    DatasetError, check_manual_dir, fingerprint)
+    BUILDERS, AnomalyDetectionBuilder, _check_image_size, check_num_workers)
+from ccl_jax.datasets.common import DatasetError, check_manual_dir, fingerprint
 
-__all__ = ["AnomalyDataset", "BUILDERS", "RecordSource", "load",
+__all__ = ["AnomalyDataset", "RecordSource", "load",
            "load_mixture"]
 
-#: load() name -> builder class.
-BUILDERS: dict[str, type[AnomalyDetectionBuilder]] = {
-    "mvtec_ad": MvtecAd,
-    "synthetic": SyntheticAd,
-    "visa": Visa,
-    "btad": Btad,
-    "real_iad": RealIad,
-    "manta": Manta,
-    "folder": Folder,
-}
 SYNTHETIC_RAW_DIRNAME = "synthetic_raw"
 
 

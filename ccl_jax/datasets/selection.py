@@ -7,15 +7,40 @@ model learns from and the held-out ones (validation loss, thresholds).
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol
 
 import numpy as np
 from jax.experimental import multihost_utils
 
 from ccl_jax.datasets.loader import AnomalyDataset, load, load_mixture
-from ccl_jax.settings import DataSettings, RunSettings
 
 
-def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> AnomalyDataset:
+# What is read of a run's settings, as structural types: `ccl_jax.settings` (above this
+# package) provides them as DataSettings and RunSettings.
+class DataChoice(Protocol):
+  """Which data to read (config block `dataset`)."""
+  names: tuple[str, ...]  # one dataset, or a mixture
+  manual_dir: str
+  data_dir: str
+  classes: str | tuple[str, ...]
+
+  def reading_options(self, name: str) -> dict[str, Any]:
+    """The options of `load` for dataset `name`."""
+
+
+class _LabelChoice(Protocol):
+  labels_at_training: bool
+
+
+class HoldOutChoice(Protocol):
+  """How the normal training images are split (run-level keys)."""
+  dataset: _LabelChoice
+  validation_fraction: float
+  seed: int
+  validation_min_images: int
+
+
+def load_selected(data: DataChoice, *, image_size: int, is_main: bool) -> AnomalyDataset:
   """One dataset, or a mixture when `data.name` lists several ('mvtec_ad,visa' or
   'all_in_all'); a mixture takes one comma-separated manual_dir per dataset, in order, and
   classes as 'all' or qualified names ('mvtec_ad/bottle,visa/pcb1').
@@ -60,7 +85,7 @@ def load_selected(data: DataSettings, *, image_size: int, is_main: bool) -> Anom
   return dataset
 
 
-def load_view_source(data: DataSettings, dataset: AnomalyDataset, *, size: int,
+def load_view_source(data: DataChoice, dataset: AnomalyDataset, *, size: int,
                      is_main: bool):
   """The training records of `dataset` prepared at `size`, index for index: what the
   augmented view is cut from (`augmented_view_source_size`). Preparing reads the same raw
@@ -78,7 +103,7 @@ def load_view_source(data: DataSettings, dataset: AnomalyDataset, *, size: int,
   return larger.train
 
 
-def training_split(run_settings: RunSettings,
+def training_split(run_settings: HoldOutChoice,
                    dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray]:
   """Training and held-out normal images. The hold-out (validation loss, thresholds) is
   stratified by class only when class labels are used at training."""
