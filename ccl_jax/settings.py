@@ -44,11 +44,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Accepts:
-  """The values a key accepts: `test(value, settings)` and, for the error, their form.
+  """The values a key accepts: `test(value, run_settings)` and, for errors, their form.
 
-  `settings` is the whole RunSettings, for the few keys bounded by another key.
+  `run_settings` (the whole RunSettings) is read only by keys bounded by another key.
   """
-  test: Callable[[Any, Any], bool]
+  test: Callable[[Any, RunSettings], bool]
   expected: str
 
 
