@@ -3,15 +3,74 @@
 Every file ccl_jax writes (run directories, variable files, predictions, figures) goes
 through `atomic_write`; a folder that must appear whole (an exported model) is written
 inside `atomic_directory`.
+
+A write the file system refuses (no space, quota, read-only, permission) is recognised by
+`storage_error` however deep in a library's exception it lies, and programs end on it with
+one line (`StorageError`) and STORAGE_EXIT_CODE.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import secrets
 import shutil
 from typing import Callable, Iterator
+
+STORAGE_EXIT_CODE = 74  # EX_IOERR of sysexits.h
+# The failures of a file system rather than of the program. Orbax and TensorStore report them
+# in their own exception types, with the operating system's text (os.strerror) in the message.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(OSError):
+  """A write that the file system refused; str() is one line naming the path, the reason and,
+  for a full disk, the space left there."""
+
+  def __init__(self, code: int, path: str):
+    super().__init__(code, os.strerror(code), path)
+
+  def __str__(self) -> str:
+    text = f"cannot write {self.filename}: {self.strerror}"
+    if self.errno in _SPACE_ERRNOS:
+      text += f" ({_free_space(self.filename)})"
+    return text
+
+
+def _free_space(path: str) -> str:
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  try:
+    stats = os.statvfs(existing)
+  except OSError:
+    return "free space unknown"
+  return (f"{_size(stats.f_bavail * stats.f_frsize)} free of "
+          f"{_size(stats.f_blocks * stats.f_frsize)} on its file system")
+
+
+def _size(size: int) -> str:
+  return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def storage_error(error: BaseException, path: str | None = None) -> StorageError | None:
+  """The file system's refusal behind `error` (itself, its cause or context, or an error
+  whose message carries the system's text), as a StorageError naming the file (or else
+  `path`); None when `error` is of another kind."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, StorageError):
+      return error
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+      return StorageError(error.errno, os.fsdecode(error.filename or path or "?"))
+    for code in _STORAGE_ERRNOS:
+      if path is not None and os.strerror(code) in str(error):
+        return StorageError(code, path)
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def atomic_write(path: str, content: Callable[[io.IOBase], None] | bytes | str) -> str:

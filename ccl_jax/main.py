@@ -26,7 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import distributed, settings as settings_lib, xla_options
+from ccl_jax import distributed, files, preemption, settings as settings_lib, xla_options
 from ccl_jax.datasets.mvtec_layout import DatasetError
 
 
@@ -63,11 +63,14 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   for warning in run_settings.warnings:
     logging.warning(warning)
   run_dir = RunDir(workdir)
-  with run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext():
+  stop_signals = preemption.StopSignals()
+  with (stop_signals.installed(),
+        run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext()):
     run_dir.check_same_run(run_settings)
     if run_settings.model.kind == "hiercore":
       return fit.fit(run_settings, workdir)
-    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps)
+    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps,
+                                    stop_signals=stop_signals)
 
 
 def main(argv):
@@ -91,6 +94,18 @@ def main(argv):
     # The dataset's problems are the user's to fix: their list, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    return e.exit_code
+  except Exception as e:  # pylint: disable=broad-except
+    failure = files.storage_error(e)
+    if failure is None:
+      raise
+    from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+    print(f"error: {failure}. Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. "
+          "Make room (or give another --workdir) and rerun the same command to resume.",
+          file=sys.stderr)
+    return files.STORAGE_EXIT_CODE
   return 0
 
 
