@@ -29,26 +29,33 @@ class StorageError(OSError):
   """A write that the file system refused; str() is one line naming the path, the reason and,
   for a full disk, the space left there."""
 
-  def __init__(self, code: int, path: str):
+  def __init__(self, code: int, path: str, needed_bytes: int | None = None):
     super().__init__(code, os.strerror(code), path)
+    self.needed_bytes = needed_bytes
 
   def __str__(self) -> str:
     text = f"cannot write {self.filename}: {self.strerror}"
     if self.errno in _SPACE_ERRNOS:
-      text += f" ({_free_space(self.filename)})"
+      space = disk_space(self.filename)
+      text += (f" ({_size(space[0])} free of {_size(space[1])} on its file system"
+               if space else " (free space unknown")
+      if self.needed_bytes:
+        text += f", {_size(self.needed_bytes)} needed"
+      text += ")"
     return text
 
 
-def _free_space(path: str) -> str:
-  existing = os.path.abspath(path)
+def disk_space(path: str) -> tuple[int, int] | None:
+  """(free, total) bytes of the file system that holds `path` (or its nearest existing
+  folder), None if the system does not say."""
+  existing = os.path.abspath(os.path.expanduser(path))
   while not os.path.exists(existing) and os.path.dirname(existing) != existing:
     existing = os.path.dirname(existing)
   try:
     stats = os.statvfs(existing)
   except OSError:
-    return "free space unknown"
-  return (f"{_size(stats.f_bavail * stats.f_frsize)} free of "
-          f"{_size(stats.f_blocks * stats.f_frsize)} on its file system")
+    return None
+  return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
 
 
 def _size(size: int) -> str:
@@ -84,25 +91,50 @@ def atomic_write(path: str, content: Callable[[io.IOBase], None] | bytes | str) 
   """
   path = os.path.expanduser(path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-  # os.open with 0o666 lets the umask decide the final permissions, as a plain open() would.
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      if callable(content):
-        content(f)
-      else:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  with _named_storage_errors(path):
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 lets the umask decide the final permissions, as open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+      with os.fdopen(fd, "wb") as f:
+        if callable(content):
+          content(f)
+        else:
+          f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
+      raise
   _fsync_directory(directory)
   return path
+
+
+def check_writable(path: str) -> None:
+  """Raises StorageError unless a file can be created beside `path` (a file to be written):
+  for programs that would otherwise find out after their long work."""
+  path = os.path.expanduser(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  with _named_storage_errors(path):
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def _named_storage_errors(path: str) -> Iterator[None]:
+  """A storage failure inside names `path`, the file asked for, not a temporary one."""
+  try:
+    yield
+  except OSError as error:
+    failure = storage_error(error)
+    if failure is None:
+      raise
+    raise StorageError(failure.errno, path) from error
 
 
 @contextlib.contextmanager
@@ -117,21 +149,22 @@ def atomic_directory(path: str) -> Iterator[str]:
   """
   path = os.path.abspath(os.path.expanduser(path))
   parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
   token = secrets.token_hex(6)
   tmp = os.path.join(parent, f".{name}.{token}.tmp")
-  os.mkdir(tmp)
-  try:
-    yield tmp
-    old = os.path.join(parent, f".{name}.{token}.old")
-    if os.path.lexists(path):
-      os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_directory(parent)
-    shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with _named_storage_errors(path):
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(tmp)
+    try:
+      yield tmp
+      old = os.path.join(parent, f".{name}.{token}.old")
+      if os.path.lexists(path):
+        os.replace(path, old)
+      os.replace(tmp, path)
+      _fsync_directory(parent)
+      shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
 
 
 def _fsync_directory(directory: str) -> None:

@@ -46,9 +46,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops the per-save INFO chatter of Orbax so the progress bar and results stay readable."""
+  """Drops the per-save INFO chatter of Orbax so the progress bar and results stay readable,
+  and the tracebacks of a storage failure that libraries log from each of their threads and
+  tasks: the program says it once, in one line, as it ends."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
+    if record.exc_info and files.storage_error(record.exc_info[1], "") is not None:
+      return False
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 

@@ -22,6 +22,7 @@ writes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -35,7 +36,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from ccl_jax import settings as settings_lib
-from ccl_jax.files import atomic_write, storage_error
+from ccl_jax.files import StorageError, atomic_write, disk_space, storage_error
 from ccl_jax.grouping import Groups
 from ccl_jax.hiercore.memory_bank import MemoryBank
 from ccl_jax.thresholds import Thresholds
@@ -51,6 +52,8 @@ REPORT_FILE = "report.html"
 HEATMAPS_DIR = "heatmaps"
 EVENTS_DIR = "events"
 CHECKPOINTS = ("latest", "best")
+# Orbax's metadata files and the JSON meta beside the arrays of a checkpoint.
+_CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 _DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
 
 
@@ -164,6 +167,13 @@ class RunDir:
     previous one. A step folder left by a run killed after writing it is replaced."""
     directory = self.checkpoint_dir(which)
     step = int(jax.device_get(state.step))
+    # A save that runs out of space fails in hundreds of Orbax writes at once, each with its
+    # own traceback; the common case, a disk already too full, is said before it starts.
+    needed = _CHECKPOINT_OVERHEAD_BYTES + sum(
+        leaf.nbytes for leaf in jax.tree_util.tree_leaves(state) if hasattr(leaf, "nbytes"))
+    space = disk_space(self.path)
+    if space is not None and space[0] < needed:
+      raise StorageError(errno.ENOSPC, directory, needed_bytes=needed)
     try:
       manager = _manager(directory, create=True)
       if step in manager.all_steps():
