@@ -16,6 +16,7 @@ import io
 import os
 import secrets
 import shutil
+import sys
 from typing import Callable, Iterator
 
 STORAGE_EXIT_CODE = 74  # EX_IOERR of sysexits.h
@@ -43,6 +44,20 @@ class StorageError(OSError):
         text += f", {_size(self.needed_bytes)} needed"
       text += ")"
     return text
+
+
+@contextlib.contextmanager
+def storage_failures_end_the_program(consequence: Callable[[], str]) -> Iterator[None]:
+  """A storage failure inside ends the program (SystemExit, STORAGE_EXIT_CODE) with one line
+  on stderr: the failure, then `consequence()` (what was kept, what to do)."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    failure = storage_error(error)
+    if failure is None:
+      raise
+    print(f"error: {failure}. {consequence()}", file=sys.stderr, flush=True)
+    raise SystemExit(STORAGE_EXIT_CODE) from None
 
 
 def disk_space(path: str) -> tuple[int, int] | None:

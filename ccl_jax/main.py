@@ -92,8 +92,14 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  def after_storage_failure() -> str:
+    from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+    return (f"Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. Fix that and rerun "
+            "the same command to resume.")
+
   try:
-    run(run_settings, flags.FLAGS.workdir)
+    with files.storage_failures_end_the_program(after_storage_failure):
+      run(run_settings, flags.FLAGS.workdir)
   except DatasetError as e:
     # The dataset's problems are the user's to fix: their list, not a traceback.
     print(f"error: {e}", file=sys.stderr)
@@ -101,15 +107,6 @@ def main(argv):
   except preemption.Preempted as e:
     logging.warning("%s", e)
     return e.exit_code
-  except Exception as e:  # pylint: disable=broad-except
-    failure = files.storage_error(e)
-    if failure is None:
-      raise
-    from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
-    print(f"error: {failure}. Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. "
-          "Make room (or give another --workdir) and rerun the same command to resume.",
-          file=sys.stderr)
-    return files.STORAGE_EXIT_CODE
   return 0
 
 

@@ -11,6 +11,11 @@ smoke config for one epoch of 9 steps) are shared by the tests:
   resumed2  a copy of crashed's workdir, resumed by 2 new processes to the end.
   resumed1  a copy of crashed's workdir, resumed by 1 process x 4 devices to the end.
 
+Two more, after them, for preemption (test (f)):
+
+  preempted          2 processes x 2 devices; process 1 alone gets SIGTERM mid-training.
+  preempted_resumed  a copy of preempted's workdir, resumed by the same 2-process command.
+
 They run on the smoke config's RD baseline by default (no contrastive terms and no
 augmented view: a third of the compilation, which is nearly all of the time here; the
 file takes 2.4 min on an idle 2-core machine), and on the CCL smoke config itself with
