@@ -11,6 +11,7 @@ so `latest` and `best` always hold the last finite state.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -201,8 +202,9 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   step_number = first_step
   preempted = False
   # Within the loop a signal is only noted (`stop_signals`), so that the step, evaluation or
-  # save under way ends whole; the loop stops at the step every process agrees on.
-  with stop_signals.deferred():
+  # save under way ends whole; the loop stops at the step every process agrees on. The
+  # progress bar is closed before any error is reported, so that it does not redraw after.
+  with stop_signals.deferred(), contextlib.closing(progress):
     while step_number < last_step and not stopped and not preempted:
       batch = input_pipeline.to_global_array(next(batches), batch_sharding)
       state, step_metrics = train_step(state, encoder_variables, batch)
