@@ -92,10 +92,11 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
   def after_storage_failure() -> str:
     from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
-    return (f"Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. Fix that and rerun "
-            "the same command to resume.")
+    return (f"Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. Make room or allow "
+            "writing there, then rerun the same command to resume.")
 
   try:
     with files.storage_failures_end_the_program(after_storage_failure):
