@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import detectors, exported
+from ccl_jax import detectors, exported, files
 from ccl_jax.files import atomic_directory, atomic_write
 from ccl_jax.grouping import Groups
 from ccl_jax.models import input_normalisation
@@ -190,7 +190,9 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  manifest = run(flags.FLAGS)
+  with files.storage_failures_end_the_program(
+      lambda: f"{flags.FLAGS.output} was left as it was."):
+    manifest = run(flags.FLAGS)
   sizes = ", ".join(f"{name} {entry['bytes'] / 1e6:.1f} MB"
                     for name, entry in manifest["files"].items())
   print(f"Exported {manifest['model_kind']} ({manifest['source']['workdir']}) to "

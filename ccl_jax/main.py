@@ -26,7 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import distributed, settings as settings_lib, xla_options
+from ccl_jax import distributed, files, preemption, settings as settings_lib, xla_options
 from ccl_jax.datasets.common import DatasetError
 
 
@@ -46,9 +46,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops the per-save INFO chatter of Orbax so the progress bar and results stay readable."""
+  """Drops the per-save INFO chatter of Orbax so the progress bar and results stay readable,
+  and the tracebacks of a storage failure that libraries log from each of their threads and
+  tasks: the program says it once, in one line, as it ends."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
+    if record.exc_info and files.storage_error(record.exc_info[1], "") is not None:
+      return False
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
@@ -63,11 +67,14 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   for warning in run_settings.warnings:
     logging.warning(warning)
   run_dir = RunDir(workdir)
-  with run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext():
+  stop_signals = preemption.StopSignals()
+  with (stop_signals.installed(),
+        run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext()):
     run_dir.check_same_run(run_settings)
     if run_settings.model.kind == "hiercore":
       return fit.fit(run_settings, workdir)
-    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps)
+    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps,
+                                    stop_signals=stop_signals)
 
 
 def main(argv):
@@ -85,12 +92,22 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
+  def after_storage_failure() -> str:
+    from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+    return (f"Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. Make room or allow "
+            "writing there, then rerun the same command to resume.")
+
   try:
-    run(run_settings, flags.FLAGS.workdir)
+    with files.storage_failures_end_the_program(after_storage_failure):
+      run(run_settings, flags.FLAGS.workdir)
   except DatasetError as e:
     # The dataset's problems are the user's to fix: their list, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    return e.exit_code
   return 0
 
 

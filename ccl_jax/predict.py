@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ccl_jax import detectors, exported, grouping, thresholds, visualize
+from ccl_jax import detectors, exported, files, grouping, thresholds, visualize
 from ccl_jax.datasets import common, images
 from ccl_jax.files import atomic_write
 from ccl_jax.run_dir import RunDir
@@ -293,6 +293,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
   """The program on parsed flags: writes the output and returns its rows."""
   check_output_path(flag_values.output)
+  files.check_writable(flag_values.output)
   if flag_values.model:
     model = exported.load(flag_values.model, flag_values.backend)
     groups = grouping.Groups.from_json(model.manifest["groups"])
@@ -322,7 +323,9 @@ def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  rows = run(flags.FLAGS)
+  with files.storage_failures_end_the_program(
+      lambda: f"{flags.FLAGS.output} was left as it was."):
+    rows = run(flags.FLAGS)
   counts = {d: sum(r["decision"] == d for r in rows) for d in ("anomalous", "normal", "error")}
   print(f"{len(rows)} images: {counts['anomalous']} anomalous, {counts['normal']} normal, "
         f"{counts['error']} unreadable -> {flags.FLAGS.output}", flush=True)

@@ -22,9 +22,11 @@ writes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from typing import Any, Iterator
 
@@ -34,7 +36,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from ccl_jax import settings as settings_lib
-from ccl_jax.files import atomic_write
+from ccl_jax.files import StorageError, atomic_write, disk_space, storage_error
 from ccl_jax.grouping import Groups
 from ccl_jax.hiercore.memory_bank import MemoryBank
 from ccl_jax.thresholds import Thresholds
@@ -50,6 +52,8 @@ REPORT_FILE = "report.html"
 HEATMAPS_DIR = "heatmaps"
 EVENTS_DIR = "events"
 CHECKPOINTS = ("latest", "best")
+# Orbax's metadata files and the JSON meta beside the arrays of a checkpoint.
+_CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 _DECISION_KEYS = ("format_version", "groups", "thresholds", "meta")
 
 
@@ -161,14 +165,40 @@ class RunDir:
   def save_checkpoint(self, which: str, state: Any, meta: dict) -> None:
     """Saves `state` (a pytree) and `meta` (JSON) as the `which` checkpoint, replacing the
     previous one. A step folder left by a run killed after writing it is replaced."""
-    manager = _manager(self.checkpoint_dir(which), create=True)
+    directory = self.checkpoint_dir(which)
     step = int(jax.device_get(state.step))
-    if step in manager.all_steps():
-      manager.delete(step)
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-    manager.close()
+    # A save that runs out of space fails in hundreds of Orbax writes at once, each with its
+    # own traceback; the common case, a disk already too full, is said before it starts.
+    needed = _CHECKPOINT_OVERHEAD_BYTES + sum(
+        leaf.nbytes for leaf in jax.tree_util.tree_leaves(state) if hasattr(leaf, "nbytes"))
+    space = disk_space(self.path)
+    if space is not None and space[0] < needed:
+      raise StorageError(errno.ENOSPC, directory, needed_bytes=needed)
+    try:
+      manager = _manager(directory, create=True)
+      if step in manager.all_steps():
+        manager.delete(step)
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      manager.wait_until_finished()
+      manager.close()
+    except Exception as error:
+      failure = storage_error(error, directory)
+      if failure is None:
+        raise
+      # The earlier steps are untouched: Orbax removes them only after a save commits.
+      _remove_unfinished_saves(directory)
+      raise failure from error
+
+  def newest_checkpoint(self) -> str:
+    """Which checkpoint a rerun resumes from, in words."""
+    try:
+      step = self.checkpoint_step("latest")
+    except Exception:  # pylint: disable=broad-except
+      step = None  # unreadable is as good as none for a rerun
+    if step is None:
+      return "no checkpoint has been saved yet"
+    return f"the newest checkpoint is step {step} in {self.checkpoint_dir('latest')}"
 
   def discard_checkpoints_after(self, which: str, step: int) -> None:
     """Removes `which` checkpoints newer than `step`: a kill between saving `best` and
@@ -357,6 +387,16 @@ def _manager(directory: str, *, create: bool, by_path: bool = False) -> ocp.Chec
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       max_to_keep=1, create=create, cleanup_tmp_directories=create,
       enable_async_checkpointing=False), item_handlers=handlers)
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+  """Deletes the temporary folders of saves that failed (Orbax writes a step into
+  '<step>.orbax-checkpoint-tmp-<time>' and renames it once whole)."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _path_name(path) -> str:

@@ -11,6 +11,7 @@ so `latest` and `best` always hold the last finite state.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -21,7 +22,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ccl_jax import decisions, detectors, events, inference, input_pipeline, step
+from ccl_jax import decisions, detectors, events, inference, input_pipeline, preemption, step
 from ccl_jax.datasets import selection
 from ccl_jax.grouping import pseudo_classes
 from ccl_jax.run_dir import RunDir
@@ -78,13 +79,17 @@ class _Checkpoints:
 
 
 def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
-                       stop_after_steps: int | None = None) -> dict[str, Any]:
+                       stop_after_steps: int | None = None,
+                       stop_signals: preemption.StopSignals | None = None) -> dict[str, Any]:
   """Trains RD + CCL, evaluates the selected checkpoint, writes the run directory.
 
   `stop_after_steps` ends the run early (as a preemption would, after saving) and is used
   by tests of resumption; a rerun of the same command continues from the checkpoint.
+  `stop_signals` (installed by the caller): a SIGTERM or SIGINT during training stops every
+  process after one agreed step, which is saved, and raises `preemption.Preempted`.
   Returns the metrics summary (None for the metrics when stopped early).
   """
+  stop_signals = stop_signals or preemption.StopSignals()
   run_dir = RunDir(workdir)
   is_main = jax.process_index() == 0
   check_device_divisibility(run_settings)
@@ -195,42 +200,57 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   tick, tick_step = time.perf_counter(), first_step
   stopped = meta.get("stopped_early", False)
   step_number = first_step
-  while step_number < last_step and not stopped:
-    batch = input_pipeline.to_global_array(next(batches), batch_sharding)
-    state, step_metrics = train_step(state, encoder_variables, batch)
-    step_number += 1
-    pending.append(step_metrics)
-    at_epoch_end = step_number % steps_per_epoch == 0
-    if (len(pending) >= run_settings.log_every_steps or at_epoch_end
-        or step_number == last_step):
-      # Reading metrics is the only host sync in the loop besides saves.
-      fetched = jax.device_get(pending)
-      pending = []
-      latest_values = {k: float(v) for k, v in fetched[-1].items()}
-      for offset, values in enumerate(fetched):
-        _check_finite_metrics(step_number - len(fetched) + offset + 1,
-                              {k: float(v) for k, v in values.items()},
-                              checkpoints.last_saved_step)
-      now = time.perf_counter()
-      images_per_second = (step_number - tick_step) * run_settings.batch_size / (now - tick)
-      tick, tick_step = now, step_number
-      meta["training_log"].append(
-          {"step": step_number, "images_per_second": images_per_second,
-           **{k: float(np.mean([float(v[k]) for v in fetched])) for k in events.STEP_TERMS}})
-      if writer is not None:
-        events.log_steps(writer, step_number - len(fetched) + 1, fetched, images_per_second,
-                         run_settings.optimizer)
-      progress.set_postfix(loss=f"{latest_values['loss']:.4f}",
-                           kd=f"{latest_values['kd']:.4f}", img_s=f"{images_per_second:.1f}")
-      progress.update(len(fetched))
-    if at_epoch_end:
-      stopped = end_of_epoch(state, meta)
-    elif (run_settings.checkpoint_every_steps
-          and step_number % run_settings.checkpoint_every_steps == 0):
+  preempted = False
+  # Within the loop a signal is only noted (`stop_signals`), so that the step, evaluation or
+  # save under way ends whole; the loop stops at the step every process agrees on. The
+  # progress bar is closed before any error is reported, so that it does not redraw after.
+  with stop_signals.deferred(), contextlib.closing(progress):
+    while step_number < last_step and not stopped and not preempted:
+      batch = input_pipeline.to_global_array(next(batches), batch_sharding)
+      state, step_metrics = train_step(state, encoder_variables, batch)
+      step_number += 1
+      pending.append(step_metrics)
+      preempted = stop_signals.should_stop(step_number)
+      at_epoch_end = step_number % steps_per_epoch == 0
+      if (len(pending) >= run_settings.log_every_steps or at_epoch_end
+          or step_number == last_step or preempted):
+        # Reading metrics is the only host sync in the loop besides saves.
+        fetched = jax.device_get(pending)
+        pending = []
+        latest_values = {k: float(v) for k, v in fetched[-1].items()}
+        for offset, values in enumerate(fetched):
+          _check_finite_metrics(step_number - len(fetched) + offset + 1,
+                                {k: float(v) for k, v in values.items()},
+                                checkpoints.last_saved_step)
+        now = time.perf_counter()
+        images_per_second = (step_number - tick_step) * run_settings.batch_size / (now - tick)
+        tick, tick_step = now, step_number
+        meta["training_log"].append(
+            {"step": step_number, "images_per_second": images_per_second,
+             **{k: float(np.mean([float(v[k]) for v in fetched])) for k in events.STEP_TERMS}})
+        if writer is not None:
+          events.log_steps(writer, step_number - len(fetched) + 1, fetched, images_per_second,
+                           run_settings.optimizer)
+        progress.set_postfix(loss=f"{latest_values['loss']:.4f}",
+                             kd=f"{latest_values['kd']:.4f}", img_s=f"{images_per_second:.1f}")
+        progress.update(len(fetched))
+      if at_epoch_end:
+        stopped = end_of_epoch(state, meta)
+      elif (run_settings.checkpoint_every_steps
+            and step_number % run_settings.checkpoint_every_steps == 0):
+        checkpoints.save("latest", state, meta)
+    # A signal during the last step's evaluation or save, with no step left to stop after.
+    preempted = preempted or stop_signals.stop_requested()
+    if preempted and checkpoints.last_saved_step != step_number:
       checkpoints.save("latest", state, meta)
   progress.close()
   if writer is not None:
     writer.close()
+  if preempted:
+    raise preemption.Preempted(
+        f"Preempted{' by ' + stop_signals.received if stop_signals.received else ''}: "
+        f"saved step {step_number} of {total_steps} in {run_dir.checkpoint_dir('latest')}; "
+        f"exiting with code {preemption.EXIT_CODE}. Rerun the same command to resume.")
   if step_number < total_steps and not stopped:
     checkpoints.save("latest", state, meta)
     logging.info("Stopped at step %d of %d; rerun the same command to resume.", step_number,

@@ -4,7 +4,8 @@
       [--distributed] [--checkpoint_every_steps N] [--stop_after_steps N] [--record FILE]
 
 Runs the program's body (`ccl_jax.main.run`) on configs/demo.py:smoke (or its RD baseline)
-for one epoch. With --distributed it joins the run described by JAX_COORDINATOR_ADDRESS,
+for one epoch, and exits as the program does when preempted (`ccl_jax.preemption`). With
+--distributed it joins the run described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (ccl_jax.distributed), as the program does with
 --distributed. The device count and CPU collectives come from the environment too
 (JAX_NUM_CPU_DEVICES, JAX_CPU_COLLECTIVES_IMPLEMENTATION).
@@ -26,7 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ccl_jax import default_config, distributed, input_pipeline, main, settings  # noqa: E402
+from ccl_jax import default_config, distributed, input_pipeline, main, preemption  # noqa: E402
+from ccl_jax import settings  # noqa: E402
 from ccl_jax import xla_options  # noqa: E402
 from configs import demo  # noqa: E402
 
@@ -110,7 +112,11 @@ def main_worker(argv):
     distributed.initialize(heartbeat_timeout_s=args.heartbeat_timeout_s)
   if args.record:
     _record_pipeline(args.record)
-  main.run(run_settings, args.workdir, stop_after_steps=args.stop_after_steps)
+  try:
+    main.run(run_settings, args.workdir, stop_after_steps=args.stop_after_steps)
+  except preemption.Preempted as e:
+    print(e, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ smoke config for one epoch of 9 steps) are shared by the tests:
   resumed2  a copy of crashed's workdir, resumed by 2 new processes to the end.
   resumed1  a copy of crashed's workdir, resumed by 1 process x 4 devices to the end.
 
+Two more, after them, for preemption (test (f)):
+
+  preempted          2 processes x 2 devices; process 1 alone gets SIGTERM mid-training.
+  preempted_resumed  a copy of preempted's workdir, resumed by the same 2-process command.
+
 They run on the smoke config's RD baseline by default (no contrastive terms and no
 augmented view: a third of the compilation, which is nearly all of the time here; the
 file takes 2.4 min on an idle 2-core machine), and on the CCL smoke config itself with
@@ -35,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -231,6 +237,49 @@ def runs(request, smoke_data_dir, smoke_settings, tmp_path_factory):
   return Runs(variant, one, crashed, crash, resumed2, resumed1, str(root), num_test_images)
 
 
+@dataclasses.dataclass
+class Preemption:
+  signalled_at: int | None  # the step process 1's pipeline had reached when signalled
+  preempted: Launch
+  resumed: Launch
+
+
+def _signal_process_1_during_training(launch: Launch, record: str) -> int | None:
+  """SIGTERM to process 1 alone once its pipeline has handed over step 2's batch, as a
+  scheduler preempting one host would; returns that step (None if training never got
+  there)."""
+  while True:
+    if os.path.exists(record):
+      with open(record) as f:
+        steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+      if steps and max(steps) >= 2:
+        launch.procs[1].send_signal(signal.SIGTERM)
+        return max(steps)
+    if launch.poll() or time.monotonic() - launch.started > LAUNCH_TIMEOUT_S:
+      return None
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def preemption(runs, smoke_data_dir):
+  """A two-process run of the reference's settings preempted by SIGTERM to process 1, then
+  resumed by the same command."""
+  root = pathlib.Path(runs.root)
+  preempted = _launch("preempted", root, smoke_data_dir, "", runs.variant, processes=2)
+  try:
+    signalled_at = _signal_process_1_during_training(preempted, str(root / "preempted.rec.1"))
+    _wait(preempted)
+  finally:
+    preempted.kill()
+  shutil.copytree(preempted.workdir, root / "preempted_resumed")
+  resumed = _launch("preempted_resumed", root, smoke_data_dir, "", runs.variant, processes=2)
+  try:
+    _wait(resumed)
+  finally:
+    resumed.kill()
+  return Preemption(signalled_at, preempted, resumed)
+
+
 def _checkpoint_steps(workdir: str) -> list[int]:
   directory = os.path.join(workdir, "checkpoints", "latest")
   return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
@@ -404,6 +453,35 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(runs):
   # It was training: past a checkpoint, before the end of the epoch and the evaluation.
   assert not os.path.exists(os.path.join(runs.crashed.workdir, "metrics.json"))
   assert _checkpoint_steps(runs.crashed.workdir)[-1] < STEPS
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step_that_resumes(runs, preemption):
+  """(f) SIGTERM to process 1 mid-training: both processes agree on one step (JAX's
+  preemption sync point), save it, say so in one line and exit with code 75; the same
+  command resumes from that step to the uninterrupted run's parameters and metrics."""
+  runs.one.assert_succeeded()
+  launch = preemption.preempted
+  assert preemption.signalled_at is not None, launch.tails()
+  assert not launch.timed_out, launch.tails()
+  assert [p.returncode for p in launch.procs] == [75, 75], launch.tails()
+  lines = [[line for line in launch.output(i).splitlines() if "Preempted" in line]
+           for i in range(2)]
+  assert [len(l) for l in lines] == [1, 1], launch.tails()
+  stopped = {int(l[0].split("saved step ")[1].split()[0]) for l in lines}
+  assert len(stopped) == 1, lines  # one step, agreed by both
+  (step,) = stopped
+  assert preemption.signalled_at <= step < STEPS, lines
+  assert _checkpoint_steps(launch.workdir) == [step]
+  assert not os.path.exists(os.path.join(launch.workdir, "metrics.json"))
+  preemption.resumed.assert_succeeded()
+  for records in _records(runs, "preempted_resumed", 2):
+    assert min(_train_rows(records)) == step
+  final_step, state = _latest_state(preemption.resumed.workdir)
+  _, one = _latest_state(runs.one.workdir)
+  assert final_step == STEPS
+  _assert_same_state(state, one)
+  resumed, expected = _metrics(preemption.resumed.workdir), _metrics(runs.one.workdir)
+  assert resumed["metrics"]["mean"] == pytest.approx(expected["metrics"]["mean"], abs=1e-5)
 
 
 _FAILING_PROCESS = """
