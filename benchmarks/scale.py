@@ -6,24 +6,25 @@ r"""Peak memory and speed of a whole run as the test split grows, on folder data
 Each point CxT is a folder dataset (MVTec AD's layout) of C classes with T test images each
 (half of them defective), cut from photographs bundled with scikit-image with drawn-in
 defects (`data_prep.photo_parts`; class k is photograph k mod 5 of its 'parts' set, crops
-seeded by k // 5). For every point three programs run, each alone in a fresh process under
+seeded by k // 5). For every point two programs run, each alone in a fresh process under
 `/usr/bin/time -v` (peak RSS = its "Maximum resident set size"), from `--code_dir` (another
 checkout of ccl_jax, e.g. an older one, for a before/after comparison; default this one):
 
   prepare   python -m data_prep.prepare_dataset (once per point, whichever code runs first)
   run       python -m ccl_jax.main --config configs/photo_parts.py (1 epoch: training, the
             hold-out thresholds, the test-set evaluation, metrics.json, figures)
-  evaluate  python -m ccl_jax.evaluate on that run (the evaluation alone)
 
 Images/s: prepared images per second of the whole program; training images per second of
 the run's own log (median over its steps after the first, which compiles); test images per
-second of the whole evaluate program (start-up, compilation and the routing pass included).
+second of the run's evaluation phase, from its last end-of-epoch log line to the program's
+exit (hold-out thresholds, the routing pass, scoring with its compilation, metrics, files).
 Results are merged into `--json` under '<label>/<point>', so codes and points can be run one
 at a time; the table of everything in it is printed at the end, with the projection of the
-evaluation's peak to 100,000 test images at 256 and 512 px (see `projection`).
+run's peak to 100,000 test images at 256 and 512 px (see `projection`).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -53,7 +54,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("image_size", 256, "Image side in pixels.", lower_bound=32,
                        flag_values=fv)
   flags.DEFINE_integer("train_per_class", 40, "Normal training images per class (10 of "
-                       "them are held out for the thresholds).", lower_bound=12,
+                       "them are held out for the thresholds).", lower_bound=24,
                        flag_values=fv)
   flags.DEFINE_string("code_dir", str(REPO), "The ccl_jax checkout whose programs run.",
                       flag_values=fv)
@@ -106,7 +107,19 @@ def timed(command: list[str], cwd: str, log: pathlib.Path) -> dict[str, float]:
     raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}:\n"
                      + text[-3000:])
   kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1])
-  return {"peak_rss_gb": kib * 1024 / 1e9, "seconds": seconds}
+  return {"peak_rss_gb": kib * 1024 / 1e9, "seconds": seconds, "ended": time.time()}
+
+
+def training_ended(log: str) -> float:
+  """Time of the run's last end-of-epoch line (absl: 'I<MMDD> <HH:MM:SS.us> ... Epoch n:',
+  local time)."""
+  stamps = re.findall(r"I(\d{4}) (\d\d:\d\d:\d\d\.\d+) +\d+ train\.py:\d+\] Epoch \d+:",
+                      log)
+  if not stamps:
+    raise SystemExit("no end-of-epoch line in the run's log")
+  mmdd, clock = stamps[-1]
+  return datetime.datetime.strptime(f"{datetime.date.today().year}{mmdd} {clock}",
+                                    "%Y%m%d %H:%M:%S.%f").timestamp()
 
 
 def measure_point(point: str, args) -> dict:
@@ -127,88 +140,77 @@ def measure_point(point: str, args) -> dict:
     prepare = timed([python, "-m", "data_prep.prepare_dataset", "--dataset", "folder",
                      "--manual_dir", str(raw), "--data_dir", str(prepared),
                      "--image_size", str(args.image_size)], args.code_dir, data / "prepare.log")
+    del prepare["ended"]
     prepare["images_per_second"] = num_images / prepare["seconds"]
     prepare_record.write_text(json.dumps(prepare))
   result["prepare"] = json.loads(prepare_record.read_text())
   workdir = work / "runs" / f"{re.sub(r'[^A-Za-z0-9]+', '_', args.label)}_{point}"
   shutil.rmtree(workdir, ignore_errors=True)
+  log = work / f"{workdir.name}.run.log"
   run = timed([python, "-m", "ccl_jax.main", "--config", "configs/photo_parts.py",
                "--workdir", str(workdir), f"--config.dataset.manual_dir={raw}",
                f"--config.dataset.data_dir={prepared}",
                f"--config.image_size={args.image_size}", "--config.num_epochs=1"],
-              args.code_dir, work / f"{workdir.name}.run.log")
+              args.code_dir, log)
   with open(workdir / "metrics.json") as f:
-    log = json.load(f)["training_log"]
+    steps = json.load(f)["training_log"]
   run["train_images_per_second"] = float(np.median(
-      [entry["images_per_second"] for entry in log[1:]] or [np.nan]))
+      [entry["images_per_second"] for entry in steps[1:]] or [np.nan]))
+  run["evaluation_seconds"] = run.pop("ended") - training_ended(log.read_text(errors="replace"))
+  run["test_images_per_second"] = num_test / run["evaluation_seconds"]
   result["run"] = run
-  evaluate = timed([python, "-m", "ccl_jax.evaluate", "--workdir", str(workdir)],
-                   args.code_dir, work / f"{workdir.name}.evaluate.log")
-  evaluate["test_images_per_second"] = num_test / evaluate["seconds"]
-  result["evaluate"] = evaluate
   return result
 
 
-def projection(rows: dict[str, dict]) -> dict[str, float] | None:
-  """The evaluate program's peak RSS extrapolated to 100,000 test images, from the two
-  points of one code with the fewest and the most classes at the same images per class:
-  its growth per test image, at 256 px as measured (at the run's image size) and x4 at
-  512 px (anomaly maps and masks scale with the pixels), added to the smaller point's peak
-  (which holds the model at the measured size)."""
+def fewest_and_most_classes(rows) -> list[tuple[dict, dict]]:
+  """(fewest, most classes) of the points with the same test images per class, for each
+  such count measured at two or more class counts."""
   by_per_class: dict[int, list[dict]] = {}
-  for row in rows.values():
+  for row in rows:
     by_per_class.setdefault(row["test_per_class"], []).append(row)
-  for same in by_per_class.values():
-    if len(same) < 2:
-      continue
-    small = min(same, key=lambda r: r["classes"])
-    large = max(same, key=lambda r: r["classes"])
-    per_image = ((large["evaluate"]["peak_rss_gb"] - small["evaluate"]["peak_rss_gb"])
-                 / (large["test_images"] - small["test_images"]))
-    scale = (256 / small["image_size"]) ** 2
-    grow = max(per_image, 0.0) * (PROJECTED_TEST_IMAGES - small["test_images"])
-    return {"per_image_mb": per_image * 1e3 * scale,
-            "at_256": small["evaluate"]["peak_rss_gb"] + grow * scale,
-            "growth_512": grow * scale * 4,
-            "test_per_class": small["test_per_class"]}
-  return None
+  return [(min(same, key=lambda r: r["classes"]), max(same, key=lambda r: r["classes"]))
+          for same in by_per_class.values() if len(same) >= 2]
+
+
+def projection(small: dict, large: dict) -> dict[str, float]:
+  """The run's peak RSS extrapolated to 100,000 test images in classes of the same size,
+  from two points of one code: its growth per test image, at 256 px (scaled from the
+  measured size by the pixel count) and x4 at 512 px (anomaly maps and masks scale with
+  the pixels), added to the smaller point's peak, which holds the model at the measured
+  size."""
+  per_image = ((large["run"]["peak_rss_gb"] - small["run"]["peak_rss_gb"])
+               / (large["test_images"] - small["test_images"]))
+  scale = (256 / small["image_size"]) ** 2
+  grow = max(per_image, 0.0) * (PROJECTED_TEST_IMAGES - small["test_images"]) * scale
+  return {"per_image_mb": per_image * 1e3 * scale,
+          "at_256": small["run"]["peak_rss_gb"] + grow, "growth_512": 4 * grow}
 
 
 def format_table(results: dict[str, dict]) -> str:
   lines = ["| code | classes x test images | prepare: peak RSS, images/s | run: peak RSS "
-           "| training images/s | evaluate: peak RSS | test images/s |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           "| training images/s | evaluation: test images/s |",
+           "|---|---|---:|---:|---:|---:|"]
   for key, row in sorted(results.items(), key=lambda kv: (kv[0].split("/")[0],
                                                           kv[1]["test_images"])):
-    label = key.split("/")[0]
     lines.append(
-        f"| {label} | {row['classes']} x {row['test_per_class']} at {row['image_size']} px "
-        f"| {row['prepare']['peak_rss_gb']:.2f} GB, {row['prepare']['images_per_second']:.0f} "
-        f"| {row['run']['peak_rss_gb']:.2f} GB | {row['run']['train_images_per_second']:.1f} "
-        f"| {row['evaluate']['peak_rss_gb']:.2f} GB "
-        f"| {row['evaluate']['test_images_per_second']:.1f} |")
+        f"| {key.split('/')[0]} | {row['classes']} x {row['test_per_class']} at "
+        f"{row['image_size']} px | {row['prepare']['peak_rss_gb']:.2f} GB, "
+        f"{row['prepare']['images_per_second']:.0f} | {row['run']['peak_rss_gb']:.2f} GB "
+        f"| {row['run']['train_images_per_second']:.1f} "
+        f"| {row['run']['test_images_per_second']:.1f} |")
   notes = []
-  labels = sorted({key.split("/")[0] for key in results})
-  for label in labels:
-    rows = {k: v for k, v in results.items() if k.split("/")[0] == label}
-    same = {}
-    for row in rows.values():
-      same.setdefault(row["test_per_class"], []).append(row)
-    for per_class, group in same.items():
-      if len(group) >= 2:
-        small = min(group, key=lambda r: r["classes"])
-        large = max(group, key=lambda r: r["classes"])
-        notes.append(
-            f"- {label}: {small['classes']} -> {large['classes']} classes of {per_class} "
-            f"test images: run peak x{large['run']['peak_rss_gb'] / small['run']['peak_rss_gb']:.2f}"
-            f", evaluate peak x{large['evaluate']['peak_rss_gb'] / small['evaluate']['peak_rss_gb']:.2f}")
-    projected = projection(rows)
-    if projected:
+  for label in sorted({key.split("/")[0] for key in results}):
+    rows = [row for key, row in results.items() if key.split("/")[0] == label]
+    for small, large in fewest_and_most_classes(rows):
+      projected = projection(small, large)
       notes.append(
-          f"- {label}: evaluate grows {projected['per_image_mb']:.3f} MB per test image "
-          f"(256 px); {PROJECTED_TEST_IMAGES:,} test images in classes of "
-          f"{projected['test_per_class']}: about {projected['at_256']:.1f} GB at 256 px, and "
-          f"{projected['growth_512']:.1f} GB of growth at 512 px above that size's own base")
+          f"- {label}: {small['classes']} -> {large['classes']} classes of "
+          f"{small['test_per_class']} test images: run peak "
+          f"x{large['run']['peak_rss_gb'] / small['run']['peak_rss_gb']:.2f}; it grows "
+          f"{projected['per_image_mb']:.3f} MB per test image at 256 px, so "
+          f"{PROJECTED_TEST_IMAGES:,} test images in such classes need about "
+          f"{projected['at_256']:.1f} GB at 256 px, and at 512 px "
+          f"{projected['growth_512']:.1f} GB above that size's own base")
   return "\n".join(lines + [""] + notes)
 
 
