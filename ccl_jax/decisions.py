@@ -37,7 +37,8 @@ import numpy as np
 import sklearn.metrics
 from absl import logging
 
-from ccl_jax import events, grouping, inference, metrics, report, thresholds, visualize
+from ccl_jax import evaluation, events, grouping, inference, metrics, report, thresholds
+from ccl_jax import visualize
 from ccl_jax.detectors import Detector, Router
 from ccl_jax.run_dir import RunDir
 from ccl_jax.settings import DecisionSettings, RunSettings
@@ -61,36 +62,42 @@ def score_fn(detector: Detector):
 
 
 def evaluate_test_set(detector: Detector, dataset, group_ids: np.ndarray, *,
-                      global_batch_size: int, batch_sharding,
-                      worker_count: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+                      global_batch_size: int, batch_sharding, worker_count: int = 0,
+                      heatmaps_per_class: int | None = None,
+                      image_thresholds: np.ndarray | None = None
+                      ) -> tuple[dict, dict[str, Any]]:
   """Threshold-free metrics per class and mean over the whole test split (each image in
-  group `group_ids[i]`), plus the raw outputs."""
-  indices = np.arange(len(dataset.test))
-  if not len(indices):
-    outputs = _no_test_outputs(dataset)
-  else:
-    outputs = inference.run_inference(
-        score_fn(detector), dataset.test, indices, outputs=("anomaly_map", "score"),
-        batch_fields=("mask", "label"), per_image_inputs={"group_id": group_ids},
-        global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-        worker_count=worker_count)
-  per_class = {}
-  for class_id, name in enumerate(dataset.class_names):
-    rows = dataset.test_class_ids == class_id
-    per_class[name] = {"labels": outputs["label"][rows], "scores": outputs["score"][rows],
-                       "masks": outputs["mask"][rows], "maps": outputs["anomaly_map"][rows]}
-  summary = metrics.summarize(per_class)
+  group `group_ids[i]`), and the per-image outputs 'score' and 'label'.
+
+  The split is scored class by class (`ccl_jax.evaluation`): no class's anomaly maps
+  outlive its metrics, except the few the figures show. `heatmaps_per_class` None: no
+  figures will be drawn from this evaluation; otherwise outputs['views'] holds the maps of
+  the images `heatmap_figures` (that many per class) and `report.gallery` show, the gallery
+  ordered by `image_thresholds` (each image's; None: its class's median score).
+  """
+  keep_rows = None
+  if heatmaps_per_class is not None:
+    keep_rows = functools.partial(figure_rows, heatmaps_per_class=heatmaps_per_class,
+                                  image_thresholds=image_thresholds)
+  summary, outputs, views = evaluation.score_test_split(
+      score_fn(detector), dataset, group_ids, global_batch_size=global_batch_size,
+      batch_sharding=batch_sharding, worker_count=worker_count, keep_rows=keep_rows)
+  if views is not None:
+    outputs["views"] = views
   if any("/" in name for name in dataset.class_names):  # a mixture: 'dataset/class'
     summary["per_dataset"] = per_dataset_means(summary["per_class"])
   return summary, outputs
 
 
-def _no_test_outputs(dataset) -> dict[str, np.ndarray]:
-  """Empty outputs shaped like real ones, for a run whose classes have no test images
-  (normal images only): the metrics then say what was skipped instead of failing."""
-  size = dataset.train[0]["mask"].shape if len(dataset.train) else (0, 0)
-  return {"anomaly_map": np.zeros((0, *size), np.float32), "score": np.zeros(0, np.float32),
-          "mask": np.zeros((0, *size), np.uint8), "label": np.zeros(0, np.int32)}
+def figure_rows(positions: np.ndarray, scores: np.ndarray, labels: np.ndarray, *,
+                heatmaps_per_class: int, image_thresholds: np.ndarray | None
+                ) -> np.ndarray:
+  """The test positions of one class's images (`positions`, their `scores` and `labels`)
+  that `heatmap_figures` and `report.gallery` show."""
+  return np.union1d(
+      heatmap_rows(positions, labels, heatmaps_per_class),
+      report.gallery_rows(positions, scores, labels,
+                          None if image_thresholds is None else image_thresholds[positions]))
 
 
 def per_dataset_means(per_class: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -182,18 +189,21 @@ def fit_training_groups(embeddings: np.ndarray, class_ids: np.ndarray | None,
 
 def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
                        estimated: thresholds.Thresholds, *, labels_at_evaluation: bool,
-                       global_batch_size: int, batch_sharding
-                       ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                       global_batch_size: int, batch_sharding,
+                       heatmaps_per_class: int | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Threshold-free metrics and decisions (class-wise and agnostic) on the test split.
 
-  Returns the result dict and the raw per-image outputs (incl. 'group_id').
+  Returns the result dict and the per-image outputs (incl. 'group_id'; 'views' as
+  `evaluate_test_set` with `heatmaps_per_class`).
   """
   indices = np.arange(len(dataset.test))
   if not len(indices):
     # Nothing to decide on: the thresholds (decision.json) still serve predict.
     summary, outputs = evaluate_test_set(detector, dataset, np.zeros(0, np.int32),
                                          global_batch_size=global_batch_size,
-                                         batch_sharding=batch_sharding)
+                                         batch_sharding=batch_sharding,
+                                         heatmaps_per_class=heatmaps_per_class)
     outputs["group_id"] = np.zeros(0, np.int32)
     return {"metrics": summary}, outputs
   embeddings = embeddings_of(detector, dataset.test, indices,
@@ -202,12 +212,15 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
   group_ids = evaluation_groups(
       groups, embeddings, dataset.test_class_ids if labels_at_evaluation else None,
       dataset.class_names)
+  # The thresholds each image is decided at, for report.html.
+  per_image = estimated.per_image(group_ids)
   summary, outputs = evaluate_test_set(detector, dataset, group_ids,
                                        global_batch_size=global_batch_size,
-                                       batch_sharding=batch_sharding)
+                                       batch_sharding=batch_sharding,
+                                       heatmaps_per_class=heatmaps_per_class,
+                                       image_thresholds=per_image)
   outputs["group_id"] = group_ids
-  # The thresholds each image was decided at, for report.html.
-  outputs["threshold"] = estimated.per_image(group_ids)
+  outputs["threshold"] = per_image
   outputs["agnostic_threshold"] = np.full(len(group_ids), estimated.agnostic)
   scores, labels = outputs["score"], outputs["label"]
   decide = functools.partial(thresholds.decision_metrics, scores, labels,
@@ -250,7 +263,8 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
     summary, outputs = evaluate_test_set(
         detector, dataset, np.zeros(len(dataset.test), np.int32),
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
-        worker_count=run_settings.worker_count)
+        worker_count=run_settings.worker_count,
+        heatmaps_per_class=run_settings.num_heatmaps_per_class)
     return {"metrics": summary, "classes": list(dataset.class_names)}, outputs
   else:
     groups, estimated, decision_meta = fit_decision(
@@ -262,7 +276,8 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
     run_dir.write_decision(groups, estimated, dict(decision_meta, model=detector.name))
   result, outputs = evaluate_decisions(
       detector, dataset, groups, estimated, labels_at_evaluation=labels_at_training,
-      global_batch_size=global_batch_size, batch_sharding=batch_sharding)
+      global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+      heatmaps_per_class=run_settings.num_heatmaps_per_class)
   result["classes"] = list(dataset.class_names)
   return result, outputs
 
@@ -310,27 +325,33 @@ def _nan_to_none(value):
   return value
 
 
-def heatmap_figures(dataset, outputs: dict[str, np.ndarray],
+def heatmap_rows(positions: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+  """The test positions, among one class's (`positions`, their `labels`), that get a
+  heatmap figure: up to `per_class` anomalous ones of different defect types, one normal."""
+  if positions.size == 0 or per_class <= 0:
+    return np.zeros(0, np.int64)
+  anomalous = positions[labels == 1]
+  # Test images are stored grouped by defect type: evenly spaced picks cover the types.
+  picks = np.unique(np.linspace(0, len(anomalous) - 1, min(per_class, len(anomalous)))
+                    .round().astype(int)) if len(anomalous) else np.zeros(0, int)
+  normal = positions[labels == 0][:1]
+  return np.concatenate([anomalous[picks], normal]).astype(np.int64)
+
+
+def heatmap_figures(dataset, outputs: dict[str, Any],
                     per_class: int) -> list[tuple[str, str, np.ndarray]]:
-  """(class, file stem, figure) for a few test images per class: anomalous ones of
-  different defect types, one normal."""
+  """(class, file stem, figure) for the `heatmap_rows` of each class, from the maps that
+  outputs['views'] kept."""
+  views = outputs["views"]
   figures = []
   for class_id, name in enumerate(dataset.class_names):
     rows = np.flatnonzero(dataset.test_class_ids == class_id)
-    if rows.size == 0 or per_class <= 0:
-      continue
-    scores = outputs["anomaly_map"][rows]
-    low, high = float(np.min(scores)), float(np.max(scores))
-    anomalous = rows[outputs["label"][rows] == 1]
-    # Test images are stored grouped by defect type: evenly spaced picks cover the types.
-    picks = np.unique(np.linspace(0, len(anomalous) - 1, min(per_class, len(anomalous)))
-                      .round().astype(int)) if len(anomalous) else np.zeros(0, int)
-    normal = rows[outputs["label"][rows] == 0][:1]
-    for r in list(anomalous[picks]) + list(normal):
+    for r in heatmap_rows(rows, outputs["label"][rows], per_class):
       record = dataset.test[int(r)]
       stem = os.path.splitext(record["file_name"].replace("/", "_"))[0]
       figures.append((name, stem, visualize.heatmap_figure(
-          record["image"], outputs["mask"][r], outputs["anomaly_map"][r], low, high)))
+          record["image"], views.masks[int(r)], views.maps[int(r)],
+          *views.ranges[class_id])))
   return figures
 
 

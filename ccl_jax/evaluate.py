@@ -61,7 +61,8 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   summary, outputs = decisions.evaluate_test_set(
       detector, dataset, np.zeros(len(dataset.test), np.int32),
       global_batch_size=run_settings.global_eval_batch_size,
-      batch_sharding=inference.batch_sharding())
+      batch_sharding=inference.batch_sharding(),
+      heatmaps_per_class=run_settings.num_heatmaps_per_class)
   result = {"metrics": summary, "variables": os.path.abspath(variables_path),
             "classes": list(dataset.class_names)}
   if jax.process_index() == 0:
@@ -84,11 +85,13 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     result, outputs = decisions.evaluate_decisions(
         detector, dataset, groups, estimated,
         labels_at_evaluation=run_settings.dataset.labels_at_training,
-        global_batch_size=global_batch_size, batch_sharding=batch_sharding)
+        global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+        heatmaps_per_class=run_settings.num_heatmaps_per_class)
   else:
     summary, outputs = decisions.evaluate_test_set(
         detector, dataset, np.zeros(len(dataset.test), np.int32),
-        global_batch_size=global_batch_size, batch_sharding=batch_sharding)
+        global_batch_size=global_batch_size, batch_sharding=batch_sharding,
+        heatmaps_per_class=run_settings.num_heatmaps_per_class)
     result = {"metrics": summary}
   result.update({"evaluated_step": detector.checkpoint_step,
                  "classes": list(dataset.class_names)})

@@ -318,27 +318,25 @@ class _TrainRow:
 class _EvalRow:
   """Maps a local row counter j to a (possibly padding) eval record."""
 
-  def __init__(self, source, indices, global_batch_size, local_batch_size,
-               process_index):
+  def __init__(self, source, indices, layout, local_batch_size, process_index):
     self.source = source
     self.indices = np.asarray(indices)
-    self.global_batch_size = global_batch_size
+    self.layout = layout
     self.local_batch_size = local_batch_size
     self.process_index = process_index
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     b = self.local_batch_size
-    q = (j // b) * self.global_batch_size + self.process_index * b + j % b
-    n = self.indices.size
-    valid = q < n
+    q = int(self.layout[j // b, self.process_index * b + j % b])
+    valid = q >= 0
     # Padding repeats the last real record (valid=False, index=-1).
-    record = self.source[int(self.indices[q if valid else n - 1])]
+    record = self.source[int(self.indices[q if valid else self.indices.size - 1])]
     return {
         "image": np.asarray(record["image"], dtype=np.uint8),
         "mask": np.asarray(record["mask"], dtype=np.uint8),
         "label": np.int32(record["label"]),
         "class_id": np.int32(record["class_id"]),
-        "index": np.int32(q if valid else -1),
+        "index": np.int32(q),
         "valid": np.bool_(valid),
     }
 
@@ -446,17 +444,38 @@ def train_batches(source, indices, class_ids_of_indices, *,
   return _to_iter(ds, worker_count, read_num_threads, prefetch_buffer_size)
 
 
+def eval_layout(n: int, global_batch_size: int) -> np.ndarray:
+  """The default eval layout of ``n`` positions: global batch ``k`` holds
+  positions ``[k*G, (k+1)*G)``, the last one padded with -1."""
+  layout = np.arange(num_eval_batches(n, global_batch_size) * global_batch_size)
+  layout[n:] = -1
+  return layout.reshape(-1, global_batch_size)
+
+
+def _check_layout(layout, n: int, global_batch_size: int) -> np.ndarray:
+  layout = np.asarray(layout)
+  if layout.ndim != 2 or layout.shape[1] != global_batch_size:
+    raise ValueError(f"layout must have shape [num_batches, {global_batch_size}], got "
+                     f"{layout.shape}")
+  real = np.sort(layout[layout >= 0])
+  if layout.min(initial=0) < -1 or not np.array_equal(real, np.arange(n)):
+    raise ValueError(f"layout must hold each of the {n} positions exactly once (and -1 "
+                     "for padding)")
+  return layout
+
+
 def eval_batches(source, indices, *, global_batch_size: int,
-                 process_index: int = 0, process_count: int = 1,
+                 process_index: int = 0, process_count: int = 1, layout=None,
                  worker_count: int = 0, read_num_threads: int = 4,
                  prefetch_buffer_size: int = 4) -> Iterator[dict]:
-  """Finite eval stream over ``indices`` in order, padded to full batches.
+  """Finite eval stream over ``indices``, padded to full batches.
 
-  Every process yields ``num_eval_batches(len(indices), global_batch_size)``
-  batches; global batch ``k`` covers positions ``[k*G, (k+1)*G)`` of
-  ``indices`` and process ``p`` its rows ``[p*b, (p+1)*b)``. Positions past
-  the end are padding (a copy of the last real record, ``valid=False``,
-  ``index=-1``), so every image counts exactly once over all processes.
+  ``layout`` [num_batches, G] says which position of ``indices`` each row of
+  each global batch holds (-1: padding); every position appears exactly once.
+  Process ``p`` reads columns ``[p*b, (p+1)*b)``. The default,
+  ``eval_layout(len(indices), G)``, takes ``indices`` in order. Padding rows
+  are a copy of the last real record (``valid=False``, ``index=-1``), so
+  every image counts exactly once over all processes.
 
   Yields:
     ``{'image' uint8 [b,S,S,3], 'mask' uint8 [b,S,S], 'label' int32 [b],
@@ -467,9 +486,10 @@ def eval_batches(source, indices, *, global_batch_size: int,
   if indices.ndim != 1:
     raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
   b = _local_batch_size(global_batch_size, process_index, process_count)
-  num_batches = num_eval_batches(indices.size, global_batch_size)
-  row_fn = _EvalRow(source, indices, global_batch_size, b, process_index)
-  ds = (grain.MapDataset.range(num_batches * b)
+  layout = (eval_layout(indices.size, global_batch_size) if layout is None
+            else _check_layout(layout, indices.size, global_batch_size))
+  row_fn = _EvalRow(source, indices, layout, b, process_index)
+  ds = (grain.MapDataset.range(len(layout) * b)
         .map(row_fn)
         .batch(b, drop_remainder=True))
   return _to_iter(ds, worker_count, read_num_threads, prefetch_buffer_size)

@@ -487,48 +487,65 @@ def summarize(per_class: Mapping[str, Mapping[str, npt.ArrayLike]],
   rows: dict[str, dict[str, float]] = {}
   skipped: dict[str, dict[str, str]] = {}
   for name, data in per_class.items():
-    missing = [key for key in _REQUIRED_KEYS if key not in data]
-    if missing:
-      raise ValueError(
-          f"per_class[{name!r}] lacks {missing}; each class needs the "
-          f"keys {list(_REQUIRED_KEYS)}")
-    labels, masks = np.asarray(data["labels"]), np.asarray(data["masks"])
-    if labels.ndim == 1 and masks.ndim == 3 and len(labels) != len(masks):
-      raise ValueError(
-          f"per_class[{name!r}]: labels has {len(labels)} images but "
-          f"masks has {len(masks)}; both come from the same test set")
-    values: dict[str, float] = {}
-    if labels.size == 0:
-      # A class of normal images only may have no test split at all.
-      rows[name] = dict.fromkeys(METRICS, math.nan)
-      skipped[name] = dict.fromkeys(METRICS[:-1], "no test images")
-      warnings.warn(f"class {name!r}: no test images, so no metric; left out of the "
-                    "mean", RuntimeWarning, stacklevel=2)
-      continue
-    for metrics, compute in (
-            (_IMAGE_METRICS,
-             functools.partial(_image_metrics, labels, data["scores"])),
-            (_PIXEL_METRICS,
-             functools.partial(_pixel_metrics, masks, data["maps"],
-                               fpr_limit))):
-      try:
-        values.update(compute())
-      except UndefinedMetricError as err:
-        values.update(dict.fromkeys(metrics, math.nan))
-        reason = (_image_skip_reason(labels) if metrics is _IMAGE_METRICS
-                  else _pixel_skip_reason(labels, masks))
-        skipped.setdefault(name, {}).update(dict.fromkeys(metrics, reason))
-        warnings.warn(
-            f"class {name!r}: {', '.join(metrics)} undefined ({err}); "
-            f"recorded as NaN and left out of the mean",
-            RuntimeWarning, stacklevel=2)
-    rows[name] = {key: values[key] for key in METRICS[:-1]}
-    rows[name]["mad"] = _nanmean(list(values.values()))
+    rows[name], skipped[name] = class_summary(name, data, fpr_limit)
+  return summary_of(rows, skipped)
+
+
+def class_summary(name: str, data: Mapping[str, npt.ArrayLike],
+                  fpr_limit: float = 0.3) -> tuple[dict[str, float], dict[str, str]]:
+  """One class's row of `summarize` (its metrics and ``mad``) and, for each metric that is
+  undefined for it, the reason (empty when every metric is defined); `data` as one entry
+  of `summarize`'s `per_class`."""
+  missing = [key for key in _REQUIRED_KEYS if key not in data]
+  if missing:
+    raise ValueError(
+        f"per_class[{name!r}] lacks {missing}; each class needs the "
+        f"keys {list(_REQUIRED_KEYS)}")
+  labels, masks = np.asarray(data["labels"]), np.asarray(data["masks"])
+  if labels.ndim == 1 and masks.ndim == 3 and len(labels) != len(masks):
+    raise ValueError(
+        f"per_class[{name!r}]: labels has {len(labels)} images but "
+        f"masks has {len(masks)}; both come from the same test set")
+  if labels.size == 0:
+    # A class of normal images only may have no test split at all.
+    warnings.warn(f"class {name!r}: no test images, so no metric; left out of the "
+                  "mean", RuntimeWarning, stacklevel=3)
+    return (dict.fromkeys(METRICS, math.nan),
+            dict.fromkeys(METRICS[:-1], "no test images"))
+  values: dict[str, float] = {}
+  skipped: dict[str, str] = {}
+  for metrics, compute in (
+          (_IMAGE_METRICS,
+           functools.partial(_image_metrics, labels, data["scores"])),
+          (_PIXEL_METRICS,
+           functools.partial(_pixel_metrics, masks, data["maps"],
+                             fpr_limit))):
+    try:
+      values.update(compute())
+    except UndefinedMetricError as err:
+      values.update(dict.fromkeys(metrics, math.nan))
+      reason = (_image_skip_reason(labels) if metrics is _IMAGE_METRICS
+                else _pixel_skip_reason(labels, masks))
+      skipped.update(dict.fromkeys(metrics, reason))
+      warnings.warn(
+          f"class {name!r}: {', '.join(metrics)} undefined ({err}); "
+          f"recorded as NaN and left out of the mean",
+          RuntimeWarning, stacklevel=3)
+  row = {key: values[key] for key in METRICS[:-1]}
+  row["mad"] = _nanmean(list(values.values()))
+  return row, skipped
+
+
+def summary_of(rows: Mapping[str, Mapping[str, float]],
+               skipped: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
+  """`summarize`'s result from the classes' `class_summary` rows and reasons, in the order
+  of `rows`."""
   mean = {key: _nanmean([row[key] for row in rows.values()])
           for key in METRICS}
-  summary = {"per_class": rows, "mean": mean}
-  if skipped:
-    summary["skipped"] = skipped
+  summary = {"per_class": {name: dict(row) for name, row in rows.items()}, "mean": mean}
+  reasons = {name: dict(skipped[name]) for name in rows if skipped.get(name)}
+  if reasons:
+    summary["skipped"] = reasons
   return summary
 
 

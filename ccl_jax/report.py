@@ -78,32 +78,41 @@ class GalleryItem:
   figure: np.ndarray  # [H, 3W, 3] uint8: image | ground-truth contour | anomaly map
 
 
-def gallery(dataset, outputs: Mapping[str, np.ndarray],
+def gallery_rows(positions: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                 thresholds: np.ndarray | None, per_class: int = GALLERY_PER_CLASS
+                 ) -> np.ndarray:
+  """The gallery's test positions among one class's (`positions`, their `scores`, `labels`
+  and `thresholds`), worst miss first: defective images scored furthest below their
+  threshold and normal images furthest above it. Without thresholds (no decision.json) the
+  class's median score stands in for one."""
+  if not positions.size:
+    return positions
+  reference = thresholds if thresholds is not None else np.full(scores.size,
+                                                                np.median(scores))
+  # How far each image lies on the wrong side of the reference (negative: decided right).
+  wrongness = np.where(labels == 1, reference - scores, scores - reference)
+  return positions[np.argsort(-wrongness, kind="stable")[:per_class]]
+
+
+def gallery(dataset, outputs: Mapping[str, Any],
             per_class: int = GALLERY_PER_CLASS) -> list[GalleryItem]:
-  """Up to `per_class` test images per class, the worst misses first: defective images
-  scored furthest below their threshold and normal images furthest above it. Without
-  thresholds (no decision.json) the class's median score stands in for one."""
+  """Up to `per_class` test images per class (`gallery_rows`), from the maps that
+  outputs['views'] (`ccl_jax.evaluation.Views`) kept."""
+  views = outputs["views"]
+  has_thresholds = "threshold" in outputs
   items = []
   for class_id, name in enumerate(dataset.class_names):
     rows = np.flatnonzero(dataset.test_class_ids == class_id)
-    if not rows.size:
-      continue
-    scores, labels = outputs["score"][rows], outputs["label"][rows]
-    has_thresholds = "threshold" in outputs
-    reference = (outputs["threshold"][rows] if has_thresholds
-                 else np.full(rows.size, np.median(scores)))
-    # How far each image lies on the wrong side of the reference (negative: decided right).
-    wrongness = np.where(labels == 1, reference - scores, scores - reference)
-    maps = outputs["anomaly_map"][rows]
-    low, high = float(np.min(maps)), float(np.max(maps))
-    for i in np.argsort(-wrongness, kind="stable")[:per_class]:
-      row = int(rows[i])
+    scores, labels = outputs["score"], outputs["label"]
+    for row in gallery_rows(rows, scores[rows], labels[rows],
+                            outputs["threshold"][rows] if has_thresholds else None,
+                            per_class).tolist():
       record = dataset.test[row]
       items.append(GalleryItem(
-          name, record["file_name"], int(labels[i]), float(scores[i]),
-          float(reference[i]) if has_thresholds else None,
-          visualize.heatmap_figure(record["image"], outputs["mask"][row],
-                                   outputs["anomaly_map"][row], low, high)))
+          name, record["file_name"], int(labels[row]), float(scores[row]),
+          float(outputs["threshold"][row]) if has_thresholds else None,
+          visualize.heatmap_figure(record["image"], views.masks[row], views.maps[row],
+                                   *views.ranges[class_id])))
   return items
 
 

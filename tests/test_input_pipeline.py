@@ -380,6 +380,28 @@ def test_eval_batches_small_and_empty():
   assert list(ip.eval_batches(source, np.arange(0), global_batch_size=4)) == []
 
 
+def test_eval_batches_follow_a_given_layout():
+  source = FakeSource(np.zeros(10, np.int32))
+  indices = np.arange(10)[::-1]
+  # Process 0 gets positions 0-5, process 1 positions 6-9 then padding.
+  layout = np.array([[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, -1, -1]])
+  for p in range(2):
+    batches = list(ip.eval_batches(source, indices, global_batch_size=4, layout=layout,
+                                   process_index=p, process_count=2))
+    for batch, row in zip(batches, layout):
+      np.testing.assert_array_equal(batch["index"], row[2 * p:2 * p + 2])
+      np.testing.assert_array_equal(batch["valid"], row[2 * p:2 * p + 2] >= 0)
+      valid = batch["valid"]
+      np.testing.assert_array_equal(decode_index(batch["image"][valid]),
+                                    indices[batch["index"][valid]])
+  twice = layout.copy()
+  twice[2, 2] = 0
+  with pytest.raises(ValueError, match="each of the 10 positions exactly once"):
+    ip.eval_batches(source, indices, global_batch_size=4, layout=twice)
+  with pytest.raises(ValueError, match=r"shape \[num_batches, 4\]"):
+    ip.eval_batches(source, indices, global_batch_size=4, layout=layout.reshape(4, 3))
+
+
 # --------------------------------------------------------------------------
 # to_global_array (8 simulated CPU devices, in a fresh interpreter)
 # --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccl_jax import report
+from ccl_jax import evaluation, report
 
 INSTALL_CHROMIUM = ("chromium is not installed, so report.html cannot be tested in a browser; "
                     "install it with `apt-get update && apt-get install -y chromium` "
@@ -98,8 +98,9 @@ def test_gallery_puts_the_worst_misses_first():
     test = [{"image": np.zeros((4, 4, 3), np.uint8), "file_name": f"{i}.png"}
             for i in range(6)]
 
-  outputs = {"score": scores, "label": labels, "threshold": np.full(6, 0.45),
-             "anomaly_map": np.zeros((6, 4, 4)), "mask": np.zeros((6, 4, 4))}
+  views = evaluation.Views({i: np.zeros((4, 4)) for i in range(6)},
+                           {i: np.zeros((4, 4), np.uint8) for i in range(6)}, {0: (0.0, 1.0)})
+  outputs = {"score": scores, "label": labels, "threshold": np.full(6, 0.45), "views": views}
   items = report.gallery(Dataset(), outputs, per_class=4)
   # Wrong by 0.25 (defect at 0.2), 0.25 (normal at 0.7), 0.05 (defect at 0.4), 0.05 (normal
   # at 0.5); ties keep test order.
