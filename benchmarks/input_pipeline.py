@@ -20,8 +20,13 @@ import time
 import jax
 from absl import app, flags
 
-from ccl_jax import detectors, inference, input_pipeline, settings, step
+from ccl_jax.ccl import step
+from ccl_jax.config import settings
+from ccl_jax.datasets import input_pipeline
+from ccl_jax.runtime import inference
 from ccl_jax.datasets import selection
+from ccl_jax.ccl.detector import build_network
+from ccl_jax.weights.encoder_weights import frozen_encoder
 
 
 def load_config(path: str):
@@ -54,8 +59,8 @@ def step_images_per_second(config, dataset, train_indices, repeats: int,
                            view_source=None) -> float:
   run_settings = settings.from_config(config)
   replicated, batch_sharding = inference.replicated_sharding(), inference.batch_sharding()
-  encoder, encoder_variables = detectors.frozen_encoder(run_settings, replicated)
-  state = step.initial_state(detectors.build_network(run_settings), encoder, encoder_variables,
+  encoder, encoder_variables = frozen_encoder(run_settings, replicated)
+  state = step.initial_state(build_network(run_settings), encoder, encoder_variables,
                              run_settings.optimizer, run_settings.image_size,
                              run_settings.seed, replicated)
   train_step = step.jit_train_step(encoder, run_settings.loss)

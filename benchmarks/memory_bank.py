@@ -4,7 +4,7 @@
       [--num_images 200,1000] [--image_size 96] [--num_groups 4] [--coreset_fraction 0.1]
       [--json memory_bank.json]
 
-Random-weight encoders (`weights.encoder_variables(..., 'none')`) and uniformly random uint8
+Random-weight encoders (`encoder_weights.encoder_variables(..., 'none')`) and uniformly random uint8
 images, image i in group i % num_groups: the timings measure the pipeline (patch features,
 streaming greedy coreset), not a trained model; random images are the hard case for the
 coreset (no redundancy to exploit), which does not change its cost. Build time is one cold
@@ -23,7 +23,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import hiercore, inference, models, weights
+from ccl_jax import hiercore, models
+from ccl_jax.runtime import inference
+from ccl_jax.weights import encoder_weights
 
 
 class RandomImages:
@@ -52,7 +54,7 @@ def machine() -> dict:
 
 def run(encoder_name: str, num_images: int, args: flags.FlagValues) -> dict:
   encoder = models.build_encoder(encoder_name)
-  variables = weights.encoder_variables(encoder, "none", seed=0, image_size=args.image_size)
+  variables = encoder_weights.encoder_variables(encoder, "none", seed=0, image_size=args.image_size)
   patch_fn = hiercore.make_patch_fn(encoder, variables, feature_dim=args.feature_dim)
   source = RandomImages(num_images, args.image_size, args.num_groups)
   group_ids = np.arange(num_images) % args.num_groups

@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import metrics
+from ccl_jax.results import metrics
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -22,8 +22,8 @@ local-loss sweep run only under the last allocator listed, tcmalloc by default):
         PyTorch eager and torch.compile;
       - "as the authors run it": the PyTorch reference mode='authors' (their code's extra
         work and Python loops) against ccl_jax under the `:authors` preset's loss settings
-        (`ccl_jax.default_config.as_authors`);
-  * inference: anomaly maps per second (ccl_jax `detectors.rd_outputs` vs the reference's
+        (`ccl_jax.config.default_config.as_authors`);
+  * inference: anomaly maps per second (ccl_jax `rd_outputs` vs the reference's
     `anomaly_maps`, the authors' scoring with scipy's blur on the host);
   * local loss: ccl_jax step time with window 1, 3, 5 and whole map against no local loss;
   * FLOP/s: FLOPs of one step (XLA's cost analysis; torch's FlopCounterMode) over the
@@ -56,10 +56,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import default_config, detectors, step, weights, xla_options
-from ccl_jax import settings as settings_lib
+from ccl_jax.ccl import step
+from ccl_jax.config import default_config
+from ccl_jax.runtime import xla_options
+from ccl_jax.weights import encoder_weights
+from ccl_jax.config import settings as settings_lib
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, build_encoder
-from ccl_jax.settings import LossSettings, OptimizerSettings
+from ccl_jax.config.settings import LossSettings, OptimizerSettings
+from ccl_jax.ccl.detector import rd_outputs
 
 SETTINGS = {
     "paper": {"encoder": "wide_resnet50_2", "image_size": 256, "batch_size": 16},
@@ -95,7 +99,7 @@ class JaxStep:
     from benchmarks.torch_reference import jax_model  # pylint: disable=import-outside-toplevel
     model = jax_model(setting["encoder"]).clone(noise_probability=AUTHORS_NOISE_PROBABILITY)
     encoder = build_encoder(setting["encoder"], jnp.float32)
-    self.encoder_variables = weights.encoder_variables(encoder, "none", seed=0,
+    self.encoder_variables = encoder_weights.encoder_variables(encoder, "none", seed=0,
                                                        image_size=setting["image_size"])
     tx = step.make_optimizer(OptimizerSettings(
       projector_learning_rate=1e-3, learning_rate=5e-3, b1=0.5, b2=0.999, clip_norm=5.0))
@@ -254,7 +258,7 @@ def inference_section(setting: dict, args) -> dict[str, Any]:
   encoder = build_encoder(setting["encoder"], jnp.float32)
   from benchmarks.torch_reference import jax_model  # pylint: disable=import-outside-toplevel
   network = jax_model(setting["encoder"])
-  predict = jax.jit(lambda v, e, x: detectors.rd_outputs(v, e, x, network=network,
+  predict = jax.jit(lambda v, e, x: rd_outputs(v, e, x, network=network,
                                                         encoder=encoder))
   jax_images = jnp.asarray(batch["image"])
 

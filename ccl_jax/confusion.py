@@ -19,10 +19,12 @@ import sklearn.metrics
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from ccl_jax import detectors, inference
+from ccl_jax.runtime import inference
 from ccl_jax.datasets import selection
-from ccl_jax.files import atomic_write
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runtime.files import atomic_write
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.ccl.detector import ReverseDistillationDetector
+from ccl_jax.runs.loading import load_detector
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -40,10 +42,10 @@ _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]
                      [128, 0, 0], [0, 0, 128], [128, 128, 0], [0, 128, 128]], np.uint8)
 
 
-def embeddings_of(detector: detectors.ReverseDistillationDetector, dataset,
+def embeddings_of(detector: ReverseDistillationDetector, dataset,
                   global_batch_size: int) -> np.ndarray:
   """The neck's global embeddings [N, D] of every test image."""
-  if not isinstance(detector, detectors.ReverseDistillationDetector):
+  if not isinstance(detector, ReverseDistillationDetector):
     raise ValueError(f"The confusion analysis reads the neck's global embeddings of a CCL or "
                      f"RD run; this workdir holds a {detector.name} model.")
   return inference.run_inference(
@@ -79,7 +81,7 @@ def compare(workdirs: list[str], output: str, checkpoint: str = "best") -> dict[
   panels, scores = [], {}
   for workdir in workdirs:
     run_settings = RunDir(workdir).read_settings()
-    detector = detectors.load_detector(workdir, checkpoint=checkpoint)
+    detector = load_detector(workdir, checkpoint=checkpoint)
     dataset = selection.load_selected(run_settings.dataset,
                                       image_size=run_settings.image_size,
                                       is_main=jax.process_index() == 0)

@@ -27,9 +27,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ccl_jax import decisions, detectors, inference, settings as settings_lib, variable_files
+from ccl_jax.config import settings as settings_lib
+from ccl_jax.evaluation import decide
+from ccl_jax.results import writing
+from ccl_jax.runtime import inference
+from ccl_jax.weights import variable_files
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import DECISION_FILE, METRICS_FILE, RunDir
+from ccl_jax.runs.run_dir import DECISION_FILE, METRICS_FILE, RunDir
+from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network, network_template
+from ccl_jax.runs.loading import load_detector
+from ccl_jax.weights.encoder_weights import frozen_encoder
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -49,16 +56,16 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   """Metrics of imported variables on the settings' test set, written into `workdir`."""
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=jax.process_index() == 0)
-  encoder, encoder_variables = detectors.frozen_encoder(run_settings,
+  encoder, encoder_variables = frozen_encoder(run_settings,
                                                         inference.replicated_sharding())
-  network = detectors.build_network(run_settings)
-  template = detectors.network_template(network, encoder, encoder_variables,
+  network = build_network(run_settings)
+  template = network_template(network, encoder, encoder_variables,
                                         run_settings.image_size)
   variables = variable_files.load(variables_path, template, "--variables")
-  detector = detectors.ReverseDistillationDetector(
+  detector = ReverseDistillationDetector(
       run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
       variables, map_scale=run_settings.model.anomaly_map_scale)
-  summary, outputs = decisions.evaluate_test_set(
+  summary, outputs = decide.evaluate_test_set(
       detector, dataset, np.zeros(len(dataset.test), np.int32),
       global_batch_size=run_settings.global_eval_batch_size,
       batch_sharding=inference.batch_sharding(),
@@ -66,7 +73,7 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   result = {"metrics": summary, "variables": os.path.abspath(variables_path),
             "classes": list(dataset.class_names)}
   if jax.process_index() == 0:
-    decisions.write_results(RunDir(workdir), result, dataset, outputs, run_settings)
+    writing.write_results(RunDir(workdir), result, dataset, outputs, run_settings)
   return result
 
 
@@ -75,20 +82,20 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
   into its `eval/` folder."""
   run_dir = RunDir(workdir)
   run_settings = run_dir.read_settings()
-  detector = detectors.load_detector(workdir)
+  detector = load_detector(workdir)
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=jax.process_index() == 0)
   batch_sharding = inference.batch_sharding()
   global_batch_size = run_settings.global_eval_batch_size
   if run_dir.exists(DECISION_FILE):
     groups, estimated, _ = run_dir.read_decision()
-    result, outputs = decisions.evaluate_decisions(
+    result, outputs = decide.evaluate_decisions(
         detector, dataset, groups, estimated,
         labels_at_evaluation=run_settings.dataset.labels_at_training,
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
         heatmaps_per_class=run_settings.num_heatmaps_per_class)
   else:
-    summary, outputs = decisions.evaluate_test_set(
+    summary, outputs = decide.evaluate_test_set(
         detector, dataset, np.zeros(len(dataset.test), np.int32),
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
         heatmaps_per_class=run_settings.num_heatmaps_per_class)
@@ -99,7 +106,7 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     trained = run_dir.read_metrics()
     result.update({key: trained[key] for key in ("history", "training_log") if key in trained})
   if jax.process_index() == 0:
-    decisions.write_results(RunDir(os.path.join(run_dir.path, "eval")), result, dataset,
+    writing.write_results(RunDir(os.path.join(run_dir.path, "eval")), result, dataset,
                             outputs, run_settings)
   return result
 

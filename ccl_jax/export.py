@@ -4,13 +4,13 @@ r"""Export a trained detector for deployment: a self-contained model directory.
 
 Writes the run's inference functions (routing embedding; anomaly maps and image scores:
 encoder + neck + decoder + map for CCL / RD, the routed group's nearest-neighbour scoring
-for HierCore) and its groups and thresholds into --output, in the layout `ccl_jax.exported`
+for HierCore) and its groups and thresholds into --output, in the layout `ccl_jax.deploy.loader`
 describes and loads with jax and numpy only:
 
 * jax: `jax.export` (StableHLO) with a symbolic batch dimension; the weights are arguments,
   stored once in weights.npz (closing over them as constants makes each function carry its
   own copy; benchmarks/README.md compares the two).
-* onnx: the same functions as ONNX graphs (`ccl_jax.onnx_export`), for ONNX Runtime.
+* onnx: the same functions as ONNX graphs (`ccl_jax.deploy.jaxpr_onnx`), for ONNX Runtime.
   Needs the export extra: pip install -e ".[export]".
 
 The folder is written beside --output and renamed into place whole. An existing --output
@@ -30,12 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ccl_jax import detectors, exported, files
-from ccl_jax.files import atomic_directory, atomic_write
-from ccl_jax.grouping import Groups
+from ccl_jax.deploy import loader
+from ccl_jax.runtime import files
+from ccl_jax.runtime.files import atomic_directory, atomic_write
+from ccl_jax.decisions.grouping import Groups
 from ccl_jax.models import input_normalisation
-from ccl_jax.run_dir import RunDir
-from ccl_jax.thresholds import Thresholds
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.decisions.thresholds import Thresholds
+from ccl_jax.models.detector import Detector
+from ccl_jax.runs.loading import load_detector
 
 
 class ExportError(ValueError):
@@ -51,10 +54,10 @@ def _version(package: str) -> str:
 
 def parse_formats(text: str) -> tuple[str, ...]:
   formats = tuple(f.strip() for f in text.split(",") if f.strip())
-  unknown = sorted(set(formats) - set(exported.BACKENDS))
+  unknown = sorted(set(formats) - set(loader.BACKENDS))
   if not formats or unknown:
     raise ExportError(f"--format {text!r}: expected a comma-separated subset of "
-                      f"{','.join(exported.BACKENDS)}.")
+                      f"{','.join(loader.BACKENDS)}.")
   if "onnx" in formats:
     try:
       import onnx  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
@@ -72,7 +75,7 @@ def check_output(output: str, source: dict[str, Any], overwrite: bool) -> None:
     raise ExportError(f"--output {output!r} is a file, not a folder; choose another path.")
   if not os.listdir(output):
     return
-  manifest_path = os.path.join(output, exported.MANIFEST_FILE)
+  manifest_path = os.path.join(output, loader.MANIFEST_FILE)
   try:
     with open(manifest_path, encoding="utf-8") as f:
       previous = json.load(f).get("source")
@@ -115,11 +118,11 @@ def export_model(workdir: str, output: str, formats: Sequence[str] = ("jax", "on
             "checkpoint": None if hiercore else checkpoint,
             "step": None if hiercore else run.checkpoint_step(checkpoint)}
   check_output(output, source, overwrite)
-  detector = detectors.load_detector(workdir, checkpoint=checkpoint)
+  detector = load_detector(workdir, checkpoint=checkpoint)
   return write_model(detector, groups, thresholds, output, formats, source=source)
 
 
-def write_model(detector: detectors.Detector, groups: Groups, thresholds: Thresholds,
+def write_model(detector: Detector, groups: Groups, thresholds: Thresholds,
                 output: str, formats: Sequence[str], *, source: dict[str, Any]
                 ) -> dict[str, Any]:
   """Writes `detector` with its `groups` and `thresholds` as the model directory `output`,
@@ -127,7 +130,7 @@ def write_model(detector: detectors.Detector, groups: Groups, thresholds: Thresh
   weights, embed, score = detector.pure_functions()
   mean, std = input_normalisation(detector.encoder)
   manifest: dict[str, Any] = {
-      "format_version": exported.FORMAT_VERSION, "model_kind": detector.name,
+      "format_version": loader.FORMAT_VERSION, "model_kind": detector.name,
       "image_size": detector.image_size,
       "input": {"dtype": "uint8", "layout": "NHWC (batch, height, width, RGB)",
                 "normalisation": {"mean": list(mean), "std": list(std),
@@ -141,28 +144,28 @@ def write_model(detector: detectors.Detector, groups: Groups, thresholds: Thresh
     if "jax" in formats:
       buffer = io.BytesIO()
       np.savez(buffer, **{f"{i:05d}": w for i, w in enumerate(weights)})
-      files[exported.WEIGHTS_FILE] = atomic_write(os.path.join(tmp, exported.WEIGHTS_FILE),
+      files[loader.WEIGHTS_FILE] = atomic_write(os.path.join(tmp, loader.WEIGHTS_FILE),
                                                   buffer.getvalue())
     for name, fn in (("embed", embed), ("score", score)):
-      entry = {"inputs": list(exported.INPUTS[name]), "outputs": list(exported.OUTPUTS[name])}
+      entry = {"inputs": list(loader.INPUTS[name]), "outputs": list(loader.OUTPUTS[name])}
       specs = input_specs(weights, detector.image_size, name)
       if "jax" in formats:
         data, entry["calling_convention_version"] = _serialize(fn, specs)
-        file_name = exported.function_file(name, "jax")
+        file_name = loader.function_file(name, "jax")
         files[file_name] = atomic_write(os.path.join(tmp, file_name), data)
       if "onnx" in formats:
-        from ccl_jax import onnx_export  # pylint: disable=import-outside-toplevel
+        from ccl_jax.deploy import jaxpr_onnx as onnx_export
         model = onnx_export.convert(lambda *args, fn=fn: fn(weights, *args), specs[1:],
-                                    exported.INPUTS[name], exported.OUTPUTS[name])
+                                    loader.INPUTS[name], loader.OUTPUTS[name])
         manifest["versions"]["onnx_opset"] = onnx_export.OPSET
-        file_name = exported.function_file(name, "onnx")
+        file_name = loader.function_file(name, "onnx")
         files[file_name] = atomic_write(os.path.join(tmp, file_name),
                                         model.SerializeToString())
       manifest["functions"][name] = entry
-    manifest["files"] = {name: {"sha256": exported.sha256_file(path),
+    manifest["files"] = {name: {"sha256": loader.sha256_file(path),
                                 "bytes": os.path.getsize(path)}
                          for name, path in sorted(files.items())}
-    atomic_write(os.path.join(tmp, exported.MANIFEST_FILE), json.dumps(manifest, indent=1))
+    atomic_write(os.path.join(tmp, loader.MANIFEST_FILE), json.dumps(manifest, indent=1))
   return manifest
 
 

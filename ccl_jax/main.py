@@ -4,12 +4,12 @@ r"""Trains (RD/CCL) or fits (HierCore) a model, then evaluates it and fits its d
       [--config.<key>=<value> ...]
 
 The config is locked (an unknown key is an error) and read once, here, into typed settings
-(`ccl_jax.settings`) validated before any work starts. A workdir holds one run: the same
+(`ccl_jax.config.settings`) validated before any work starts. A workdir holds one run: the same
 command resumes it; a command with other settings is refused with the differing keys
-(`ccl_jax.run_dir`), and two programs never write one workdir at the same time.
+(`ccl_jax.runs.run_dir`), and two programs never write one workdir at the same time.
 
 Multi-host (TPU pods, multi-node GPU): pass `--distributed` (or set CCL_JAX_DISTRIBUTED=1)
-on every process; `ccl_jax.distributed.initialize()` then finds the cluster in
+on every process; `ccl_jax.runtime.distributed.initialize()` then finds the cluster in
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or in the TPU metadata, SLURM
 or Open MPI environment (docs/multihost.md). A single multi-GPU host needs no flag: every
 local device is used.
@@ -26,7 +26,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import distributed, files, preemption, settings as settings_lib, xla_options
+from ccl_jax.config import settings as settings_lib
+from ccl_jax.runtime import distributed, files, preemption, xla_options
 from ccl_jax.datasets.common import DatasetError
 
 
@@ -37,7 +38,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, heatmaps.",
                       flag_values=flag_values)
   flags.DEFINE_bool("distributed", os.environ.get("CCL_JAX_DISTRIBUTED", "") == "1",
-                    "Join a multi-process run (ccl_jax.distributed.initialize).",
+                    "Join a multi-process run (ccl_jax.runtime.distributed.initialize).",
                     flag_values=flag_values)
   flags.DEFINE_integer("heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
                        "With --distributed: seconds after which a silent (dead) process "
@@ -61,9 +62,9 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
   """The program's body: one run in `workdir`, locked, and only if the workdir is new or
   holds a run of the same settings."""
   # Imported here: the XLA options must be set before JAX's backend starts.
-  from ccl_jax import train  # pylint: disable=import-outside-toplevel
-  from ccl_jax.hiercore import fit  # pylint: disable=import-outside-toplevel
-  from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  from ccl_jax.training import train
+  from ccl_jax.training import fit_hiercore  # pylint: disable=import-outside-toplevel
+  from ccl_jax.runs.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   for warning in run_settings.warnings:
     logging.warning(warning)
   run_dir = RunDir(workdir)
@@ -72,7 +73,7 @@ def run(run_settings: settings_lib.RunSettings, workdir: str, *,
         run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext()):
     run_dir.check_same_run(run_settings)
     if run_settings.model.kind == "hiercore":
-      return fit.fit(run_settings, workdir)
+      return fit_hiercore.fit(run_settings, workdir)
     return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps,
                                     stop_signals=stop_signals)
 
@@ -94,7 +95,7 @@ def main(argv):
                jax.devices()[0].platform)
 
   def after_storage_failure() -> str:
-    from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+    from ccl_jax.runs.run_dir import RunDir  # pylint: disable=import-outside-toplevel
     return (f"Stopped; {RunDir(flags.FLAGS.workdir).newest_checkpoint()}. Make room or allow "
             "writing there, then rerun the same command to resume.")
 

@@ -55,10 +55,15 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ccl_jax import detectors, exported, files, grouping, thresholds, visualize
+from ccl_jax.decisions import grouping, thresholds
+from ccl_jax.deploy import loader
+from ccl_jax.results import visualize
+from ccl_jax.runtime import files
 from ccl_jax.datasets import common, images
-from ccl_jax.files import atomic_write
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runtime.files import atomic_write
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.models.detector import Detector
+from ccl_jax.runs.loading import load_detector
 
 COLUMNS = ("path", "class", "class_source", "score", "threshold", "decision", "overlay",
            "error")
@@ -167,7 +172,7 @@ def run_batched(fn: Callable[..., dict[str, Any]], batch_size: int,
   return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-Model = detectors.Detector | exported.ExportedModel
+Model = Detector | loader.ExportedModel
 
 
 def _score(detector: Model, batch_size: int, groups: grouping.Groups,
@@ -271,7 +276,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_string("model", None, "Model directory of `python -m ccl_jax.export` "
                       "(instead of --workdir).", flag_values=fv)
-  flags.DEFINE_enum("backend", "jax", list(exported.BACKENDS), "With --model: run the "
+  flags.DEFINE_enum("backend", "jax", list(loader.BACKENDS), "With --model: run the "
                     "jax.export functions or the ONNX graphs (ONNX Runtime).", flag_values=fv)
   flags.DEFINE_multi_string("images", None, "Image folder (recursive), image file or .txt "
                             "list of image paths; repeat for several.", flag_values=fv)
@@ -295,7 +300,7 @@ def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
   check_output_path(flag_values.output)
   files.check_writable(flag_values.output)
   if flag_values.model:
-    model = exported.load(flag_values.model, flag_values.backend)
+    model = loader.load(flag_values.model, flag_values.backend)
     groups = grouping.Groups.from_json(model.manifest["groups"])
     decision_thresholds = thresholds.Thresholds.from_json(model.manifest["thresholds"])
     meta = {"model": model.model_dir, "backend": model.backend}
@@ -308,7 +313,7 @@ def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
     groups, decision_thresholds, _ = RunDir(workdir).read_decision()
     meta = {"workdir": workdir}
   paths = list_images(flag_values.images)
-  detector = model if flag_values.model else detectors.load_detector(workdir)
+  detector = model if flag_values.model else load_detector(workdir)
   rows = predict_images(detector, groups, decision_thresholds, paths,
                         class_name=flag_values.class_name,
                         threshold_mode=flag_values.threshold,

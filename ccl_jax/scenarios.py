@@ -6,7 +6,7 @@ r"""The four label scenarios of multi-class anomaly detection, for one model, in
 Class labels present or absent at training (CCL: true classes or K-means pseudo-classes for
 the contrastive losses; every model: groups from labels or from clustering) x present or
 absent at evaluation (a test image goes to its class's group, or to the nearest group; see
-ccl_jax/decisions.py). The model is trained (or its memory bank built) once per training
+ccl_jax/evaluation/decide.py). The model is trained (or its memory bank built) once per training
 scenario, in <workdir>/labels_at_training and <workdir>/no_labels_at_training; a rerun
 resumes or reuses them. For each of the four scenarios it reports the threshold-free
 metrics (image/pixel AUROC, AUPRO, ...) and the decisions at class-wise and class-agnostic
@@ -22,11 +22,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import decisions, detectors, inference, main as main_program
-from ccl_jax import settings as settings_lib
+from ccl_jax import main as main_program
+from ccl_jax.evaluation import decide
+from ccl_jax.runtime import inference
+from ccl_jax.config import settings as settings_lib
 from ccl_jax.datasets import selection
-from ccl_jax.files import atomic_write
-from ccl_jax.run_dir import RunDir, to_json
+from ccl_jax.runtime.files import atomic_write
+from ccl_jax.runs.run_dir import RunDir, to_json
+from ccl_jax.runs.loading import load_detector
 
 TRAINING_SCENARIOS = {"labels_at_training": "true", "no_labels_at_training": "kmeans"}
 
@@ -41,13 +44,13 @@ def run_scenarios(run_settings: settings_lib.RunSettings, workdir: str) -> dict:
     run_path = os.path.join(workdir, name)
     logging.info("Scenario %s: model in %s", name, run_path)
     main_program.run(scenario_settings, run_path)
-    detector = detectors.load_detector(run_path)
+    detector = load_detector(run_path)
     groups, estimated, _ = RunDir(run_path).read_decision()
     dataset = selection.load_selected(scenario_settings.dataset,
                                       image_size=scenario_settings.image_size,
                                       is_main=jax.process_index() == 0)
     for labels_at_evaluation in (True, False):
-      result, _ = decisions.evaluate_decisions(
+      result, _ = decide.evaluate_decisions(
           detector, dataset, groups, estimated, labels_at_evaluation=labels_at_evaluation,
           global_batch_size=scenario_settings.global_eval_batch_size,
           batch_sharding=batch_sharding)

@@ -16,7 +16,7 @@ built on.
 Variants (`configs/all_in_all.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_joint.py as
 their code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):

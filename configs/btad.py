@@ -15,7 +15,7 @@ built on.
 Variants (`configs/btad.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_btad.py as their
 code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):

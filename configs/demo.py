@@ -19,7 +19,7 @@ Variants (`configs/demo.py:<variant>`):
 """
 import importlib.util
 
-from ccl_jax.default_config import as_rd_baseline, base_config
+from ccl_jax.config.default_config import as_rd_baseline, base_config
 
 
 def get_config(arg: str | None = None):

@@ -19,7 +19,7 @@ Variants (`configs/manta.py:<variant>`): authors (the authors' RD + CCL code as 
 repository has no MANTA config, so the settings are those of configs/rd/rd_mvtec.py), paper,
 rd (the RD joint baseline).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):

@@ -27,7 +27,7 @@ Variants (`configs/mvtec_ad.py:<variant>`):
   smoke    2 classes, resnet18, 64x64, 1 epoch: a quick check of the whole pipeline on a CPU
            (random encoder unless encoder_weights is given; the numbers are meaningless).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def _smoke(config):

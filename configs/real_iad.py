@@ -20,7 +20,7 @@ be downloaded on the machines it was built on.
 Variants (`configs/real_iad.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_realiad.py
 as their code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):

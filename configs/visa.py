@@ -17,7 +17,7 @@ their run did not.
 Variants (`configs/visa.py:<variant>`): authors (LGC-AD/AD-LGC configs/rd/rd_visa.py as their
 code runs it), paper, rd (the RD joint baseline).
 """
-from ccl_jax.default_config import for_dataset, variant
+from ccl_jax.config.default_config import for_dataset, variant
 
 
 def get_config(arg: str | None = None):

@@ -50,8 +50,8 @@ def _count(tree) -> tuple[int, int]:
 def run(args: flags.FlagValues) -> int:
   """The conversion on parsed flags; 0 on success, 1 (with the reason on stderr) on bad
   input, and then no output file is written."""
-  from ccl_jax import convert, variable_files  # pylint: disable=import-outside-toplevel
-  from ccl_jax.torch_checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
+  from ccl_jax.weights import convert, variable_files
+  from ccl_jax.weights.torch_checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
 
   try:
     checkpoint = load_state_dict(args.input)

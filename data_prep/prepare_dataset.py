@@ -6,7 +6,7 @@ r"""Prepares a dataset (TFDS array_record, resized once) ahead of training.
       --real_iad_resolution 1024 [--real_iad_views C1] [--mask_resize bilinear_threshold]
 
 The reading options are the training config's dataset keys of the same names (see
-ccl_jax/settings.py), so a run with those keys finds what this command prepared.
+ccl_jax/config/settings.py), so a run with those keys finds what this command prepared.
 
 Training prepares missing classes by itself; this command does it up front (e.g. once on a
 machine with many cores before a multi-host run), prints the per-class counts and warns when
@@ -16,7 +16,8 @@ import sys
 
 from absl import app, flags
 
-from ccl_jax import datasets, settings
+from ccl_jax import datasets
+from ccl_jax.config import settings
 
 # The dataset config keys this program takes as flags of the same names.
 OPTION_KEYS = ("mask_resize", "real_iad_resolution", "real_iad_views", "manta_views",

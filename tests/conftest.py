@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from ccl_jax import settings
+from ccl_jax.config import settings
 from configs import demo
 
 

@@ -4,9 +4,9 @@
       [--distributed] [--checkpoint_every_steps N] [--stop_after_steps N] [--record FILE]
 
 Runs the program's body (`ccl_jax.main.run`) on configs/demo.py:smoke (or its RD baseline)
-for one epoch, and exits as the program does when preempted (`ccl_jax.preemption`). With
+for one epoch, and exits as the program does when preempted (`ccl_jax.runtime.preemption`). With
 --distributed it joins the run described by JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID (ccl_jax.distributed), as the program does with
+JAX_NUM_PROCESSES and JAX_PROCESS_ID (ccl_jax.runtime.distributed), as the program does with
 --distributed. The device count and CPU collectives come from the environment too
 (JAX_NUM_CPU_DEVICES, JAX_CPU_COLLECTIVES_IMPLEMENTATION).
 
@@ -27,9 +27,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ccl_jax import default_config, distributed, input_pipeline, main, preemption  # noqa: E402
-from ccl_jax import settings  # noqa: E402
-from ccl_jax import xla_options  # noqa: E402
+from ccl_jax import main
+from ccl_jax.config import default_config
+from ccl_jax.datasets import input_pipeline
+from ccl_jax.runtime import distributed, preemption
+from ccl_jax.config import settings
+from ccl_jax.runtime import xla_options
 from configs import demo  # noqa: E402
 
 

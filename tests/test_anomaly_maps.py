@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ccl_jax import anomaly_maps
+from ccl_jax.models import anomaly_maps
 
 
 def bilinear_align_corners(x, out_h, out_w):

@@ -1,4 +1,4 @@
-"""Tests for ccl_jax.augment against independent numpy / scipy / PIL / colorsys references."""
+"""Tests for ccl_jax.ccl.augment against independent numpy / scipy / PIL / colorsys references."""
 import colorsys
 import math
 import pathlib
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ccl_jax import augment as A
+from ccl_jax.ccl import augment as A
 from ccl_jax import models
 
 S = 32  # image size used by the pipeline tests (> 11, so 23-tap reflect padding is valid)

@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import detectors, hiercore, inference, scenarios, thresholds
+from ccl_jax import hiercore, scenarios
+from ccl_jax.decisions import thresholds
+from ccl_jax.runtime import inference
 from ccl_jax.datasets import selection
-from ccl_jax.hiercore import fit
-from ccl_jax.run_dir import RunDir
+from ccl_jax.training import fit_hiercore
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.models.detector import Scores
+from ccl_jax.results.decision_metrics import decision_metrics
 
 
 def test_threshold_efficiency_is_f1_over_the_best_cut():
@@ -23,7 +27,7 @@ def test_threshold_efficiency_is_f1_over_the_best_cut():
   # TP 3, FP 1 (0.4) -> F1 = 6/7. Class b at 0.5: flags 0.9, F1 = 1 = its best.
   per_image = np.array([0.45] * 6 + [0.5, 0.5])
   support = np.array([7] * 6 + [3, 3])
-  result = thresholds.decision_metrics(scores, labels, per_image, class_ids, ["a", "b"],
+  result = decision_metrics(scores, labels, per_image, class_ids, ["a", "b"],
                                        support_per_image=support)
   a, b = result["per_class"]["a"], result["per_class"]["b"]
   assert a["f1"] == pytest.approx(4 / 5) and a["f1_max"] == pytest.approx(6 / 7)
@@ -32,14 +36,14 @@ def test_threshold_efficiency_is_f1_over_the_best_cut():
   assert (a["threshold_support"], b["threshold_support"]) == (7, 3)
   assert result["mean"]["threshold_efficiency"] == pytest.approx(((4 / 5) / (6 / 7) + 1) / 2)
   # A threshold below every normal score flags them all: efficiency falls with F1.
-  low = thresholds.decision_metrics(scores, labels, np.zeros(8), class_ids, ["a", "b"])
+  low = decision_metrics(scores, labels, np.zeros(8), class_ids, ["a", "b"])
   assert low["per_class"]["a"]["threshold_efficiency"] == pytest.approx((6 / 9) / (6 / 7))
 
 
 def test_threshold_efficiency_of_one_label_classes():
   scores = np.array([0.1, 0.7, 0.2, 0.9])
   labels = np.array([0, 0, 1, 1])
-  result = thresholds.decision_metrics(scores, labels, np.full(4, 0.5), np.array([0, 0, 1, 1]),
+  result = decision_metrics(scores, labels, np.full(4, 0.5), np.array([0, 0, 1, 1]),
                                        ["normals", "defects"])
   normals, defects = result["per_class"]["normals"], result["per_class"]["defects"]
   # Nothing to find among normals only: undefined like F1, and said why.
@@ -82,7 +86,7 @@ def test_folds_leave_every_group_in_every_bank(split):
   # Group 0 is two far-apart blobs: clusters must not mix them.
   embeddings = rng.normal(size=(16, 4))
   embeddings[:6, 0] += 50
-  folds = fit.assign_folds(embeddings, group_ids, 5, split=split, seed=0)
+  folds = fit_hiercore.assign_folds(embeddings, group_ids, 5, split=split, seed=0)
   assert folds[15] == -1  # a group's only image is never held out
   for g, k in ((0, 5), (1, 3)):
     members = folds[group_ids == g]
@@ -92,7 +96,7 @@ def test_folds_leave_every_group_in_every_bank(split):
   else:
     assert not set(folds[:6]) & set(folds[6:12])
   with pytest.raises(ValueError, match="split must be"):
-    fit.assign_folds(embeddings, group_ids, 5, split="blocks", seed=0)
+    fit_hiercore.assign_folds(embeddings, group_ids, 5, split="blocks", seed=0)
 
 
 class _PixelNeighbours:
@@ -106,7 +110,7 @@ class _PixelNeighbours:
     del group_ids
     gaps = jnp.mean(jnp.abs(images.astype(jnp.float32)[:, None] - self.images[None]),
                     axis=(2, 3, 4))
-    return detectors.Scores(jnp.zeros(images.shape[:3]), jnp.min(gaps, axis=1))
+    return Scores(jnp.zeros(images.shape[:3]), jnp.min(gaps, axis=1))
 
 
 def test_cross_fitted_scores_come_from_banks_without_the_image():
@@ -116,7 +120,7 @@ def test_cross_fitted_scores_come_from_banks_without_the_image():
             for im in images]
   indices = np.arange(11)
   group_ids = np.zeros(11, np.int64)
-  folds = fit.assign_folds(np.zeros((11, 2)), group_ids, 4, split="random", seed=0)
+  folds = fit_hiercore.assign_folds(np.zeros((11, 2)), group_ids, 4, split="random", seed=0)
   built = []
 
   def bank_of(bank_indices, bank_groups):
@@ -124,7 +128,7 @@ def test_cross_fitted_scores_come_from_banks_without_the_image():
     assert np.array_equal(bank_groups, group_ids[bank_indices])
     return images[bank_indices]
 
-  scores = fit.cross_fitted_scores(bank_of, _PixelNeighbours, source, indices, group_ids,
+  scores = fit_hiercore.cross_fitted_scores(bank_of, _PixelNeighbours, source, indices, group_ids,
                                    folds, global_batch_size=4,
                                    batch_sharding=inference.batch_sharding())
   assert len(built) == 4 and all(len(b) in (8, 9) for b in built)

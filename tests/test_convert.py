@@ -12,10 +12,10 @@ import torch
 from absl import flags
 from torch import nn
 
-from ccl_jax import convert
+from ccl_jax.weights import convert
 from ccl_jax.models import ResNetEncoder, encoder_spec
-from ccl_jax.torch_checkpoint import load_state_dict
-from ccl_jax.weights import encoder_variables
+from ccl_jax.weights.torch_checkpoint import load_state_dict
+from ccl_jax.weights.encoder_weights import encoder_variables
 from data_prep import convert_weights
 
 # ----------------------------------------------------------------------------------------

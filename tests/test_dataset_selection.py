@@ -79,10 +79,10 @@ def test_dataset_mixture_has_one_class_space(smoke_settings, make_mvtec_tree, tm
 
 
 def test_the_datasets_package_does_not_import_the_settings(repo_root):
-  # Arrows point down: ccl_jax.settings reads the datasets' choice lists, never the reverse.
+  # Arrows point down: ccl_jax.config.settings reads the datasets' choice lists, never the reverse.
   out = subprocess.run(
       [sys.executable, "-c", "import sys, ccl_jax.datasets.selection; "
-       "print(sorted(m for m in sys.modules if m.startswith('ccl_jax.settings')))"],
+       "print(sorted(m for m in sys.modules if m.startswith('ccl_jax.config.settings')))"],
       capture_output=True, text=True, cwd=repo_root, timeout=300, check=True)
   assert out.stdout.strip() == "[]"
 

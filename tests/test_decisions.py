@@ -6,9 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from ccl_jax import decisions, detectors, grouping, inference, scenarios, thresholds
+from ccl_jax import scenarios
+from ccl_jax.decisions import grouping, thresholds
+from ccl_jax.evaluation import decide
+from ccl_jax.runtime import inference
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.runs.loading import load_detector
 
 
 def _blobs(seed=0):
@@ -23,9 +27,9 @@ def test_evaluation_groups_from_labels_use_the_given_class():
   groups, _ = grouping.fit_groups(embeddings, labels=class_ids, class_names=["a", "b", "c"])
   # Swap the labels of two classes: a given label wins over the nearest centroid.
   given = np.array([1, 0, 2])[class_ids]
-  assert np.array_equal(decisions.evaluation_groups(groups, embeddings, given, ["a", "b", "c"]),
+  assert np.array_equal(decide.evaluation_groups(groups, embeddings, given, ["a", "b", "c"]),
                         given)
-  assert np.array_equal(decisions.evaluation_groups(groups, embeddings, None, ["a", "b", "c"]),
+  assert np.array_equal(decide.evaluation_groups(groups, embeddings, None, ["a", "b", "c"]),
                         class_ids)
 
 
@@ -34,9 +38,9 @@ def test_evaluation_groups_for_clusters_keep_a_given_class_together():
   groups, assignment = grouping.fit_groups(embeddings, num_groups=3, seed=0)
   moved = embeddings.copy()
   moved[0] = embeddings[15]  # one class-0 image that looks like class 1
-  routed = decisions.evaluation_groups(groups, moved, None, ["a", "b", "c"])
+  routed = decide.evaluation_groups(groups, moved, None, ["a", "b", "c"])
   assert routed[0] == assignment[15]
-  kept = decisions.evaluation_groups(groups, moved, class_ids, ["a", "b", "c"])
+  kept = decide.evaluation_groups(groups, moved, class_ids, ["a", "b", "c"])
   assert kept[0] == assignment[1]  # the majority group of its class
   assert np.array_equal(kept[1:], assignment[1:])
 
@@ -54,7 +58,7 @@ def hiercore_scenarios(smoke_settings, tmp_path_factory):
 def test_thresholds_come_from_the_held_out_normal_images_only(hiercore_scenarios):
   workdir, _ = hiercore_scenarios
   run_dir = RunDir(os.path.join(workdir, "labels_at_training"))
-  detector = detectors.load_detector(run_dir.path)
+  detector = load_detector(run_dir.path)
   run_settings = run_dir.read_settings()
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
@@ -65,7 +69,7 @@ def test_thresholds_come_from_the_held_out_normal_images_only(hiercore_scenarios
   assert meta["num_holdout_images"] == len(holdout)
   holdout_groups = dataset.train_class_ids[holdout]
   scores = inference.run_inference(
-      decisions.score_fn(detector), dataset.train, holdout, outputs=("score",),
+      decide.score_fn(detector), dataset.train, holdout, outputs=("score",),
       per_image_inputs={"group_id": holdout_groups}, global_batch_size=8,
       batch_sharding=inference.batch_sharding())["score"]
   for g in range(2):
@@ -111,6 +115,6 @@ def test_ccl_training_writes_a_decision_file_with_its_groups(trained_smoke_run):
 def test_per_dataset_means_group_qualified_class_names():
   rows = {"a/x": {"image_auroc": 0.5, "aupro": 1.0}, "a/y": {"image_auroc": 1.0, "aupro": 0.0},
           "b/z": {"image_auroc": 0.25, "aupro": 0.5}}
-  means = decisions.per_dataset_means(rows)
+  means = decide.per_dataset_means(rows)
   assert means == {"a": {"image_auroc": 0.75, "aupro": 0.5},
                    "b": {"image_auroc": 0.25, "aupro": 0.5}}

@@ -11,10 +11,10 @@ import pytest
 import skimage.data
 import skimage.transform
 
-from ccl_jax import convert
+from ccl_jax.weights import convert
 from ccl_jax.models import efficientnet
 from ccl_jax.models.efficientnet import EfficientNetLite0, normalise_images, same_padding
-from ccl_jax.torch_checkpoint import load_state_dict
+from ccl_jax.weights.torch_checkpoint import load_state_dict
 
 CAT_CLASSES = {281, 282, 283, 284, 285, 287}  # tabby, tiger, Persian, Siamese, Egyptian, lynx
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug

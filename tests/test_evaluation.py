@@ -1,5 +1,5 @@
 """The test split scored class by class: exact metrics, bounded host memory, every image
-once in any layout over processes (ccl_jax/evaluation.py).
+once in any layout over processes (ccl_jax/evaluation/streaming.py).
 
 A stand-in detector (the anomaly map is the image's sum over its channels, exact in any
 order) keeps these fast: what is checked is the bookkeeping around the model, not the model."""
@@ -9,7 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from ccl_jax import decisions, detectors, evaluation, inference, input_pipeline, metrics
+from ccl_jax.datasets import input_pipeline
+from ccl_jax.evaluation import decide, streaming
+from ccl_jax.results import writing
+from ccl_jax.results import metrics
+from ccl_jax.runtime import inference
+from ccl_jax.models.detector import Scores
 
 SIZE = 64
 BATCH = 8
@@ -48,7 +53,7 @@ class _MeanDetector:
   def score(self, images, group_ids):
     del group_ids
     maps = self._maps(images)
-    return detectors.Scores(maps, maps.max(axis=(1, 2)))
+    return Scores(maps, maps.max(axis=(1, 2)))
 
 
 def _map(image):
@@ -56,7 +61,7 @@ def _map(image):
 
 
 def _evaluate(dataset, **kwargs):
-  return decisions.evaluate_test_set(
+  return decide.evaluate_test_set(
       _MeanDetector(), dataset, np.zeros(len(dataset.test), np.int32),
       global_batch_size=BATCH, batch_sharding=inference.batch_sharding(), **kwargs)
 
@@ -100,7 +105,7 @@ def test_views_hold_the_maps_the_figures_show():
   dataset = _Dataset(num_classes=2, per_class=20)
   _, outputs = _evaluate(dataset, heatmaps_per_class=2)
   views = outputs["views"]
-  figures = decisions.heatmap_figures(dataset, outputs, per_class=2)
+  figures = writing.heatmap_figures(dataset, outputs, per_class=2)
   assert [name for name, _, _ in figures] == ["class0"] * 3 + ["class1"] * 3
   for c in range(2):
     rows = np.flatnonzero(dataset.test_class_ids == c)
@@ -114,16 +119,16 @@ def test_views_hold_the_maps_the_figures_show():
 
 
 def test_classes_are_dealt_by_size():
-  assert evaluation.class_owners([10, 40, 30, 20], 2).tolist() == [0, 0, 1, 1]
-  assert evaluation.class_owners([5, 5, 5], 1).tolist() == [0, 0, 0]
-  assert evaluation.class_owners([7], 3).tolist() == [0]
+  assert streaming.class_owners([10, 40, 30, 20], 2).tolist() == [0, 0, 1, 1]
+  assert streaming.class_owners([5, 5, 5], 1).tolist() == [0, 0, 0]
+  assert streaming.class_owners([7], 3).tolist() == [0]
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_class_layout_gives_each_process_only_its_classes(process_count):
   class_ids = np.repeat([0, 1, 2, 3, 4], [9, 3, 14, 0, 6])
-  owners = evaluation.class_owners(np.bincount(class_ids, minlength=5), process_count)
-  layout = evaluation.class_layout(class_ids, owners, 8, process_count)
+  owners = streaming.class_owners(np.bincount(class_ids, minlength=5), process_count)
+  layout = streaming.class_layout(class_ids, owners, 8, process_count)
   local = 8 // process_count
   real = layout[layout >= 0]
   assert sorted(real.tolist()) == list(range(class_ids.size))  # each image exactly once

@@ -1,4 +1,4 @@
-"""`python -m ccl_jax.export`, the standalone loader `ccl_jax.exported` and predict --model,
+"""`python -m ccl_jax.export`, the standalone loader `ccl_jax.deploy.loader` and predict --model,
 on the tiny trained models of configs/demo.py:smoke (CCL and HierCore)."""
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import detectors, export, exported, main, predict
+from ccl_jax import export, main, predict
+from ccl_jax.deploy import loader
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.runs.loading import load_detector
 
 NUM_IMAGES = 5  # with --batch_size 2 the last batch is padded
 
@@ -63,13 +65,13 @@ def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["ccl", "hiercore"])
 def test_exported_maps_equal_the_workdir_detectors(runs, kind):
-  detector = detectors.load_detector(runs["workdirs"][kind])
+  detector = load_detector(runs["workdirs"][kind])
   images, group_ids = runs["images"], runs["group_ids"]
   expected = detector.score(images, group_ids)
   expected_maps = np.asarray(expected.anomaly_maps)
   embedding = np.asarray(detector.embed(images))
-  for backend in exported.BACKENDS:
-    model = exported.load(runs["models"][kind], backend)
+  for backend in loader.BACKENDS:
+    model = loader.load(runs["models"][kind], backend)
     assert (model.name, model.image_size) == (detector.name, detector.image_size)
     # Any batch size: the functions were exported with a symbolic batch dimension.
     scores = [model.score(images[i:i + 3], group_ids[i:i + 3]) for i in (0, 3)]
@@ -83,7 +85,7 @@ def test_exported_maps_equal_the_workdir_detectors(runs, kind):
                                atol=1e-4 * np.abs(embedding).max())
   if kind == "hiercore":
     # The group decides the score: the other group's memory bank gives other maps.
-    other = exported.load(runs["models"][kind]).score(images, 1 - group_ids).anomaly_maps
+    other = loader.load(runs["models"][kind]).score(images, 1 - group_ids).anomaly_maps
     assert np.abs(other - expected_maps).max() > 100 * tolerance
 
 
@@ -92,7 +94,7 @@ def test_exported_maps_equal_the_workdir_detectors(runs, kind):
 def test_the_serialised_functions_keep_every_scoring_setting(runs, kind, setting, value):
   # `:authors` scales CCL maps by 1/9, `hiercore.reweight_neighbours` reweights HierCore
   # scores: an exported model must score as the run did, or its thresholds would not apply.
-  detector = detectors.load_detector(runs["workdirs"][kind])
+  detector = load_detector(runs["workdirs"][kind])
   setattr(detector, setting, value)
   images, group_ids = runs["images"], runs["group_ids"]
   expected = detector.score(images, group_ids)
@@ -108,7 +110,7 @@ def test_predict_from_the_model_gives_the_workdir_rows(runs, kind, tmp_path):
   rows = _predict(f"--workdir={runs['workdirs'][kind]}", f"--output={tmp_path / 'w.csv'}",
                   *common)
   assert len(rows) == NUM_IMAGES
-  for backend in exported.BACKENDS:
+  for backend in loader.BACKENDS:
     output = tmp_path / f"{backend}.json"
     got = _predict(f"--model={runs['models'][kind]}", f"--backend={backend}",
                    f"--output={output}", *common)
@@ -127,12 +129,12 @@ def test_predict_from_the_model_gives_the_workdir_rows(runs, kind, tmp_path):
 def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
   """The loader in a fresh interpreter where the training stack cannot be imported."""
   model = runs["models"]["hiercore"]
-  expected = exported.load(model).score(runs["images"], runs["group_ids"])
+  expected = loader.load(model).score(runs["images"], runs["group_ids"])
   np.savez(tmp_path / "inputs.npz", images=runs["images"], group_ids=runs["group_ids"])
   script = textwrap.dedent(f"""
       import sys
       BLOCKED = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "grain",
-                 "sklearn", "torch", "ml_collections", "ccl_jax.train",
+                 "sklearn", "torch", "ml_collections", "ccl_jax.training.train",
                  "ccl_jax.detectors", "ccl_jax.models", "ccl_jax.datasets")
 
       class Block:
@@ -145,7 +147,7 @@ def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
       import numpy as np
       from ccl_jax import exported
       inputs = np.load({str(tmp_path / 'inputs.npz')!r})
-      scores = exported.load({model!r}).score(inputs["images"], inputs["group_ids"])
+      scores = loader.load({model!r}).score(inputs["images"], inputs["group_ids"])
       np.save({str(tmp_path / 'maps.npy')!r}, scores.anomaly_maps)
       print(sorted(m for m in sys.modules if m.split(".")[0] in
                    ("flax", "optax", "orbax", "sklearn", "tensorflow")))
@@ -165,34 +167,34 @@ def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
 def test_damaged_or_incompatible_model_directories_are_clear_errors(runs, tmp_path):
   model = runs["models"]["ccl"]
   corrupted = _copy(model, tmp_path / "corrupted")
-  weights = corrupted / exported.WEIGHTS_FILE
+  weights = corrupted / loader.WEIGHTS_FILE
   data = bytearray(weights.read_bytes())
   data[len(data) // 2] ^= 0xFF
   weights.write_bytes(bytes(data))
-  with pytest.raises(exported.ModelDirError, match=f"{weights} is corrupted"):
-    exported.load(str(corrupted))
+  with pytest.raises(loader.ModelDirError, match=f"{weights} is corrupted"):
+    loader.load(str(corrupted))
 
   missing = _copy(model, tmp_path / "missing")
   (missing / "score.onnx").unlink()
-  with pytest.raises(exported.ModelDirError, match="score.onnx is missing"):
-    exported.load(str(missing), "onnx")
+  with pytest.raises(loader.ModelDirError, match="score.onnx is missing"):
+    loader.load(str(missing), "onnx")
 
   for key, value, message in (
       ("format_version", 99, "format_version is 99; this code reads version 1"),
       ("calling_convention_version", 999, "calling convention version 999 .* Install jax==")):
     changed = _copy(model, tmp_path / key)
-    manifest_path = changed / exported.MANIFEST_FILE
+    manifest_path = changed / loader.MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     if key == "format_version":
       manifest[key] = value
     else:
       manifest["functions"]["embed"][key] = value
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(exported.ModelDirError, match=message):
-      exported.load(str(changed))
+    with pytest.raises(loader.ModelDirError, match=message):
+      loader.load(str(changed))
 
-  with pytest.raises(exported.ModelDirError, match="not a model directory"):
-    exported.load(str(tmp_path))
+  with pytest.raises(loader.ModelDirError, match="not a model directory"):
+    loader.load(str(tmp_path))
 
 
 def test_export_refuses_to_replace_another_model(runs, tmp_path):
@@ -230,7 +232,7 @@ def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_ro
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
   images = np.stack([dataset.test[i]["image"] for i in range(len(dataset.test))])
-  jax_model, onnx_model = (exported.load(str(model_dir), b) for b in exported.BACKENDS)
+  jax_model, onnx_model = (loader.load(str(model_dir), b) for b in loader.BACKENDS)
   num_groups = len(jax_model.manifest["groups"]["names"])
   group_ids = np.asarray(dataset.test_class_ids, np.int32) % num_groups
   for start in range(0, len(images), 16):

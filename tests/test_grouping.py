@@ -1,4 +1,4 @@
-"""Tests for ccl_jax.grouping: label groups, clustering, automatic k and routing."""
+"""Tests for ccl_jax.decisions.grouping: label groups, clustering, automatic k and routing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import v_measure_score
 
-from ccl_jax import grouping
+from ccl_jax.decisions import grouping
 
 
 def _blobs(k: int, per_class: int = 25, dim: int = 32, spread: float = 0.15, seed: int = 0):

@@ -11,10 +11,13 @@ import pytest
 import scipy.ndimage
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ccl_jax import anomaly_maps, detectors, hiercore, inference, models
+from ccl_jax import hiercore, models
+from ccl_jax.models import anomaly_maps
+from ccl_jax.runtime import inference
 from ccl_jax.models.frozen import encode
 from ccl_jax.hiercore import features as features_lib
-from ccl_jax.hiercore import fit
+from ccl_jax.training import fit_hiercore
+from ccl_jax.hiercore.detector import HierCoreDetector
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -263,14 +266,14 @@ def test_leave_one_out_scores_equal_banks_built_without_the_image(resnet18):
         global_batch_size=4, batch_sharding=sharding, progress=False, **kwargs)
 
   def detector_of(bank):
-    return detectors.HierCoreDetector(32, encoder, variables, bank, None)
+    return HierCoreDetector(32, encoder, variables, bank, None)
 
   indices = np.arange(len(groups))
   bank, sources = bank_of(indices, with_sources=True)
   assert sources.shape == bank.features.shape[:2]
   for g in range(3):  # every point of a group's bank traced to one of its own images
     assert set(sources[g, :bank.counts[g]].tolist()) == set(np.flatnonzero(groups == g))
-  scores = fit.leave_one_out_scores(detector_of(bank), sources, train, indices, groups,
+  scores = fit_hiercore.leave_one_out_scores(detector_of(bank), sources, train, indices, groups,
                                     global_batch_size=4, batch_sharding=sharding)
   assert np.isnan(scores[7]) and not np.isnan(scores[:7]).any()
   full = np.asarray(detector_of(bank).score(

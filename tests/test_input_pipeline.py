@@ -1,4 +1,4 @@
-"""Tests for ccl_jax.input_pipeline (CPU only, fast)."""
+"""Tests for ccl_jax.datasets.input_pipeline (CPU only, fast)."""
 
 import itertools
 import os
@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from ccl_jax import input_pipeline as ip
+from ccl_jax.datasets import input_pipeline as ip
 
 S = 4  # Image side of the fake source.
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import losses
+from ccl_jax.ccl import losses
 
 
 def _cos(a, b):

@@ -1,4 +1,4 @@
-"""Tests for ccl_jax.metrics against independent references.
+"""Tests for ccl_jax.results.metrics against independent references.
 
 References are scikit-learn (AUROC, AP, PR curve), plain-numpy brute force
 over every distinct threshold (F1-max, AUPRO) and hand-computed curves.
@@ -14,7 +14,7 @@ from scipy import ndimage
 from sklearn.metrics import (average_precision_score, precision_recall_curve,
                              roc_auc_score)
 
-from ccl_jax import metrics
+from ccl_jax.results import metrics
 
 TOL = 1e-9
 

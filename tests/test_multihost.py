@@ -444,7 +444,7 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(runs):
   assert crash.survivor_rc != 0, runs.crashed.tail(0)
   assert crash.survivor_seconds < SURVIVOR_BOUND_S, runs.crashed.tail(0)
   # Either JAX's coordination service names the silent process, or the collective process 0
-  # was in lost its connection to process 1 first, and ccl_jax.distributed exits on it.
+  # was in lost its connection to process 1 first, and ccl_jax.runtime.distributed exits on it.
   by_heartbeats = ("detected fatal errors" in survivor
                    and "stopped sending heartbeats" in survivor)
   by_connection = ("ccl_jax: process 0 of 2 stopped on the error above" in survivor
@@ -500,7 +500,7 @@ multihost_utils.sync_global_devices("waits for process 1")
 def test_an_exception_in_one_process_stops_the_others_promptly():
   """Process 1 raises while process 0 waits for it in a collective: process 1 exits at
   once with its traceback, and process 0 within the heartbeat timeout. Without
-  ccl_jax.distributed's exit, process 1 would wait at JAX's shutdown barrier (300 s)."""
+  ccl_jax.runtime.distributed's exit, process 1 would wait at JAX's shutdown barrier (300 s)."""
   port = _free_port()
   script = _FAILING_PROCESS.format(repo=REPO)
   procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,

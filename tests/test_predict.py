@@ -12,9 +12,13 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import detectors, grouping, hiercore, main, predict, thresholds
+from ccl_jax import hiercore, main, predict
+from ccl_jax.decisions import grouping, thresholds
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.ccl.detector import rd_outputs
+from ccl_jax.models.detector import routing_embedding
+from ccl_jax.runs.loading import load_detector
 
 BATCH_SIZE = 3  # does not divide the 7 input images: the last batch is padded
 ORIGINAL_SIZE = (48, 40)  # (width, height) of the input files: not the model's 32 x 32
@@ -29,7 +33,7 @@ def fitted(trained_smoke_run, tmp_path_factory):
   shutil.copytree(trained_dir, workdir)
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
-  detector = detectors.load_detector(workdir)
+  detector = load_detector(workdir)
 
   # Inputs: 3 carpet and 4 washer test images, stored at another size, in subfolders, in
   # several formats and colour modes.
@@ -58,10 +62,10 @@ def fitted(trained_smoke_run, tmp_path_factory):
   # and one unpadded rd_outputs / routing_embedding call over all images.
   images = np.stack([np.asarray(Image.open(p).convert("RGB").resize(
       (run_settings.image_size,) * 2, Image.Resampling.BILINEAR)) for p in paths])
-  expected = jax.jit(lambda x: detectors.rd_outputs(
+  expected = jax.jit(lambda x: rd_outputs(
       detector.variables, detector.encoder_variables, x, network=detector.network,
       encoder=detector.encoder))(images)
-  embed = jax.jit(lambda x: detectors.routing_embedding(detector.encoder_variables, x,
+  embed = jax.jit(lambda x: routing_embedding(detector.encoder_variables, x,
                                                         encoder=detector.encoder))
   train_images = np.stack([dataset.train[i]["image"] for i in range(len(dataset.train))])
   groups, _ = grouping.fit_groups(
@@ -229,7 +233,7 @@ def test_detector_checks_its_inputs(fitted, tmp_path):
   with pytest.raises(ValueError, match=r"group_ids must be \[2\]"):
     detector.score(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3, np.int32))
   with pytest.raises(FileNotFoundError, match="not a ccl_jax workdir"):
-    detectors.load_detector(str(tmp_path / "nothing"))
+    load_detector(str(tmp_path / "nothing"))
 
 
 def test_hiercore_workdir_scores_each_image_against_its_group(fitted, tmp_path):
@@ -245,8 +249,8 @@ def test_hiercore_workdir_scores_each_image_against_its_group(fitted, tmp_path):
   assert saved["model_kind"] == "hiercore"
   rows = saved["predictions"]
   # Expected: the memory bank scored directly, unbatched, with independently routed groups.
-  model = detectors.load_detector(workdir)
-  embed = jax.jit(lambda x: detectors.routing_embedding(model.encoder_variables, x,
+  model = load_detector(workdir)
+  embed = jax.jit(lambda x: routing_embedding(model.encoder_variables, x,
                                                         encoder=model.encoder))
   routed = grouping.route(groups, np.asarray(embed(fitted["images"])))
   assert [r["class"] for r in rows] == [groups.names[g] for g in routed]

@@ -21,9 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccl_jax import decisions, main, preemption
+from ccl_jax import main
+from ccl_jax.evaluation import decide
+from ccl_jax.runtime import preemption
 from ccl_jax.datasets import builders
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runs.run_dir import RunDir
 
 EPOCHS = 3
 STEPS = 27  # 3 epochs of 9 steps: 72 training images (80 less 10 % held out) / batch 8
@@ -174,13 +176,13 @@ def test_signal_during_evaluation_stops_at_once_and_the_rerun_evaluates(
   reference = trained_smoke_run[1]
   run_settings = _settings(smoke_settings)
   workdir = str(tmp_path / "run")
-  real_evaluation = decisions.fit_and_evaluate
+  real_evaluation = decide.fit_and_evaluate
 
   def evaluation_while_signalled(*args, **kwargs):
     _signal_self()
     return real_evaluation(*args, **kwargs)
 
-  monkeypatch.setattr(decisions, "fit_and_evaluate", evaluation_while_signalled)
+  monkeypatch.setattr(decide, "fit_and_evaluate", evaluation_while_signalled)
   with pytest.raises(preemption.Preempted, match="outside training"):
     main.run(run_settings, workdir)
   monkeypatch.undo()

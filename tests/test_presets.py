@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from ccl_jax import default_config, settings
+from ccl_jax.config import default_config, settings
 from configs import mvtec_ad
 
 PRESETS = {"authors": default_config.as_authors, "paper": default_config.as_paper}
@@ -119,8 +119,8 @@ def test_the_warning_is_logged_before_any_work(tmp_path, caplog):
 
 
 def test_the_warning_heads_metrics_json_results_md_and_the_report(tmp_path):
-  from ccl_jax import decisions, metrics  # pylint: disable=import-outside-toplevel
-  from ccl_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  from ccl_jax.results import metrics, writing
+  from ccl_jax.runs.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   masks = np.zeros((4, 8, 8), np.uint8)
   masks[2:, 2:5, 2:5] = 1
@@ -139,7 +139,7 @@ def test_the_warning_heads_metrics_json_results_md_and_the_report(tmp_path):
     config.num_heatmaps_per_class = 0
     run_settings = settings.from_config(config)
     run_dir = RunDir(str(tmp_path / weights.replace("/", "_")))
-    decisions.write_results(run_dir, {"metrics": summary}, dataset, outputs, run_settings)
+    writing.write_results(run_dir, {"metrics": summary}, dataset, outputs, run_settings)
     written = json.load(open(run_dir.file("metrics.json"), encoding="utf-8"))
     table = open(run_dir.file("results.md"), encoding="utf-8").read()
     page = open(run_dir.file("report.html"), encoding="utf-8").read()

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccl_jax import confusion, detectors, evaluate, variable_files
+from ccl_jax import confusion, evaluate
+from ccl_jax.weights import variable_files
 from ccl_jax.datasets import selection
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.runs.loading import load_detector
 
 
 def _program(repo_root, name, *args, timeout=600):
@@ -47,7 +49,7 @@ def test_evaluate_program_reproduces_the_runs_own_metrics(trained_smoke_run, rep
 def test_evaluate_scores_saved_variables_like_the_run(trained_smoke_run, smoke_settings,
                                                       tmp_path):
   run_settings, workdir = trained_smoke_run
-  detector = detectors.load_detector(workdir)
+  detector = load_detector(workdir)
   path = str(tmp_path / "model.msgpack")
   variable_files.save(path, detector.variables)
   evaluated = evaluate.evaluate_variables(run_settings, str(tmp_path / "eval"), path)
@@ -77,7 +79,7 @@ def test_confusion_program_compares_runs(trained_smoke_run, repo_root, tmp_path)
 
 def test_confusion_embeddings_and_v_measure(trained_smoke_run):
   run_settings, workdir = trained_smoke_run
-  detector = detectors.load_detector(workdir)
+  detector = load_detector(workdir)
   assert detector.checkpoint_step > 0
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccl_jax import evaluation, report
+from ccl_jax.evaluation import streaming
+from ccl_jax.results import report
 
 INSTALL_CHROMIUM = ("chromium is not installed, so report.html cannot be tested in a browser; "
                     "install it with `apt-get update && apt-get install -y chromium` "
@@ -98,7 +99,7 @@ def test_gallery_puts_the_worst_misses_first():
     test = [{"image": np.zeros((4, 4, 3), np.uint8), "file_name": f"{i}.png"}
             for i in range(6)]
 
-  views = evaluation.Views({i: np.zeros((4, 4)) for i in range(6)},
+  views = streaming.Views({i: np.zeros((4, 4)) for i in range(6)},
                            {i: np.zeros((4, 4), np.uint8) for i in range(6)}, {0: (0.0, 1.0)})
   outputs = {"score": scores, "label": labels, "threshold": np.full(6, 0.45), "views": views}
   items = report.gallery(Dataset(), outputs, per_class=4)

@@ -10,8 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from ccl_jax import grouping, hiercore, run_dir, thresholds
-from ccl_jax.run_dir import RunDir
+from ccl_jax import hiercore
+from ccl_jax.decisions import grouping, thresholds
+from ccl_jax.runs import run_dir
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.runs.loading import load_detector
 
 
 def test_memory_bank_save_load_round_trip_and_errors(tmp_path):
@@ -167,11 +170,10 @@ def test_a_locked_workdir_is_refused_at_once(smoke_settings, tmp_path):
 
 
 def test_reading_a_run_creates_nothing(trained_smoke_run, tmp_path):
-  from ccl_jax import detectors
   _, trained = trained_smoke_run
   shutil.copy(os.path.join(trained, "config.json"), tmp_path / "config.json")
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    detectors.load_detector(str(tmp_path))
+    load_detector(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="decision.json not found"):
     RunDir(str(tmp_path)).read_decision()
   assert os.listdir(tmp_path) == ["config.json"]
@@ -194,7 +196,8 @@ def _latest_params(workdir):
 def test_a_non_finite_state_is_never_saved(smoke_settings, tmp_path):
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from ccl_jax import settings, train
+  from ccl_jax.config import settings
+  from ccl_jax.training import train
   workdir = str(tmp_path / "run")
   good = smoke_settings(checkpoint_every_steps=1, log_every_steps=100)
   train.train_and_evaluate(good, workdir, stop_after_steps=2)
@@ -216,7 +219,7 @@ def test_a_non_finite_state_is_never_saved(smoke_settings, tmp_path):
 
 def test_a_kill_between_the_best_and_latest_saves_resumes(smoke_settings, tmp_path,
                                                            monkeypatch):
-  from ccl_jax import train
+  from ccl_jax.training import train
   workdir = str(tmp_path / "run")
   save = RunDir.save_checkpoint
 
@@ -237,7 +240,7 @@ def test_a_kill_between_the_best_and_latest_saves_resumes(smoke_settings, tmp_pa
 
 
 def test_resuming_with_another_model_shape_names_the_parameter(smoke_settings, tmp_path):
-  from ccl_jax import train
+  from ccl_jax.training import train
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(smoke_settings(), workdir, stop_after_steps=1)
   # resnet18's feature maps have other channel counts than efficientnet_lite0's.

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ccl_jax import default_config, settings
+from ccl_jax.config import default_config, settings
 from configs import all_in_all, btad, demo, manta, mvtec_ad, real_iad, visa
 
 PRESETS = ("", "authors", "paper", "rd")

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccl_jax import anomaly_maps, detectors, step
+from ccl_jax.ccl import step
+from ccl_jax.models import anomaly_maps
 from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
-from ccl_jax.settings import LossSettings, OptimizerSettings
+from ccl_jax.config.settings import LossSettings, OptimizerSettings
+from ccl_jax.ccl.detector import rd_outputs
 
 SIZE = 32
 
@@ -114,13 +116,13 @@ def test_neck_on_the_augmented_view_moves_only_the_batchnorm_statistics():
 def test_predict_outputs():
   settings = LossSettings()
   encoder, model, encoder_variables, state, batch = _setup(settings)
-  out = detectors.rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
+  out = rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
                             network=model, encoder=encoder)
   assert out["anomaly_map"].shape == (8, SIZE, SIZE)
   np.testing.assert_allclose(out["score"], np.max(np.asarray(out["anomaly_map"]), axis=(1, 2)))
   assert out["kd"].shape == (8,)
   # The authors' evaluator scale: maps and scores exactly 1/9, the KD loss untouched.
-  scaled = detectors.rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
+  scaled = rd_outputs(step.variables_of(state), encoder_variables, batch["image"],
                                 network=model, encoder=encoder,
                                 map_scale=anomaly_maps.AUTHORS_ANOMALY_MAP_SCALE)
   np.testing.assert_allclose(9 * np.asarray(scaled["anomaly_map"]), out["anomaly_map"],
@@ -137,7 +139,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from ccl_jax import inference, step
-    from ccl_jax.settings import LossSettings
+    from ccl_jax.config.settings import LossSettings
     from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
     size = 32
     spec = encoder_spec('resnet18')

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccl_jax import files
-from ccl_jax.run_dir import RunDir
+from ccl_jax.runtime import files
+from ccl_jax.runs.run_dir import RunDir
 
 STORAGE_EXIT_CODE = 74
 
@@ -102,7 +102,7 @@ def test_a_save_that_runs_out_of_space_keeps_the_earlier_checkpoint(tmp_path, mo
   with _tmpfs(tmp_path / "small") as small:
     run_dir = RunDir(os.path.join(small, "run"))
     run_dir.save_checkpoint("latest", _state(1, 1000), {"n": 1})
-    monkeypatch.setattr("ccl_jax.run_dir.disk_space", lambda path: (1 << 40, 1 << 40))
+    monkeypatch.setattr("ccl_jax.runs.run_dir.disk_space", lambda path: (1 << 40, 1 << 40))
     with pytest.raises(files.StorageError) as failure:
       run_dir.save_checkpoint("latest", _state(2, 2_000_000), {"n": 2})  # 8 MB
     assert failure.value.errno == errno.ENOSPC

@@ -1,15 +1,14 @@
-"""Tests for ccl_jax.thresholds: rules, per-group estimation, decision metrics, decision.json."""
+"""Tests for ccl_jax.decisions.thresholds: rules, per-group estimation, decision metrics, decision.json."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 
-from ccl_jax import grouping, thresholds
+from ccl_jax.decisions import thresholds
+from ccl_jax.results.decision_metrics import decision_metrics
 
 
 # ----------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def test_test_scores_never_change_thresholds():
     test_scores = rng.random(40) + shift * labels
     per_image = estimated.per_image(test_groups)
     np.testing.assert_array_equal(per_image, estimated.per_group[test_groups])
-    thresholds.decision_metrics(test_scores, labels, per_image, test_groups, ["a", "b"])
+    decision_metrics(test_scores, labels, per_image, test_groups, ["a", "b"])
   assert estimated.to_json() == snapshot
   with pytest.raises(ValueError):
     estimated.per_group[0] = 0.0  # read-only: nothing downstream can move it
@@ -153,7 +152,7 @@ def test_decision_metrics_hand_computed():
   # Class a at 0.5 (0.5 itself is a tie: not flagged), class b at 0.25.
   per_image = np.array([0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])
   class_ids = np.array([0, 0, 0, 0, 1, 1, 1])
-  result = thresholds.decision_metrics(scores, labels, per_image, class_ids, ["a", "b"])
+  result = decision_metrics(scores, labels, per_image, class_ids, ["a", "b"])
   a, b = result["per_class"]["a"], result["per_class"]["b"]
   # a: flagged 0.6 (FP), 0.9 (TP); 0.5 (FN, tie), 0.1 (TN).
   assert (a["tp"], a["fp"], a["fn"], a["tn"]) == (1, 1, 1, 1)
@@ -180,7 +179,7 @@ def test_decision_metrics_leave_undefined_rates_out():
   # only_bad: anomalies only, one missed; empty: no images.
   class_ids = np.array([0, 0, 1, 1, 2, 2])
   names = ["quiet", "noisy", "only_bad", "empty"]
-  result = thresholds.decision_metrics(scores, labels, per_image, class_ids, names)
+  result = decision_metrics(scores, labels, per_image, class_ids, names)
   assert list(result["per_class"]) == ["quiet", "noisy", "only_bad"]
   quiet, noisy, bad = (result["per_class"][n] for n in names[:3])
   for row in (quiet, noisy):
@@ -199,7 +198,7 @@ def test_decision_metrics_leave_undefined_rates_out():
   # The pooled row has both kinds of image, so every rate is defined there.
   assert not any(math.isnan(result["overall"][m]) for m in ("precision", "f1"))
   # Nothing flagged while anomalies exist: precision vacuous 1, recall and F1 0.
-  missed = thresholds.decision_metrics(np.array([0.1, 0.2]), np.array([0, 1]),
+  missed = decision_metrics(np.array([0.1, 0.2]), np.array([0, 1]),
                                        np.ones(2), np.zeros(2, int), ["x"])
   row = missed["per_class"]["x"]
   assert (row["precision"], row["recall"], row["f1"]) == (1.0, 0.0, 0.0)
@@ -207,7 +206,7 @@ def test_decision_metrics_leave_undefined_rates_out():
 
 
 def test_decision_metrics_of_normal_images_only_have_no_mean_f1():
-  result = thresholds.decision_metrics(np.array([0.1, 0.9]), np.zeros(2, int), np.full(2, 0.5),
+  result = decision_metrics(np.array([0.1, 0.9]), np.zeros(2, int), np.full(2, 0.5),
                                        np.array([0, 1]), ["a", "b"])
   assert math.isnan(result["mean"]["f1"]) and math.isnan(result["spread"]["f1"]["std"])
   assert result["mean"]["false_alarm_rate"] == 0.5
@@ -226,4 +225,4 @@ def test_decision_metrics_errors(kwargs, message):
               class_names=["a", "b"])
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
-    thresholds.decision_metrics(**args)
+    decision_metrics(**args)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from ccl_jax import torch_checkpoint
-from ccl_jax.torch_checkpoint import UnsafeCheckpointError, load_state_dict
+from ccl_jax.weights import torch_checkpoint
+from ccl_jax.weights.torch_checkpoint import UnsafeCheckpointError, load_state_dict
 
 
 def _state():
@@ -230,7 +230,7 @@ def test_reader_does_not_import_torch(tmp_path):
   path = tmp_path / "sd.pth"
   torch.save({"a": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
   code = ("import sys; sys.modules['torch'] = None\n"
-          "from ccl_jax.torch_checkpoint import load_state_dict\n"
+          "from ccl_jax.weights.torch_checkpoint import load_state_dict\n"
           f"print(load_state_dict({str(path)!r})['a'].sum())")
   import subprocess
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

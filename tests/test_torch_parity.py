@@ -1,13 +1,13 @@
 """Parity of ccl_jax's training step with the PyTorch reference (benchmarks.torch_reference).
 
-Both frameworks get identical weights (torch state dict -> ccl_jax.convert), the same batch
+Both frameworks get identical weights (torch state dict -> ccl_jax.weights.convert), the same batch
 and the same augmented view (`batch['image_aug']`), feature noise off and all other-class
 negatives, for resnet18 and wide_resnet50_2 at 64 px, batch 4, 2 classes, with whole-map
 (window None) and 3x3 local matching.
 
 * Loss terms agree to 1e-4 relative in float32 (the production path) and in float64.
 * Gradients are compared in float64 in both frameworks, 1e-3 relative per parameter tensor
-  (||g_jax - g_torch|| / ||g_torch||, tensors mapped by name through ccl_jax.convert). Why
+  (||g_jax - g_torch|| / ||g_torch||, tensors mapped by name through ccl_jax.weights.convert). Why
   not float32: at 64 px the maps are tiny (the neck output is 2x2), so the gradient is a
   discontinuous function of the forward values at every ReLU kink, and a single decoder
   output whose pre-activation lies within float32 rounding of 0 moves whole gradient
@@ -61,11 +61,12 @@ torch = pytest.importorskip("torch")
 
 from benchmarks.torch_reference import (build_trainer, jax_gradients, jax_params_tree,  # noqa: E402
                                         jax_variables)
-from ccl_jax import augment, step  # noqa: E402
+from ccl_jax.ccl import step
+from ccl_jax.models import frozen
 from ccl_jax.models import (ResNetEncoder, ReverseDistillation, encoder_spec,  # noqa: E402
                             input_normalisation)
-from ccl_jax import settings  # noqa: E402
-from ccl_jax.settings import LossSettings, OptimizerSettings  # noqa: E402
+from ccl_jax.config import settings
+from ccl_jax.config.settings import LossSettings, OptimizerSettings  # noqa: E402
 from configs import mvtec_ad  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -81,7 +82,7 @@ def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _torch_inputs(images, augmented, dtype):
-  # uint8 / 255 in float32 like ccl_jax.step.gradients, up to an ulp (XLA multiplies by the
+  # uint8 / 255 in float32 like ccl_jax.ccl.step.gradients, up to an ulp (XLA multiplies by the
   # reciprocal; see `_use_jax_normalisation` for the comparisons that need exact inputs).
   x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
   x_aug = torch.from_numpy(augmented).permute(0, 3, 1, 2).contiguous()
@@ -108,10 +109,10 @@ def _use_jax_normalisation(model, encoder_name, images, augmented, torch_inputs)
   moved wide_resnet50_2's and resnet50's decoder gradients by 1-2% while both frameworks
   matched their own finite differences. With identical inputs they agree to ~3e-8. The
   views are the ones `step.gradients` builds (originals / 255 stacked on the augmented
-  view), normalised by the same jitted `augment.normalize`.
+  view), normalised by the same jitted `frozen.normalize`.
   """
   mean, std = input_normalisation(ResNetEncoder(encoder_spec(encoder_name)))
-  views = jax.jit(lambda im, aug: augment.normalize(
+  views = jax.jit(lambda im, aug: frozen.normalize(
       jnp.concatenate([im.astype(jnp.float32) / 255.0, aug.astype(jnp.float32)]), mean, std))(
           jnp.asarray(images), jnp.asarray(augmented))
   normalised = torch.from_numpy(np.array(views)).permute(0, 3, 1, 2).contiguous()
@@ -286,7 +287,7 @@ def _authors_setup(dtype, seed_search=range(32)):
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
   encoder_variables, variables = cast(encoder_variables), cast(variables)
   images, augmented = _batch()
-  both = encoder.apply(encoder_variables, augment.normalize(jnp.concatenate(
+  both = encoder.apply(encoder_variables, frozen.normalize(jnp.concatenate(
       [jnp.asarray(images, jnp.float32) / 255.0, jnp.asarray(augmented)]),
       *input_normalisation(encoder)).astype(dtype))
   features = tuple(f[:len(images)] for f in both)

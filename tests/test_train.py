@@ -10,8 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccl_jax import datasets, detectors, grouping, settings, train
-from ccl_jax.run_dir import RunDir
+from ccl_jax import datasets
+from ccl_jax.config import settings
+from ccl_jax.decisions import grouping
+from ccl_jax.training import train
+from ccl_jax.runs.run_dir import RunDir
+from ccl_jax.ccl.detector import build_network
+from ccl_jax.models.detector import Router
+from ccl_jax.weights.encoder_weights import frozen_encoder
 from configs import demo, mvtec_ad
 
 
@@ -94,8 +100,8 @@ def test_ccl_and_rd_baseline_differ_only_in_the_two_loss_weights():
     diff = {k for k in flat(ccl) if flat(ccl)[k] != flat(rd)[k]}
     assert diff == {"loss.local_weight", "loss.global_weight"}
     assert flat(rd)["loss.local_weight"] == flat(rd)["loss.global_weight"] == 0.0
-  ccl_model = detectors.build_network(settings.from_config(demo.get_config()))
-  rd_model = detectors.build_network(settings.from_config(demo.get_config("rd")))
+  ccl_model = build_network(settings.from_config(demo.get_config()))
+  rd_model = build_network(settings.from_config(demo.get_config("rd")))
   assert ccl_model.use_projector and not rd_model.use_projector
 
 
@@ -135,14 +141,15 @@ def test_batch_size_not_divisible_by_devices_is_rejected(smoke_settings, tmp_pat
 
 
 def test_kmeans_pseudo_classes_recover_visually_distinct_classes(smoke_settings):
-  from ccl_jax import decisions, inference
+  from ccl_jax.evaluation import decide
+  from ccl_jax.runtime import inference
   from ccl_jax.datasets import selection
   run_settings = smoke_settings()
   dataset = selection.load_selected(run_settings.dataset, image_size=32, is_main=True)
-  encoder, encoder_variables = detectors.frozen_encoder(run_settings,
+  encoder, encoder_variables = frozen_encoder(run_settings,
                                                         inference.replicated_sharding())
   indices = np.arange(len(dataset.train))
-  embeddings = decisions.embeddings_of(detectors.Router(encoder, encoder_variables),
+  embeddings = decide.embeddings_of(Router(encoder, encoder_variables),
                                        dataset.train, indices, global_batch_size=8,
                                        batch_sharding=inference.batch_sharding())
   clusters, v_measure = grouping.pseudo_classes(embeddings, dataset.train_class_ids[indices],

@@ -1,4 +1,4 @@
-"""ccl_jax.variable_files: reading, checking and atomically writing Flax msgpack files."""
+"""ccl_jax.weights.variable_files: reading, checking and atomically writing Flax msgpack files."""
 import ast
 import os
 import pathlib
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ccl_jax import variable_files
+from ccl_jax.weights import variable_files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -122,21 +122,21 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
 def test_convert_never_imports_weights():
   # weights imports convert (the packaged EfficientNet weights); the reverse was a loop.
   imported = _imported_modules(REPO / "ccl_jax" / "convert.py")
-  assert "ccl_jax.weights" not in imported
-  assert "ccl_jax.variable_files" in imported
+  assert "ccl_jax.weights.encoder_weights" not in imported
+  assert "ccl_jax.weights.variable_files" in imported
 
 
 def test_encoder_weights_setting_reads_through_variable_files(tmp_path):
-  from ccl_jax import weights
+  from ccl_jax.weights import encoder_weights
   from ccl_jax.models import ResNetEncoder, encoder_spec
   encoder = ResNetEncoder(encoder_spec("resnet18"))
   with pytest.raises(FileNotFoundError) as info:
-    weights.encoder_variables(encoder, str(tmp_path / "r18.msgpack"), seed=0, image_size=32)
+    encoder_weights.encoder_variables(encoder, str(tmp_path / "r18.msgpack"), seed=0, image_size=32)
   message = str(info.value)
   assert message.startswith("model.encoder_weights: no file at ") and "r18.msgpack" in message
   assert "Flax msgpack" in message and "'none' for random weights" in message
   path = str(tmp_path / "r18.msgpack")
-  variable_files.save(path, weights.encoder_variables(encoder, "none", seed=3, image_size=32))
-  loaded = weights.encoder_variables(encoder, path, seed=0, image_size=32)
-  want = weights.encoder_variables(encoder, "none", seed=3, image_size=32)
+  variable_files.save(path, encoder_weights.encoder_variables(encoder, "none", seed=3, image_size=32))
+  loaded = encoder_weights.encoder_variables(encoder, path, seed=0, image_size=32)
+  want = encoder_weights.encoder_variables(encoder, "none", seed=3, image_size=32)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, want)

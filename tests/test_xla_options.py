@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ccl_jax import xla_options
+from ccl_jax.runtime import xla_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """RD + CCL losses in eager PyTorch, NCHW: ccl_jax's formulation and the authors' code's.
 
-`kd_loss`, `supcon_loss` and `local_contrastive_loss` compute what ccl_jax/losses.py
+`kd_loss`, `supcon_loss` and `local_contrastive_loss` compute what ccl_jax/ccl/losses.py
 computes (paper Sec. 3.2, Eq. 1-6), with the same masking constants and tie-breaking, so the
 two frameworks can be compared to float32 rounding. `authors_global_loss` and
 `authors_dense_loss` reproduce the loss forms of the authors' `SCLLoss` and `DenseLoss`.
@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# Same finite mask value as ccl_jax.losses: a fully masked logsumexp row stays finite.
+# Same finite mask value as ccl_jax.ccl.losses: a fully masked logsumexp row stays finite.
 _MASKED = -1e9
 
 

@@ -2,7 +2,7 @@
 
 Module and parameter names are the ones the authors' `RDLGC` state dict uses
 (`net_t` / `proj_layer.proj_{a,b,c}.proj.{0,3,6,9}` / `mff_oce` / `net_s`, torchvision names
-inside), so `model.state_dict()` imports into ccl_jax through `ccl_jax.convert` unchanged.
+inside), so `model.state_dict()` imports into ccl_jax through `ccl_jax.weights.convert` unchanged.
 The architecture hyperparameters (block kind, stage sizes, widths) come from
 `ccl_jax.models.encoder_spec`, so both frameworks build the same network; everything else is
 written here independently of the JAX code.
@@ -232,7 +232,7 @@ class RDCCL(nn.Module):
 
   def normalise(self, images01: torch.Tensor) -> torch.Tensor:
     """ImageNet normalisation of images in [0, 1], in float32 whatever the model's dtype, as
-    ccl_jax's augment.normalize.
+    ccl_jax's frozen.normalize.
 
     The values are not bit-identical to ccl_jax's: XLA rewrites a division by a constant into
     a multiplication by its float32 reciprocal (and fuses the /255 into the same loop), so

@@ -1,6 +1,6 @@
 """The PyTorch training step of RD + CCL, in two modes, and the weight bridge to ccl_jax.
 
-mode="minimal" computes exactly what ccl_jax.step.gradients computes:
+mode="minimal" computes exactly what ccl_jax.ccl.step.gradients computes:
   * the frozen encoder runs once on both views stacked (eval-mode BatchNorm, no gradient);
   * the projector runs once on both views stacked (InstanceNorm is per sample);
   * feature noise on the original view's projected features with `noise_probability`
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from benchmarks.torch_reference import losses
 from benchmarks.torch_reference.models import RDCCL
-from ccl_jax import convert
+from ccl_jax.weights import convert
 from ccl_jax.models import AUTHORS_NOISE_PROBABILITY, ReverseDistillation, encoder_spec
 
 PROJECTOR_LEARNING_RATE = 1e-3
@@ -272,7 +272,7 @@ def jax_model(encoder: str) -> ReverseDistillation:
 
 
 def _model_variables(state: dict[str, np.ndarray], encoder: str) -> dict[str, Any]:
-  """An RDCCL-layout state dict -> ccl_jax model variables through ccl_jax.convert.
+  """An RDCCL-layout state dict -> ccl_jax model variables through ccl_jax.weights.convert.
 
   Bottleneck encoders go through the public `ccl_variables` (the authors' RDLGC layout);
   ccl_jax's `ccl_model` refuses basic-block encoders (the authors' code has no such model),
@@ -293,7 +293,7 @@ def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def jax_variables(trainer_or_model: TorchTrainer | RDCCL) -> tuple[dict, dict]:
-  """(encoder_variables, model_variables) for ccl_jax, converted by ccl_jax.convert from the
+  """(encoder_variables, model_variables) for ccl_jax, converted by ccl_jax.weights.convert from the
   torch model's state dict; the model is `jax_model(encoder)`."""
   model = trainer_or_model.model if isinstance(trainer_or_model, TorchTrainer) else (
       trainer_or_model)
@@ -305,7 +305,7 @@ def jax_variables(trainer_or_model: TorchTrainer | RDCCL) -> tuple[dict, dict]:
 
 def jax_params_tree(model: RDCCL, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
   """Per-parameter arrays named like `model.named_parameters()` (gradients, updates) as a
-  ccl_jax params tree, renamed by ccl_jax.convert; parameters missing from `arrays` are 0
+  ccl_jax params tree, renamed by ccl_jax.weights.convert; parameters missing from `arrays` are 0
   and the BatchNorm buffers only complete the tree the converter checks."""
   state = state_dict_numpy(model)
   for name, parameter in model.named_parameters():

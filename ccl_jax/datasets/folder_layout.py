@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import re
 
 from ccl_jax.datasets.common import (
     IMAGE_EXTENSIONS, Sample, class_name_problem, images_in, subfolders)

@@ -32,7 +32,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from ccl_jax.datasets import report, synthetic
 from ccl_jax.datasets.builders import (
-    BUILDERS, AnomalyDetectionBuilder, _check_image_size, check_num_workers)
+    BUILDERS, _check_image_size, check_num_workers)
 from ccl_jax.datasets.common import DatasetError, check_manual_dir, fingerprint
 
 __all__ = ["AnomalyDataset", "RecordSource", "load",

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from ccl_jax.datasets.loader import AnomalyDataset, load, load_mixture
 
 
-# What is read of a run's settings, as structural types: `ccl_jax.settings` (above this
+# What is read of a run's settings, as structural types: `ccl_jax.config.settings` (above this
 # package) provides them as DataSettings and RunSettings.
 class DataChoice(Protocol):
   """Which data to read (config block `dataset`)."""

@@ -2,7 +2,7 @@
 
 Designed from the abstract of "Multi-class Image Anomaly Detection for Practical
 Applications: Requirements and Robust Solutions" (2025): groups of training images (classes,
-or embedding clusters without labels; `ccl_jax.grouping`) form the upper level, a greedy
+or embedding clusters without labels; `ccl_jax.decisions.grouping`) form the upper level, a greedy
 k-center coreset of each group's patch features the lower level. Test images are routed to a
 group and scored by nearest-neighbour patch distance to that group's coreset only.
 

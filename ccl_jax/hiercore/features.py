@@ -12,7 +12,7 @@ features follow PatchCore, Roth et al. 2022, which HierCore's name points to):
   in-image neighbours (PatchCore zero-pads, which darkens border patches; excluding the
   padding keeps border features on the same scale as interior ones).
 * Resolution: the stride-16 map is resized to the stride-8 grid with the bilinear
-  (align_corners=True) matrices of `ccl_jax.anomaly_maps`, then the two are concatenated along
+  (align_corners=True) matrices of `ccl_jax.models.anomaly_maps`, then the two are concatenated along
   channels: [B, H/8, W/8, C2 + C3].
 * Optional reduction (`feature_dim`): each scale is reduced to `feature_dim // 2` channels by
   adaptive average pooling over contiguous channel bins (PatchCore's parameter-free
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax import anomaly_maps
+from ccl_jax.models import anomaly_maps
 from ccl_jax.models.frozen import encode
 
 PATCH_SCALES = (1, 2)  # indices into the encoder's (layer1, layer2, layer3)

@@ -6,12 +6,12 @@ two levels here:
 
 * Upper level: groups of training images (true classes, or clusters of the image-level
   embedding when labels are absent) with their centroids. They belong to
-  `ccl_jax.grouping`; this module only receives each training image's group id and the
+  `ccl_jax.decisions.grouping`; this module only receives each training image's group id and the
   number of groups, and at test time each image's routed group id.
 * Lower level: per group, a greedy k-center coreset of the PatchCore patch features of that
   group's training images (`coreset.py`), so a test patch is compared only with normal
   patches of the group its image was routed to. Per-group scores are what per-group
-  thresholds (`ccl_jax.thresholds`) are estimated from.
+  thresholds (`ccl_jax.decisions.thresholds`) are estimated from.
 
 Bank size: `coreset_fraction` keeps ceil(fraction * patches of the group) points per group
 (PatchCore's 1 %-25 % rule, per group), `coreset_size` a fixed number per group (capped at
@@ -33,7 +33,7 @@ distances [B, h*w, memory_chunk] and the gathered memory [B, memory_chunk, C], n
 precision so TF32 does not perturb near-zero distances), clamped at 0 before the root.
 Padding rows of a group (beyond counts[g]) are masked to +inf. The patch-distance map is
 upsampled (bilinear, align_corners=True) and blurred (Gaussian sigma 4) to the image size
-with the operators of `ccl_jax.anomaly_maps`, as RD's maps are; the image score is the
+with the operators of `ccl_jax.models.anomaly_maps`, as RD's maps are; the image score is the
 maximum of that map (`anomaly_maps.image_score`), so both models' scores are defined alike.
 PatchCore's image-score reweighting (Eq. 7, by the density of the bank around the nearest
 coreset point of the worst patch; `reweighting`) is an option (`hiercore.reweight_neighbours`).
@@ -50,7 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ccl_jax import anomaly_maps, inference, input_pipeline
+from ccl_jax.models import anomaly_maps
+from ccl_jax.datasets import input_pipeline
+from ccl_jax.runtime import inference
 from ccl_jax.hiercore.coreset import DEFAULT_PROJECTION_DIM, StreamingCoreset
 from ccl_jax.hiercore.features import patch_features
 

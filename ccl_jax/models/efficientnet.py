@@ -30,7 +30,7 @@ whose convolutions reproduce TF's padding):
   to 1/255 (see `normalise_images`).
 
 Parameter names are a readable rename of the torch keys (see
-`ccl_jax.convert.efficientnet_lite0_variables`): `_conv_stem`/`_bn0` -> `stem_conv`/`stem_bn`,
+`ccl_jax.weights.convert.efficientnet_lite0_variables`): `_conv_stem`/`_bn0` -> `stem_conv`/`stem_bn`,
 `_blocks.N` -> `blockN` with `_expand_conv`/`_bn0` -> `expand_conv`/`expand_bn`,
 `_depthwise_conv`/`_bn1` -> `depthwise_conv`/`depthwise_bn`, `_project_conv`/`_bn2` ->
 `project_conv`/`project_bn`, `_conv_head`/`_bn1` -> `head_conv`/`head_bn`, `_fc` ->
