@@ -16,11 +16,9 @@ local device is used.
 """
 from __future__ import annotations
 
-import contextlib
 import logging as logging_std
 import os
 import sys
-from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -57,27 +55,6 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
-def run(run_settings: settings_lib.RunSettings, workdir: str, *,
-        stop_after_steps: int | None = None) -> dict[str, Any]:
-  """The program's body: one run in `workdir`, locked, and only if the workdir is new or
-  holds a run of the same settings."""
-  # Imported here: the XLA options must be set before JAX's backend starts.
-  from ccl_jax.training import train
-  from ccl_jax.training import fit_hiercore  # pylint: disable=import-outside-toplevel
-  from ccl_jax.runs.run_dir import RunDir  # pylint: disable=import-outside-toplevel
-  for warning in run_settings.warnings:
-    logging.warning(warning)
-  run_dir = RunDir(workdir)
-  stop_signals = preemption.StopSignals()
-  with (stop_signals.installed(),
-        run_dir.lock() if jax.process_index() == 0 else contextlib.nullcontext()):
-    run_dir.check_same_run(run_settings)
-    if run_settings.model.kind == "hiercore":
-      return fit_hiercore.fit(run_settings, workdir)
-    return train.train_and_evaluate(run_settings, workdir, stop_after_steps=stop_after_steps,
-                                    stop_signals=stop_signals)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -100,8 +77,10 @@ def main(argv):
             "writing there, then rerun the same command to resume.")
 
   try:
+    # Imported here: the XLA options must be set before JAX's backend starts.
+    from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
     with files.storage_failures_end_the_program(after_storage_failure):
-      run(run_settings, flags.FLAGS.workdir)
+      runner.run(run_settings, flags.FLAGS.workdir)
   except DatasetError as e:
     # The dataset's problems are the user's to fix: their list, not a traceback.
     print(f"error: {e}", file=sys.stderr)

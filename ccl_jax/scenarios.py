@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccl_jax import main as main_program
+from ccl_jax.training import runner
 from ccl_jax.evaluation import decide
 from ccl_jax.runtime import inference
 from ccl_jax.config import settings as settings_lib
@@ -43,7 +43,7 @@ def run_scenarios(run_settings: settings_lib.RunSettings, workdir: str) -> dict:
     scenario_settings = run_settings.replace(**{"dataset.class_labels": class_labels})
     run_path = os.path.join(workdir, name)
     logging.info("Scenario %s: model in %s", name, run_path)
-    main_program.run(scenario_settings, run_path)
+    runner.run(scenario_settings, run_path)
     detector = load_detector(run_path)
     groups, estimated, _ = RunDir(run_path).read_decision()
     dataset = selection.load_selected(scenario_settings.dataset,

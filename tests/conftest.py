@@ -52,11 +52,11 @@ def smoke_settings(smoke_data_dir):
 @pytest.fixture(scope="session")
 def trained_smoke_run(smoke_settings, tmp_path_factory):
   """(settings, workdir) of a one-epoch CCL smoke run with a decision.json."""
-  from ccl_jax import main  # pylint: disable=import-outside-toplevel
+  from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
   run_settings = smoke_settings(num_epochs=1, validation_fraction=0.25,
                                 num_heatmaps_per_class=0)
   workdir = str(tmp_path_factory.mktemp("trained_smoke"))
-  main.run(run_settings, workdir)
+  runner.run(run_settings, workdir)
   return run_settings, workdir
 
 

@@ -3,7 +3,7 @@
   python tests/multihost_worker.py --workdir W --data_dir D [--variant ccl|rd] [--float64]
       [--distributed] [--checkpoint_every_steps N] [--stop_after_steps N] [--record FILE]
 
-Runs the program's body (`ccl_jax.main.run`) on configs/demo.py:smoke (or its RD baseline)
+Runs the program's body (`ccl_jax.training.runner.run`) on configs/demo.py:smoke (or its RD baseline)
 for one epoch, and exits as the program does when preempted (`ccl_jax.runtime.preemption`). With
 --distributed it joins the run described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (ccl_jax.runtime.distributed), as the program does with
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ccl_jax import main
+from ccl_jax.training import runner
 from ccl_jax.config import default_config
 from ccl_jax.datasets import input_pipeline
 from ccl_jax.runtime import distributed, preemption
@@ -116,7 +116,7 @@ def main_worker(argv):
   if args.record:
     _record_pipeline(args.record)
   try:
-    main.run(run_settings, args.workdir, stop_after_steps=args.stop_after_steps)
+    runner.run(run_settings, args.workdir, stop_after_steps=args.stop_after_steps)
   except preemption.Preempted as e:
     print(e, flush=True)
     sys.exit(e.exit_code)

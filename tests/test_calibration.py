@@ -172,8 +172,8 @@ def test_cross_fitted_hiercore_run_uses_every_training_image(smoke_settings, tmp
                                    "num_heatmaps_per_class": 0,
                                    "hiercore.threshold_folds": 3,
                                    "hiercore.fold_split": fold_split})
-  from ccl_jax import main  # pylint: disable=import-outside-toplevel
-  main.run(run_settings, str(tmp_path))
+  from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
+  runner.run(run_settings, str(tmp_path))
   run_dir = RunDir(str(tmp_path))
   _, estimated, meta = run_dir.read_decision()
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,

@@ -16,7 +16,8 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import export, main, predict
+from ccl_jax import export, predict
+from ccl_jax.training import runner
 from ccl_jax.deploy import loader
 from ccl_jax.datasets import selection
 from ccl_jax.runs.run_dir import RunDir
@@ -45,7 +46,7 @@ def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
   run_settings, ccl_dir = trained_smoke_run
   hiercore_dir = str(root / "hiercore_run")
-  main.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
+  runner.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
            hiercore_dir)
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)

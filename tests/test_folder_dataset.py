@@ -11,7 +11,8 @@ from absl import flags
 from PIL import Image
 
 from ccl_jax import datasets as D
-from ccl_jax import main, predict
+from ccl_jax import predict
+from ccl_jax.training import runner
 from ccl_jax.datasets import common, folder_layout, selection
 
 SIZE = 32
@@ -203,7 +204,7 @@ def test_mixture_with_another_dataset(photo_folder, make_mvtec_tree, tmp_path,
 
 def test_one_command_trains_evaluates_and_predicts(photo_folder, tmp_path, smoke_settings):
   workdir = tmp_path / "run"
-  main.run(_settings(smoke_settings, photo_folder, tmp_path / "tfds", **{
+  runner.run(_settings(smoke_settings, photo_folder, tmp_path / "tfds", **{
       "loss.local_weight": 0.0, "loss.global_weight": 0.0}), str(workdir))
   saved = json.loads((workdir / "metrics.json").read_text())
   rows = saved["metrics"]["per_class"]
@@ -243,7 +244,7 @@ def test_normal_images_only_fit_and_report_what_was_skipped(tmp_path, smoke_sett
   workdir = tmp_path / "run"
   # HierCore (a memory bank) keeps this short; the run above trains CCL/RD with a class
   # of normal images only.
-  main.run(_settings(smoke_settings, root, tmp_path / "tfds", **{"model.kind": "hiercore"}),
+  runner.run(_settings(smoke_settings, root, tmp_path / "tfds", **{"model.kind": "hiercore"}),
            str(workdir))
   saved = json.loads((workdir / "metrics.json").read_text())
   metrics = saved["metrics"]

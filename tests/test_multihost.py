@@ -2,7 +2,7 @@
 processes on this machine, 2 CPU devices each, joined through a local coordinator, with
 gloo for the collectives between processes.
 
-Four launches of tests/multihost_worker.py (the program's body, `ccl_jax.main.run`, on the
+Four launches of tests/multihost_worker.py (the program's body, `ccl_jax.training.runner.run`, on the
 smoke config for one epoch of 9 steps) are shared by the tests:
 
   one       1 process x 4 devices, uninterrupted: the reference.

@@ -12,7 +12,8 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import hiercore, main, predict
+from ccl_jax import hiercore, predict
+from ccl_jax.training import runner
 from ccl_jax.decisions import grouping, thresholds
 from ccl_jax.datasets import selection
 from ccl_jax.runs.run_dir import RunDir
@@ -239,7 +240,7 @@ def test_detector_checks_its_inputs(fitted, tmp_path):
 def test_hiercore_workdir_scores_each_image_against_its_group(fitted, tmp_path):
   run_settings = fitted["settings"].replace(**{"model.kind": "hiercore"})
   workdir = str(tmp_path / "hiercore")
-  main.run(run_settings, workdir)
+  runner.run(run_settings, workdir)
   groups, cutoffs, _ = RunDir(workdir).read_decision()
   output = tmp_path / "hiercore.json"
   _main(f"--workdir={workdir}", f"--images={fitted['folder']}", f"--output={output}",

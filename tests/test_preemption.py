@@ -2,7 +2,7 @@
 line, exits with code 75, and the same command resumes to the uninterrupted run's result.
 
 The program test sends a real SIGTERM to `python -m ccl_jax.main` while it trains; the others
-send it from inside the program's body (`ccl_jax.main.run`) at a chosen moment: during a
+send it from inside the program's body (`ccl_jax.training.runner.run`) at a chosen moment: during a
 checkpoint save, during the final evaluation and during data preparation. The two-process
 case is tests/test_multihost.py's (f).
 """
@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccl_jax import main
+from ccl_jax.training import runner
 from ccl_jax.evaluation import decide
 from ccl_jax.runtime import preemption
 from ccl_jax.datasets import builders
@@ -158,10 +158,10 @@ def test_signal_during_a_save_ends_the_save_then_stops_after_the_next_step(
 
   monkeypatch.setattr(RunDir, "save_checkpoint", save_while_signalled)
   with pytest.raises(preemption.Preempted, match="by SIGTERM: saved step 4 of"):
-    main.run(run_settings, workdir)
+    runner.run(run_settings, workdir)
   monkeypatch.undo()
   assert _state(workdir)[0] == 4
-  main.run(run_settings, workdir)
+  runner.run(run_settings, workdir)
   (step_a, state_a), (step_b, state_b) = _state(reference), _state(workdir)
   assert step_a == step_b
   _assert_identical(state_b, state_a)
@@ -184,11 +184,11 @@ def test_signal_during_evaluation_stops_at_once_and_the_rerun_evaluates(
 
   monkeypatch.setattr(decide, "fit_and_evaluate", evaluation_while_signalled)
   with pytest.raises(preemption.Preempted, match="outside training"):
-    main.run(run_settings, workdir)
+    runner.run(run_settings, workdir)
   monkeypatch.undo()
   assert not os.path.exists(os.path.join(workdir, "metrics.json"))
   assert _state(workdir)[0] == _state(reference)[0]
-  main.run(run_settings, workdir)
+  runner.run(run_settings, workdir)
   assert _metrics(workdir)["metrics"] == _metrics(reference)["metrics"]
 
 
@@ -208,11 +208,11 @@ def test_signal_during_data_preparation_leaves_data_and_workdir_that_rerun(
 
   monkeypatch.setattr(builders, "encode_sample", encode_while_signalled)
   with pytest.raises(preemption.Preempted, match="outside training"):
-    main.run(run_settings, workdir)
+    runner.run(run_settings, workdir)
   monkeypatch.undo()
   assert len(calls) == 4
   assert not incomplete_dirs(data_dir)
-  result = main.run(run_settings, workdir, stop_after_steps=1)
+  result = runner.run(run_settings, workdir, stop_after_steps=1)
   assert result["step"] == 1
   assert len(prepared_dirs(data_dir)) == 2  # carpet and washer
 

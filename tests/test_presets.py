@@ -74,7 +74,7 @@ def test_every_difference_between_default_and_presets_is_one_table_row(repo_root
 @pytest.mark.slow
 def test_authors_preset_runs_end_to_end_and_warns_about_the_random_encoder(
     make_mvtec_tree, prepared_dirs, tmp_path, caplog):
-  from ccl_jax import main  # pylint: disable=import-outside-toplevel
+  from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
   root = make_mvtec_tree(tmp_path / "mvtec")
   config = mvtec_ad.get_config("authors")
   config.dataset.manual_dir = str(root)
@@ -90,7 +90,7 @@ def test_authors_preset_runs_end_to_end_and_warns_about_the_random_encoder(
   assert run_settings.sampler == "shuffle" and run_settings.loss.global_form == "authors"
   workdir = str(tmp_path / "run")
   with caplog.at_level(logging.WARNING):
-    result = main.run(run_settings, workdir)
+    result = runner.run(run_settings, workdir)
   assert "encoder is randomly initialised" in caplog.text
 
   # No hold-out: 6 training images, one step of 4; the last checkpoint is evaluated.
@@ -108,13 +108,13 @@ def test_authors_preset_runs_end_to_end_and_warns_about_the_random_encoder(
 
 
 def test_the_warning_is_logged_before_any_work(tmp_path, caplog):
-  from ccl_jax import main  # pylint: disable=import-outside-toplevel
+  from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
   from ccl_jax.datasets import DatasetError  # pylint: disable=import-outside-toplevel
   config = mvtec_ad.get_config("smoke")
   config.dataset.manual_dir = str(tmp_path / "not_downloaded")
   config.dataset.data_dir = str(tmp_path / "data")
   with caplog.at_level(logging.WARNING), pytest.raises(DatasetError):
-    main.run(settings.from_config(config), str(tmp_path / "run"))
+    runner.run(settings.from_config(config), str(tmp_path / "run"))
   assert "the resnet18 encoder is randomly initialised" in caplog.text
 
 

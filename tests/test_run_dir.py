@@ -134,7 +134,7 @@ def test_load_missing_and_malformed_file(tmp_path):
 
 
 def test_a_workdir_of_another_run_is_refused_before_any_work(smoke_settings, tmp_path):
-  from ccl_jax import main
+  from ccl_jax.training import runner
   workdir = tmp_path / "run"
   stored = smoke_settings()
   RunDir(str(workdir)).write_settings(stored)
@@ -142,7 +142,7 @@ def test_a_workdir_of_another_run_is_refused_before_any_work(smoke_settings, tmp
   other = smoke_settings(**{"dataset.classes": "grid,tile", "seed": 7,
                             "optimizer.learning_rate": 0.5})
   with pytest.raises(run_dir.RunDirError) as err:
-    main.run(other, str(workdir))
+    runner.run(other, str(workdir))
   message = str(err.value)
   for line in ("dataset.classes: ['carpet', 'washer'] -> ['grid', 'tile']", "seed: 0 -> 7",
                "optimizer.learning_rate: 0.005 -> 0.5"):
@@ -158,11 +158,11 @@ def test_a_workdir_of_another_run_is_refused_before_any_work(smoke_settings, tmp
 
 
 def test_a_locked_workdir_is_refused_at_once(smoke_settings, tmp_path):
-  from ccl_jax import main
+  from ccl_jax.training import runner
   workdir = str(tmp_path / "run")
   with RunDir(workdir).lock():
     with pytest.raises(run_dir.RunDirError, match="is in use by process .*another --workdir"):
-      main.run(smoke_settings(), workdir)
+      runner.run(smoke_settings(), workdir)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
   # Released with its holder: the lock can be taken again.
   with RunDir(workdir).lock():

@@ -1,7 +1,7 @@
 """Stopping on SIGTERM or SIGINT without losing work: `StopSignals`, `Preempted`, EXIT_CODE.
 
 TPU VMs, SLURM and Kubernetes preempt a job with SIGTERM and a grace period before SIGKILL.
-While the signals are watched (`StopSignals`, installed by `ccl_jax.main.run`):
+While the signals are watched (`StopSignals`, installed by `ccl_jax.training.runner.run`):
 
 * during training, a signal is only noted. Every process stops after the same step: in a
   single process the first step boundary after the signal; in a multi-process run the step
