@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from ccl_jax import detectors, export, exported, main, predict
+from ccl_jax import detectors, export, exported, main, predict, thresholds
 from ccl_jax.datasets import selection
 from ccl_jax.run_dir import RunDir
 
@@ -56,7 +56,7 @@ def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
   models = {}
   for name, workdir in (("ccl", ccl_dir), ("hiercore", hiercore_dir)):
     models[name] = str(root / f"model_{name}")
-    _export(f"--workdir={workdir}", f"--output={models[name]}")
+    _export(f"--workdir={workdir}", f"--output={models[name]}", "--format=jax,onnx,openvino")
   return dict(workdirs={"ccl": ccl_dir, "hiercore": hiercore_dir}, models=models,
               images=images, folder=str(folder), group_ids=np.arange(NUM_IMAGES) % 2)
 
@@ -74,7 +74,8 @@ def test_exported_maps_equal_the_workdir_detectors(runs, kind):
     # Any batch size: the functions were exported with a symbolic batch dimension.
     scores = [model.score(images[i:i + 3], group_ids[i:i + 3]) for i in (0, 3)]
     maps = np.concatenate([s.anomaly_maps for s in scores])
-    # 1e-4 of the maps' range: the translated ONNX graph, in float32 like XLA's.
+    # 1e-4 of the maps' range: the translated ONNX graph (and OpenVINO's conversion of
+    # it), in float32 like XLA's.
     tolerance = 1e-4 * np.abs(expected_maps).max()
     np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=tolerance)
     np.testing.assert_allclose(np.concatenate([s.image_scores for s in scores]),
@@ -160,6 +161,73 @@ def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
 def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
   shutil.copytree(model, target)
   return target
+
+
+def test_int8_model_has_its_own_thresholds_and_reports_the_metric_changes(runs, tmp_path):
+  workdir = runs["workdirs"]["ccl"]
+  output = tmp_path / "int8"
+  manifest = _export(f"--workdir={workdir}", f"--output={output}", "--format=openvino",
+                     "--precision=int8")
+  assert manifest["precision"] == "int8"
+  assert sorted(manifest["files"]) == ["embed.bin", "embed.xml", "score.bin", "score.xml"]
+  # Quantised: NNCF put FakeQuantize nodes into the score graph only.
+  assert "FakeQuantize" in (output / "score.xml").read_text()
+  assert "FakeQuantize" not in (output / "embed.xml").read_text()
+  model = exported.load(str(output), "openvino")
+  assert model.precision == "int8"
+  for backend in ("jax", "onnx"):
+    with pytest.raises(exported.ModelDirError, match=f"no {backend} export"):
+      exported.load(str(output), backend)
+
+  # The thresholds are the run's rule applied to the int8 scores of the held-out images.
+  run_settings = RunDir(workdir).read_settings()
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  _, holdout = selection.training_split(run_settings, dataset)
+  images = np.stack([dataset.train[int(i)]["image"] for i in holdout])
+  group_ids = np.asarray([model.manifest["groups"]["names"].index(dataset.class_names[c])
+                          for c in dataset.train_class_ids[holdout]])
+  expected = thresholds.estimate_thresholds(
+      model.score(images, group_ids).image_scores, group_ids, 2,
+      rule=run_settings.decision.rule, **run_settings.decision.rule_kwargs)
+  np.testing.assert_allclose(manifest["thresholds"]["per_group"], expected.per_group,
+                             rtol=1e-6)
+  f32 = exported.load(runs["models"]["ccl"], "openvino").score(images, group_ids)
+  assert not np.array_equal(model.score(images, group_ids).image_scores, f32.image_scores)
+
+  check = manifest["precision_check"]
+  assert check["test_images"] == len(dataset.test)
+  assert sorted(check["mean_over_classes"]) == sorted(
+      f"{part}/{metric}" for part, metric in export.PRECISION_METRICS)
+  for values in check["mean_over_classes"].values():
+    assert values["change_points"] == pytest.approx(values["int8"] - values["f32"])
+  # The float32 side is the run's own evaluation.
+  run_metrics = RunDir(workdir).read_metrics()["metrics"]["mean"]
+  assert check["mean_over_classes"]["metrics/image_auroc"]["f32"] == pytest.approx(
+      100 * run_metrics["image_auroc"], abs=1e-6)
+  rows = _predict(f"--model={output}", "--backend=openvino", f"--images={runs['folder']}",
+                  f"--output={tmp_path / 'p.json'}")
+  assert {row["threshold"] for row in rows} <= set(manifest["thresholds"]["per_group"])
+
+
+def test_reduced_precision_is_refused_where_it_cannot_be_measured(runs, tmp_path):
+  with pytest.raises(exported.UnsupportedPrecisionError, match="no BF16 support.*'f32' or "
+                     "'int8'"):
+    exported.check_cpu_precision("bf16", ["FP32", "INT8"])
+  exported.check_cpu_precision("bf16", ["FP32", "INT8", "BF16"])
+  output = str(tmp_path / "model")
+  if "BF16" not in exported.cpu_capabilities():
+    with pytest.raises(export.ExportError, match="--precision bf16: .*no BF16 support"):
+      _export(f"--workdir={runs['workdirs']['ccl']}", f"--output={output}",
+              "--format=openvino", "--precision=bf16")
+  with pytest.raises(export.ExportError, match="--format openvino alone"):
+    _export(f"--workdir={runs['workdirs']['ccl']}", f"--output={output}",
+            "--format=jax,openvino", "--precision=int8")
+  # HierCore's leave-one-out thresholds cannot be scored again through the graph.
+  with pytest.raises(export.ExportError, match="thresholds came from cross_fit scores"):
+    _export(f"--workdir={runs['workdirs']['hiercore']}", f"--output={output}",
+            "--format=openvino", "--precision=int8")
+  assert not os.path.exists(output)
 
 
 def test_damaged_or_incompatible_model_directories_are_clear_errors(runs, tmp_path):
