@@ -284,7 +284,7 @@ def test_export_refuses_to_replace_another_model(runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "hiercore"])
-def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
+def test_demo_onnx_and_openvino_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
   """configs/demo.py (CCL) and :hiercore trained, exported, and scored on all test images."""
   workdir, model_dir = tmp_path / "run", tmp_path / "model"
   config = os.path.join(repo_root, "configs", "demo.py") + (f":{variant}" if variant else "")
@@ -293,19 +293,21 @@ def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_ro
        f"--config.dataset.data_dir={tmp_path / 'data'}"],
       capture_output=True, text=True, cwd=repo_root, timeout=1800, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  export.export_model(str(workdir), str(model_dir))
+  export.export_model(str(workdir), str(model_dir), exported.BACKENDS)
   run_settings = RunDir(str(workdir)).read_settings()
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
   images = np.stack([dataset.test[i]["image"] for i in range(len(dataset.test))])
-  jax_model, onnx_model = (exported.load(str(model_dir), b) for b in exported.BACKENDS)
+  jax_model, onnx_model, openvino_model = (exported.load(str(model_dir), b)
+                                           for b in exported.BACKENDS)
   num_groups = len(jax_model.manifest["groups"]["names"])
   group_ids = np.asarray(dataset.test_class_ids, np.int32) % num_groups
   for start in range(0, len(images), 16):
     batch, groups = images[start:start + 16], group_ids[start:start + 16]
     expected = jax_model.score(batch, groups).anomaly_maps
-    np.testing.assert_allclose(onnx_model.score(batch, groups).anomaly_maps, expected,
-                               rtol=0, atol=1e-4 * np.abs(expected).max())
+    for model in (onnx_model, openvino_model):
+      np.testing.assert_allclose(model.score(batch, groups).anomaly_maps, expected,
+                                 rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def test_predict_takes_either_a_workdir_or_a_model(tmp_path):
