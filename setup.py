@@ -34,5 +34,8 @@ setuptools.setup(
         # ONNX export (ccl_jax.deploy.jaxpr_onnx) and the ONNX Runtime backend of exported models;
         # tested with onnx 1.23.2 and onnxruntime 1.32.0 (the graphs use opset 18).
         "export": ["onnx>=1.16,<2", "onnxruntime>=1.18,<2"],
+        # OpenVINO IR export and backend (--format openvino, --backend openvino), INT8 by
+        # NNCF post-training quantisation; tested with openvino 2026.4.1 and nncf 3.4.0.
+        "openvino": ["onnx>=1.16,<2", "openvino>=2024.4", "nncf>=2.12"],
     },
 )

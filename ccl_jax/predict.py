@@ -6,7 +6,9 @@ r"""Anomaly decisions for new images with a trained model and its decision file.
 
 --workdir scores with the run directory itself; --model with a model directory written by
 `python -m ccl_jax.export` (its groups and thresholds are the run's), through jax.export
-(--backend jax) or ONNX Runtime (--backend onnx). Both give the same rows.
+(--backend jax), ONNX Runtime (--backend onnx) or OpenVINO (--backend openvino). All give
+the same rows for a float32 model; a reduced-precision model (OpenVINO only) carries
+thresholds estimated at its own precision.
 
 --images (repeatable) is a folder (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff,
 sorted), an image file, or a .txt file listing image paths one per line (blank lines and
@@ -277,7 +279,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("model", None, "Model directory of `python -m ccl_jax.export` "
                       "(instead of --workdir).", flag_values=fv)
   flags.DEFINE_enum("backend", "jax", list(loader.BACKENDS), "With --model: run the "
-                    "jax.export functions or the ONNX graphs (ONNX Runtime).", flag_values=fv)
+                    "jax.export functions, the ONNX graphs (ONNX Runtime) or the OpenVINO IR.",
+                    flag_values=fv)
   flags.DEFINE_multi_string("images", None, "Image folder (recursive), image file or .txt "
                             "list of image paths; repeat for several.", flag_values=fv)
   flags.DEFINE_string("output", None, "Output file, .csv or .json.", flag_values=fv)
@@ -303,7 +306,8 @@ def run(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
     model = loader.load(flag_values.model, flag_values.backend)
     groups = grouping.Groups.from_json(model.manifest["groups"])
     decision_thresholds = thresholds.Thresholds.from_json(model.manifest["thresholds"])
-    meta = {"model": model.model_dir, "backend": model.backend}
+    meta = {"model": model.model_dir, "backend": model.backend,
+            "precision": model.precision}
   else:
     if flag_values["backend"].present:
       raise ValueError("--backend chooses how an exported --model runs; with --workdir the "

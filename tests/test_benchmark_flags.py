@@ -13,7 +13,7 @@ DEFAULTS = {
     "inference": {"settings": ["small", "paper"], "batch_sizes": ["1", "16"], "rounds": 10,
                   "warmup": 2, "threads": len(os.sched_getaffinity(0)),
                   "torch_compile": False, "weights_as_constants": False,
-                  "onnx_profile": False, "output": None},
+                  "onnx_profile": False, "precisions": ["int8", "bf16"], "output": None},
     "input_pipeline": {"config": "configs/demo.py", "batches": 60, "repeats": 5,
                        "augmented_view_source_size": None},
     "memory_bank": {

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ccl_jax import export, predict
 from ccl_jax.training import runner
+from ccl_jax.decisions import thresholds
 from ccl_jax.deploy import loader
 from ccl_jax.datasets import selection
 from ccl_jax.runs.run_dir import RunDir
@@ -59,7 +60,7 @@ def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
   models = {}
   for name, workdir in (("ccl", ccl_dir), ("hiercore", hiercore_dir)):
     models[name] = str(root / f"model_{name}")
-    _export(f"--workdir={workdir}", f"--output={models[name]}")
+    _export(f"--workdir={workdir}", f"--output={models[name]}", "--format=jax,onnx,openvino")
   return dict(workdirs={"ccl": ccl_dir, "hiercore": hiercore_dir}, models=models,
               images=images, folder=str(folder), group_ids=np.arange(NUM_IMAGES) % 2)
 
@@ -77,7 +78,8 @@ def test_exported_maps_equal_the_workdir_detectors(runs, kind):
     # Any batch size: the functions were exported with a symbolic batch dimension.
     scores = [model.score(images[i:i + 3], group_ids[i:i + 3]) for i in (0, 3)]
     maps = np.concatenate([s.anomaly_maps for s in scores])
-    # 1e-4 of the maps' range: the translated ONNX graph, in float32 like XLA's.
+    # 1e-4 of the maps' range: the translated ONNX graph (and OpenVINO's conversion of
+    # it), in float32 like XLA's.
     tolerance = 1e-4 * np.abs(expected_maps).max()
     np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=tolerance)
     np.testing.assert_allclose(np.concatenate([s.image_scores for s in scores]),
@@ -165,6 +167,73 @@ def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
   return target
 
 
+def test_int8_model_has_its_own_thresholds_and_reports_the_metric_changes(runs, tmp_path):
+  workdir = runs["workdirs"]["ccl"]
+  output = tmp_path / "int8"
+  manifest = _export(f"--workdir={workdir}", f"--output={output}", "--format=openvino",
+                     "--precision=int8")
+  assert manifest["precision"] == "int8"
+  assert sorted(manifest["files"]) == ["embed.bin", "embed.xml", "score.bin", "score.xml"]
+  # Quantised: NNCF put FakeQuantize nodes into the score graph only.
+  assert "FakeQuantize" in (output / "score.xml").read_text()
+  assert "FakeQuantize" not in (output / "embed.xml").read_text()
+  model = loader.load(str(output), "openvino")
+  assert model.precision == "int8"
+  for backend in ("jax", "onnx"):
+    with pytest.raises(loader.ModelDirError, match=f"no {backend} export"):
+      loader.load(str(output), backend)
+
+  # The thresholds are the run's rule applied to the int8 scores of the held-out images.
+  run_settings = RunDir(workdir).read_settings()
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  _, holdout = selection.training_split(run_settings, dataset)
+  images = np.stack([dataset.train[int(i)]["image"] for i in holdout])
+  group_ids = np.asarray([model.manifest["groups"]["names"].index(dataset.class_names[c])
+                          for c in dataset.train_class_ids[holdout]])
+  expected = thresholds.estimate_thresholds(
+      model.score(images, group_ids).image_scores, group_ids, 2,
+      rule=run_settings.decision.rule, **run_settings.decision.rule_kwargs)
+  np.testing.assert_allclose(manifest["thresholds"]["per_group"], expected.per_group,
+                             rtol=1e-6)
+  f32 = loader.load(runs["models"]["ccl"], "openvino").score(images, group_ids)
+  assert not np.array_equal(model.score(images, group_ids).image_scores, f32.image_scores)
+
+  check = manifest["precision_check"]
+  assert check["test_images"] == len(dataset.test)
+  assert sorted(check["mean_over_classes"]) == sorted(
+      f"{part}/{metric}" for part, metric in export.PRECISION_METRICS)
+  for values in check["mean_over_classes"].values():
+    assert values["change_points"] == pytest.approx(values["int8"] - values["f32"])
+  # The float32 side is the run's own evaluation.
+  run_metrics = RunDir(workdir).read_metrics()["metrics"]["mean"]
+  assert check["mean_over_classes"]["metrics/image_auroc"]["f32"] == pytest.approx(
+      100 * run_metrics["image_auroc"], abs=1e-6)
+  rows = _predict(f"--model={output}", "--backend=openvino", f"--images={runs['folder']}",
+                  f"--output={tmp_path / 'p.json'}")
+  assert {row["threshold"] for row in rows} <= set(manifest["thresholds"]["per_group"])
+
+
+def test_reduced_precision_is_refused_where_it_cannot_be_measured(runs, tmp_path):
+  with pytest.raises(loader.UnsupportedPrecisionError, match="no BF16 support.*'f32' or "
+                     "'int8'"):
+    loader.check_cpu_precision("bf16", ["FP32", "INT8"])
+  loader.check_cpu_precision("bf16", ["FP32", "INT8", "BF16"])
+  output = str(tmp_path / "model")
+  if "BF16" not in loader.cpu_capabilities():
+    with pytest.raises(export.ExportError, match="--precision bf16: .*no BF16 support"):
+      _export(f"--workdir={runs['workdirs']['ccl']}", f"--output={output}",
+              "--format=openvino", "--precision=bf16")
+  with pytest.raises(export.ExportError, match="--format openvino alone"):
+    _export(f"--workdir={runs['workdirs']['ccl']}", f"--output={output}",
+            "--format=jax,openvino", "--precision=int8")
+  # HierCore's leave-one-out thresholds cannot be scored again through the graph.
+  with pytest.raises(export.ExportError, match="thresholds came from cross_fit scores"):
+    _export(f"--workdir={runs['workdirs']['hiercore']}", f"--output={output}",
+            "--format=openvino", "--precision=int8")
+  assert not os.path.exists(output)
+
+
 def test_damaged_or_incompatible_model_directories_are_clear_errors(runs, tmp_path):
   model = runs["models"]["ccl"]
   corrupted = _copy(model, tmp_path / "corrupted")
@@ -219,7 +288,7 @@ def test_export_refuses_to_replace_another_model(runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "hiercore"])
-def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
+def test_demo_onnx_and_openvino_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_root):
   """configs/demo.py (CCL) and :hiercore trained, exported, and scored on all test images."""
   workdir, model_dir = tmp_path / "run", tmp_path / "model"
   config = os.path.join(repo_root, "configs", "demo.py") + (f":{variant}" if variant else "")
@@ -228,19 +297,21 @@ def test_demo_onnx_maps_equal_jax_on_every_test_image(variant, tmp_path, repo_ro
        f"--config.dataset.data_dir={tmp_path / 'data'}"],
       capture_output=True, text=True, cwd=repo_root, timeout=1800, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  export.export_model(str(workdir), str(model_dir))
+  export.export_model(str(workdir), str(model_dir), loader.BACKENDS)
   run_settings = RunDir(str(workdir)).read_settings()
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
   images = np.stack([dataset.test[i]["image"] for i in range(len(dataset.test))])
-  jax_model, onnx_model = (loader.load(str(model_dir), b) for b in loader.BACKENDS)
+  jax_model, onnx_model, openvino_model = (loader.load(str(model_dir), b)
+                                           for b in loader.BACKENDS)
   num_groups = len(jax_model.manifest["groups"]["names"])
   group_ids = np.asarray(dataset.test_class_ids, np.int32) % num_groups
   for start in range(0, len(images), 16):
     batch, groups = images[start:start + 16], group_ids[start:start + 16]
     expected = jax_model.score(batch, groups).anomaly_maps
-    np.testing.assert_allclose(onnx_model.score(batch, groups).anomaly_maps, expected,
-                               rtol=0, atol=1e-4 * np.abs(expected).max())
+    for model in (onnx_model, openvino_model):
+      np.testing.assert_allclose(model.score(batch, groups).anomaly_maps, expected,
+                                 rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def test_predict_takes_either_a_workdir_or_a_model(tmp_path):

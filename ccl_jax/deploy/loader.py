@@ -1,6 +1,7 @@
 """A model directory written by `python -m ccl_jax.export`, loaded with jax and numpy only.
 
-  model = exported.load("~/models/demo")             # or backend="onnx" (onnxruntime)
+  model = exported.load("~/models/demo")             # or backend="onnx" (onnxruntime),
+                                                     # backend="openvino" (OpenVINO)
   embeddings = model.embed(images)                   # [B, D] routing embeddings
   maps, scores = model.score(images, group_ids)      # [B, S, S], [B]
 
@@ -13,7 +14,8 @@ L2-normalised embedding; its thresholds are manifest['thresholds'].
 
 This module imports nothing of ccl_jax, flax, optax or orbax (a test runs it with those
 blocked), so a line PC needs only `pip install jax numpy` (plus onnxruntime for the ONNX
-backend). `ccl_jax.predict --model` uses it to give the same rows as the workdir mode.
+backend, openvino for the OpenVINO one). `ccl_jax.predict --model` uses it to give the
+same rows as the workdir mode.
 
 The directory (every file listed in manifest.json with its SHA-256, checked on load):
   manifest.json     FORMAT_VERSION, model kind, image size, input normalisation, the
@@ -25,6 +27,14 @@ The directory (every file listed in manifest.json with its SHA-256, checked on l
   score.jaxexport   jax.export of score(weights, images, group_ids)
   embed.onnx        the same functions as ONNX graphs (weights inside, opset in the
   score.onnx        manifest), when exported with --format ...,onnx
+  embed.xml/.bin    the ONNX graphs converted to OpenVINO IR (float32 weights; score's
+  score.xml/.bin    quantised to INT8 for precision 'int8'), with --format ...,openvino
+
+manifest['precision'] (absent: 'f32') is the arithmetic of the model's functions: 'f32',
+'bf16' (OpenVINO's CPU plugin computes in bfloat16; only on CPUs that support it) or
+'int8' (score.xml quantised by NNCF, calibrated on the run's training images). A
+reduced-precision model holds only the OpenVINO files, and its thresholds were estimated
+from the scores of the same normal images through that precision (`ccl_jax.export`).
 """
 from __future__ import annotations
 
@@ -40,8 +50,11 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
 FUNCTIONS = ("embed", "score")
-BACKENDS = ("jax", "onnx")
-FILE_EXTENSIONS = {"jax": ".jaxexport", "onnx": ".onnx"}
+BACKENDS = ("jax", "onnx", "openvino")
+# The first file of each backend is the one its runtime opens.
+FILE_EXTENSIONS = {"jax": (".jaxexport",), "onnx": (".onnx",), "openvino": (".xml", ".bin")}
+PRECISIONS = ("f32", "bf16", "int8")
+OPENVINO_PRECISION_HINTS = {"f32": "f32", "bf16": "bf16", "int8": "f32"}
 # Inputs and outputs of the serialised functions, by name (the ONNX graphs use these).
 INPUTS = {"embed": ("images",), "score": ("images", "group_ids")}
 OUTPUTS = {"embed": ("embedding",), "score": ("anomaly_map", "score")}
@@ -57,7 +70,39 @@ class Scores(NamedTuple):
 
 
 def function_file(function: str, backend: str) -> str:
-  return function + FILE_EXTENSIONS[backend]
+  return function + FILE_EXTENSIONS[backend][0]
+
+
+def function_files(function: str, backend: str) -> list[str]:
+  """Every file of `function` on `backend` (OpenVINO's IR is a graph and its weights)."""
+  return [function + extension for extension in FILE_EXTENSIONS[backend]]
+
+
+class UnsupportedPrecisionError(ValueError):
+  """A precision this CPU cannot compute in; the message says which to use instead."""
+
+
+def cpu_capabilities() -> list[str]:
+  """OpenVINO's CPU plugin's OPTIMIZATION_CAPABILITIES here (e.g. FP32, INT8, BF16)."""
+  import openvino  # pylint: disable=import-outside-toplevel  # the OpenVINO backend only
+  return list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_cpu_precision(precision: str, capabilities: list[str] | None = None) -> None:
+  """Raises UnsupportedPrecisionError unless OpenVINO's CPU plugin computes `precision`
+  natively on a CPU with `capabilities` (default: this one's). bf16 needs AVX-512 BF16 or
+  AMX; without them OpenVINO would compute in float32 without saying so."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+  if capabilities is None:
+    capabilities = cpu_capabilities()
+  needed = {"bf16": "BF16", "int8": "INT8"}.get(precision)
+  if needed and needed not in capabilities:
+    raise UnsupportedPrecisionError(
+        f"precision {precision!r}: this CPU has no {needed} support in OpenVINO (its "
+        f"capabilities: {', '.join(capabilities)}); use precision 'f32'"
+        + (" or 'int8'" if "INT8" in capabilities else "") + ", or run on a CPU with "
+        f"{needed} (bf16: AVX-512 BF16 or AMX).")
 
 
 def sha256_file(path: str) -> str:
@@ -131,7 +176,7 @@ def _deserialize(model_dir: str, manifest: dict[str, Any], function: str):
 
 
 class ExportedModel:
-  """The functions of a model directory on one backend ('jax' or 'onnx')."""
+  """The functions of a model directory on one backend ('jax', 'onnx' or 'openvino')."""
 
   def __init__(self, model_dir: str, backend: str = "jax", num_threads: int | None = None,
                onnx_config: dict[str, str] | None = None):
@@ -142,6 +187,7 @@ class ExportedModel:
     self.backend = backend
     self.name = self.manifest["model_kind"]
     self.image_size = int(self.manifest["image_size"])
+    self.precision = self.manifest.get("precision", "f32")
     missing = [f for f in FUNCTIONS if function_file(f, backend) not in self.manifest["files"]]
     if missing:
       raise ModelDirError(
@@ -156,10 +202,14 @@ class ExportedModel:
         self._functions[function] = (
             lambda *args, call=call: tuple(
                 np.asarray(x) for x in jax.tree_util.tree_leaves(call(weights, *args))))
-    else:
+    elif backend == "onnx":
       self._functions = {f: _onnx_function(os.path.join(self.model_dir, function_file(f, "onnx")),
                                            f, num_threads, onnx_config or {})
                          for f in FUNCTIONS}
+    else:
+      self._functions = {f: openvino_function(
+          os.path.join(self.model_dir, function_file(f, "openvino")), f, self.precision,
+          num_threads) for f in FUNCTIONS}
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     """Routing embeddings [B, D] of uint8 images [B, S, S, 3]."""
@@ -197,8 +247,32 @@ def _onnx_function(path: str, function: str, num_threads: int | None,
   return lambda *args: tuple(session.run(outputs, dict(zip(inputs, args))))
 
 
+def openvino_function(path: str, function: str, precision: str, num_threads: int | None):
+  """`function`'s IR at `path` compiled by OpenVINO's CPU plugin to compute in `precision`
+  (stated, not left to the plugin's default, which is bf16 on CPUs with AMX)."""
+  import openvino  # pylint: disable=import-outside-toplevel  # the OpenVINO backend only
+  check_cpu_precision(precision)
+  core = openvino.Core()
+  config = {"PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision]}
+  if num_threads:
+    config["INFERENCE_NUM_THREADS"] = num_threads
+  compiled = core.compile_model(core.read_model(path), "CPU", config)
+  request = compiled.create_infer_request()
+  inputs = INPUTS[function]
+  outputs = [compiled.output(name) for name in OUTPUTS[function]]
+
+  def call(*args):
+    result = request.infer(dict(zip(inputs, (np.asarray(a) for a in args))))
+    # Copies: the request reuses its output buffers on the next call.
+    return tuple(np.array(result[output]) for output in outputs)
+  return call
+
+
 def load(model_dir: str, backend: str = "jax", num_threads: int | None = None,
          onnx_config: dict[str, str] | None = None) -> ExportedModel:
-  """The model of `model_dir` on `backend`; `num_threads` sets ONNX Runtime's threads and
-  `onnx_config` adds its session config entries (e.g. session.intra_op.allow_spinning)."""
+  """The model of `model_dir` on `backend` ('jax', 'onnx' or 'openvino'); `num_threads`
+  sets ONNX Runtime's or OpenVINO's threads and `onnx_config` adds ONNX Runtime session
+  config entries (e.g. session.intra_op.allow_spinning). The OpenVINO backend computes in
+  the model's manifest['precision']."""
   return ExportedModel(model_dir, backend, num_threads, onnx_config)
