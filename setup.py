@@ -7,6 +7,7 @@ setuptools.setup(
     description=("JAX/Flax Reverse Distillation with class-aware contrastive "
                  "learning (CCL) for multi-class industrial anomaly detection."),
     packages=setuptools.find_packages(include=["ccl_jax", "ccl_jax.*", "data_prep"]),
+    package_data={"ccl_jax": ["serve_page.html"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -34,5 +35,8 @@ setuptools.setup(
         # ONNX export (ccl_jax.onnx_export) and the ONNX Runtime backend of exported models;
         # tested with onnx 1.23.2 and onnxruntime 1.32.0 (the graphs use opset 18).
         "export": ["onnx>=1.16,<2", "onnxruntime>=1.18,<2"],
+        # The HTTP service (ccl_jax.serve); httpx for its tests and benchmarks/serve_load.py.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9",
+                  "httpx>=0.27"],
     },
 )
