@@ -291,8 +291,8 @@ class ModelFacts(pydantic.BaseModel):
   threshold_rule: str
   threshold_mode: Literal["classwise", "agnostic"]
   versions: dict[str, str] = pydantic.Field(description="Versions that wrote the model.")
-  batching: dict[str, float]
-  limits: dict[str, float]
+  batching: dict[str, int | float]
+  limits: dict[str, int | float]
   token_required: bool
 
 
@@ -355,6 +355,8 @@ def create_app(model: exported.ExportedModel, options: Options = Options()):
                                   "with its token.", headers={"WWW-Authenticate": "Bearer"})
 
   guarded = [fastapi.Depends(check_token)] if options.token is not None else []
+  if not guarded:
+    del problems[401]
 
   @application.get("/healthz", response_model=Health, tags=["health"])
   async def healthz():
@@ -370,7 +372,7 @@ def create_app(model: exported.ExportedModel, options: Options = Options()):
                          "images": batcher.images}, 200 if ready else 503)
 
   @application.get("/v1/model", response_model=ModelFacts, dependencies=guarded,
-                   tags=["model"], responses={401: problems[401]})
+                   tags=["model"], responses={k: v for k, v in problems.items() if k == 401})
   async def model_info():
     """The model directory's facts (manifest.json) and the serving settings."""
     return facts
