@@ -7,6 +7,7 @@ setuptools.setup(
     description=("JAX/Flax Reverse Distillation with class-aware contrastive "
                  "learning (CCL) for multi-class industrial anomaly detection."),
     packages=setuptools.find_packages(include=["ccl_jax", "ccl_jax.*", "data_prep"]),
+    package_data={"ccl_jax.deploy": ["serve_page.html"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -37,5 +38,8 @@ setuptools.setup(
         # OpenVINO IR export and backend (--format openvino, --backend openvino), INT8 by
         # NNCF post-training quantisation; tested with openvino 2026.4.1 and nncf 3.4.0.
         "openvino": ["onnx>=1.16,<2", "openvino>=2024.4", "nncf>=2.12"],
+        # The HTTP service (ccl_jax.serve); httpx for its tests and benchmarks/serve_load.py.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9",
+                  "httpx>=0.27"],
     },
 )

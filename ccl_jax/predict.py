@@ -114,7 +114,9 @@ class _Loaded:
   error: str = ""
 
 
-def _load(path: str, image_size: int, keep_original: bool) -> _Loaded:
+def read_image(path: str, image_size: int, keep_original: bool) -> _Loaded:
+  """The model's input of the image file `path` (and the image at its own size, for the
+  overlay, if `keep_original`), or the reason it cannot be read in `error`."""
   try:
     # The dataset's own conversion and resize, so inputs match what training saw.
     image = images.read_resized(path, image_size)
@@ -132,7 +134,7 @@ def _batches(paths: Sequence[str], image_size: int, batch_size: int,
   """Loaded images in input order, `batch_size` at a time (decoded by a thread pool ahead
   of the model)."""
   batch = []
-  for loaded in common.ordered_map(lambda p: _load(p, image_size, keep_original), paths):
+  for loaded in common.ordered_map(lambda p: read_image(p, image_size, keep_original), paths):
     batch.append(loaded)
     if len(batch) == batch_size:
       yield batch
@@ -177,18 +179,43 @@ def run_batched(fn: Callable[..., dict[str, Any]], batch_size: int,
 Model = Detector | loader.ExportedModel
 
 
-def _score(detector: Model, batch_size: int, groups: grouping.Groups,
-           images: np.ndarray, forced: int | None) -> list[tuple[int, float, np.ndarray]]:
-  """(group, score, anomaly map) of each image: routed, or all in group `forced`."""
-  if forced is None:
+def score_images(detector: Model, batch_size: int, groups: grouping.Groups,
+                 images: np.ndarray, given: np.ndarray
+                 ) -> list[tuple[int, float, np.ndarray]]:
+  """(group, score, anomaly map) of each image: in group `given[i]`, or routed to the
+  nearest group where `given[i]` is -1."""
+  group_ids = np.asarray(given, np.int32).copy()
+  unknown = np.flatnonzero(group_ids < 0)
+  if len(unknown):
     embeddings = run_batched(lambda x: {"embedding": detector.embed(x)}, batch_size,
-                             ("embedding",), images)["embedding"]
-    group_ids = grouping.route(groups, embeddings)
-  else:
-    group_ids = np.full(len(images), forced, np.int32)
+                             ("embedding",), images[unknown])["embedding"]
+    group_ids[unknown] = grouping.route(groups, embeddings)
   outputs = run_batched(lambda x, g: detector.score(x, g)._asdict(), batch_size,
-                        ("anomaly_maps", "image_scores"), images, np.asarray(group_ids))
+                        ("anomaly_maps", "image_scores"), images, group_ids)
   return list(zip(group_ids, outputs["image_scores"], outputs["anomaly_maps"]))
+
+
+def given_group(groups: grouping.Groups, class_name: str | None) -> int | None:
+  """The group of a class name given with the images (None: route each image)."""
+  if class_name is None:
+    return None
+  if not groups.from_labels:
+    raise ValueError(
+        f"class name {class_name!r}: this decision file's groups were found by "
+        f"clustering ({', '.join(groups.names)}), not given by class labels, so there are "
+        "no class names to choose from; leave the class name out to route each image.")
+  return groups.index_of(class_name)
+
+
+def decide(groups: grouping.Groups, decision_thresholds: thresholds.Thresholds,
+           threshold_mode: str, group: int, score: float, given: bool) -> dict[str, Any]:
+  """The class, class_source, score, threshold and decision of an image's row."""
+  score = float(score)
+  threshold = float(decision_thresholds.agnostic if threshold_mode == "agnostic"
+                    else decision_thresholds.per_group[group])
+  return {"class": groups.names[group], "class_source": "given" if given else "routed",
+          "score": score, "threshold": threshold,
+          "decision": "anomalous" if score > threshold else "normal"}
 
 
 def predict_images(detector: Model, groups: grouping.Groups,
@@ -202,14 +229,7 @@ def predict_images(detector: Model, groups: grouping.Groups,
   if threshold_mode not in ("classwise", "agnostic"):
     raise ValueError(
         f"threshold_mode must be 'classwise' or 'agnostic', got {threshold_mode!r}.")
-  forced = None
-  if class_name is not None:
-    if not groups.from_labels:
-      raise ValueError(
-          f"--class_name {class_name!r}: this decision file's groups were found by "
-          f"clustering ({', '.join(groups.names)}), not given by class labels, so there are "
-          "no class names to choose from; leave --class_name out to route each image.")
-    forced = groups.index_of(class_name)
+  forced = given_group(groups, class_name)
   if overlay_dir:
     os.makedirs(overlay_dir, exist_ok=True)
   rows: list[dict[str, Any]] = []
@@ -218,8 +238,9 @@ def predict_images(detector: Model, groups: grouping.Groups,
       if item.error and not skip_unreadable:
         raise UnreadableImageError(item.path, item.error)
     readable = [item for item in batch if not item.error]
-    results = iter(_score(detector, batch_size, groups,
-                          np.stack([item.image for item in readable]), forced)
+    given = np.full(len(readable), -1 if forced is None else forced)
+    results = iter(score_images(detector, batch_size, groups,
+                                np.stack([item.image for item in readable]), given)
                    if readable else [])
     for item in batch:
       row = dict.fromkeys(COLUMNS, "")
@@ -231,13 +252,9 @@ def predict_images(detector: Model, groups: grouping.Groups,
         rows.append(row)
         continue
       group, score, anomaly_map = next(results)
-      score = float(score)
-      threshold = float(decision_thresholds.agnostic if threshold_mode == "agnostic"
-                        else decision_thresholds.per_group[group])
-      row.update({"class": groups.names[group],
-                  "class_source": "routed" if forced is None else "given",
-                  "score": score, "threshold": threshold,
-                  "decision": "anomalous" if score > threshold else "normal"})
+      row.update(decide(groups, decision_thresholds, threshold_mode, group, score,
+                        forced is not None))
+      threshold = row["threshold"]
       if overlay_dir:
         stem = os.path.splitext(os.path.basename(item.path))[0]
         row["overlay"] = os.path.join(overlay_dir, f"{len(rows):05d}_{stem}.png")

@@ -202,7 +202,7 @@ def test_predict_feeds_the_model_a_16bit_image_like_its_8bit_original(camera, tm
   from ccl_jax import predict  # its inputs go through encode_sample
   Image.fromarray(_to16(camera)).save(tmp_path / "grey16.png")
   Image.fromarray(camera).save(tmp_path / "grey8.png")
-  load = predict._load  # pylint: disable=protected-access
+  load = predict.read_image
   got = load(str(tmp_path / "grey16.png"), 64, keep_original=True)
   want = load(str(tmp_path / "grey8.png"), 64, keep_original=True)
   assert not got.error and not want.error
