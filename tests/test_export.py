@@ -138,7 +138,8 @@ def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
       import sys
       BLOCKED = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "grain",
                  "sklearn", "torch", "ml_collections", "ccl_jax.training.train",
-                 "ccl_jax.detectors", "ccl_jax.models", "ccl_jax.datasets")
+                 "ccl_jax.training", "ccl_jax.evaluation", "ccl_jax.runs", "ccl_jax.ccl",
+                 "ccl_jax.hiercore", "ccl_jax.models", "ccl_jax.datasets", "ccl_jax.config")
 
       class Block:
         def find_spec(self, name, path=None, target=None):

@@ -1,0 +1,1 @@
+"""Groups of training images, routing of new images to a group, and class-wise thresholds\nfrom the scores of unseen normal images: pure functions, no model."""

@@ -1,0 +1,1 @@
+"""Exported model directories: the loader and its backends (jax.export, ONNX Runtime,\nOpenVINO), the jaxpr -> ONNX translator, and the service's web page."""

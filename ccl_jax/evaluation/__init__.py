@@ -1,0 +1,1 @@
+"""Scoring a test split class by class, fitting decisions, and evaluating a detector."""

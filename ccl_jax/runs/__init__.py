@@ -1,0 +1,1 @@
+"""A run directory: its files (one writer, atomic) and the detector restored from it."""

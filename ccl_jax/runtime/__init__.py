@@ -1,0 +1,1 @@
+"""Devices and processes: joining a multi-host run, XLA options, preemption signals,\natomic file writes and storage errors, and batched inference over a dataset split."""

@@ -1,0 +1,1 @@
+"""Encoder weights: the frozen encoder and its variables, Flax variable files, PyTorch\ncheckpoints read without torch and converted to Flax."""
