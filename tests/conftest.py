@@ -61,6 +61,21 @@ def trained_smoke_run(smoke_settings, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smoke_runs(trained_smoke_run, smoke_settings, tmp_path_factory):
+  """(settings, {'ccl': workdir, 'hiercore': workdir}, the smoke dataset): the CCL smoke run
+  and a HierCore run fitted on the same data."""
+  from ccl_jax.datasets import selection  # pylint: disable=import-outside-toplevel
+  from ccl_jax.training import runner  # pylint: disable=import-outside-toplevel
+  run_settings, ccl_dir = trained_smoke_run
+  hiercore_dir = str(tmp_path_factory.mktemp("hiercore_smoke"))
+  runner.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
+             hiercore_dir)
+  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
+                                    is_main=True)
+  return run_settings, {"ccl": ccl_dir, "hiercore": hiercore_dir}, dataset
+
+
+@pytest.fixture(scope="session")
 def read_events():
   """`read_events(folder)`: TensorBoard's own reader over a run's event files, every
   record kept (no sampling), orphaned records of resumed runs purged as TensorBoard does."""

@@ -17,7 +17,6 @@ from absl import flags
 from PIL import Image
 
 from ccl_jax import export, predict
-from ccl_jax.training import runner
 from ccl_jax.decisions import thresholds
 from ccl_jax.deploy import loader
 from ccl_jax.datasets import selection
@@ -42,15 +41,11 @@ def _predict(*args: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(trained_smoke_run, smoke_settings, tmp_path_factory):
+def runs(smoke_runs, tmp_path_factory):
   """Both smoke runs exported (jax and onnx), and test images of the smoke data."""
   root = tmp_path_factory.mktemp("export")
-  run_settings, ccl_dir = trained_smoke_run
-  hiercore_dir = str(root / "hiercore_run")
-  runner.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
-           hiercore_dir)
-  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
-                                    is_main=True)
+  _, workdirs, dataset = smoke_runs
+  ccl_dir, hiercore_dir = workdirs["ccl"], workdirs["hiercore"]
   picks = np.linspace(0, len(dataset.test) - 1, NUM_IMAGES).astype(int)
   images = np.stack([dataset.test[int(i)]["image"] for i in picks])
   folder = root / "images"

@@ -141,6 +141,23 @@ def _signal_self() -> None:
   os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _run_signalled_in(monkeypatch, owner, name: str, signal_now, run_settings, workdir: str,
+                      stopped: str) -> None:
+  """`runner.run` with `owner.name` wrapped to send this process a SIGTERM before the call
+  where `signal_now(*args)` holds; the run must stop with a Preempted matching `stopped`."""
+  real = getattr(owner, name)
+
+  def signalled(*args, **kwargs):
+    if signal_now(*args):
+      _signal_self()
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, signalled)
+  with pytest.raises(preemption.Preempted, match=stopped):
+    runner.run(run_settings, workdir)
+  monkeypatch.undo()
+
+
 def test_signal_during_a_save_ends_the_save_then_stops_after_the_next_step(
     trained_smoke_run, smoke_settings, tmp_path, monkeypatch):
   """A SIGTERM that arrives while the checkpoint of step 3 is written: that save completes,
@@ -149,17 +166,9 @@ def test_signal_during_a_save_ends_the_save_then_stops_after_the_next_step(
   reference = trained_smoke_run[1]
   run_settings = _settings(smoke_settings, checkpoint_every_steps=3)
   workdir = str(tmp_path / "run")
-  real_save = RunDir.save_checkpoint
-
-  def save_while_signalled(self, which, state, meta):
-    if int(state.step) == 3:
-      _signal_self()
-    real_save(self, which, state, meta)
-
-  monkeypatch.setattr(RunDir, "save_checkpoint", save_while_signalled)
-  with pytest.raises(preemption.Preempted, match="by SIGTERM: saved step 4 of"):
-    runner.run(run_settings, workdir)
-  monkeypatch.undo()
+  _run_signalled_in(monkeypatch, RunDir, "save_checkpoint",
+                    lambda self, which, state, meta: int(state.step) == 3, run_settings,
+                    workdir, "by SIGTERM: saved step 4 of")
   assert _state(workdir)[0] == 4
   runner.run(run_settings, workdir)
   (step_a, state_a), (step_b, state_b) = _state(reference), _state(workdir)
@@ -176,16 +185,8 @@ def test_signal_during_evaluation_stops_at_once_and_the_rerun_evaluates(
   reference = trained_smoke_run[1]
   run_settings = _settings(smoke_settings)
   workdir = str(tmp_path / "run")
-  real_evaluation = decide.fit_and_evaluate
-
-  def evaluation_while_signalled(*args, **kwargs):
-    _signal_self()
-    return real_evaluation(*args, **kwargs)
-
-  monkeypatch.setattr(decide, "fit_and_evaluate", evaluation_while_signalled)
-  with pytest.raises(preemption.Preempted, match="outside training"):
-    runner.run(run_settings, workdir)
-  monkeypatch.undo()
+  _run_signalled_in(monkeypatch, decide, "fit_and_evaluate", lambda *args: True,
+                    run_settings, workdir, "outside training")
   assert not os.path.exists(os.path.join(workdir, "metrics.json"))
   assert _state(workdir)[0] == _state(reference)[0]
   runner.run(run_settings, workdir)
@@ -198,18 +199,14 @@ def test_signal_during_data_preparation_leaves_data_and_workdir_that_rerun(
   same command prepares the data and trains."""
   data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "run")
   run_settings = _settings(smoke_settings, **{"dataset.data_dir": data_dir})
-  real_encode, calls = builders.encode_sample, []
+  calls = []
 
-  def encode_while_signalled(*args, **kwargs):
+  def fourth_call(*args):
     calls.append(1)
-    if len(calls) == 4:
-      _signal_self()
-    return real_encode(*args, **kwargs)
+    return len(calls) == 4
 
-  monkeypatch.setattr(builders, "encode_sample", encode_while_signalled)
-  with pytest.raises(preemption.Preempted, match="outside training"):
-    runner.run(run_settings, workdir)
-  monkeypatch.undo()
+  _run_signalled_in(monkeypatch, builders, "encode_sample", fourth_call, run_settings,
+                    workdir, "outside training")
   assert len(calls) == 4
   assert not incomplete_dirs(data_dir)
   result = runner.run(run_settings, workdir, stop_after_steps=1)

@@ -28,10 +28,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ccl_jax import export, predict, serve
-from ccl_jax.training import runner
 from ccl_jax.decisions import thresholds
 from ccl_jax.deploy import loader
-from ccl_jax.datasets import selection
 from ccl_jax.runs.run_dir import RunDir
 from ccl_jax.runs.loading import load_detector
 
@@ -60,16 +58,12 @@ FORMS = (("0.png", "rgb"), ("1_grey.png", "grey"), ("2_grey16.png", "grey16"),
 
 
 @pytest.fixture(scope="module")
-def served(trained_smoke_run, smoke_settings, tmp_path_factory):
+def served(smoke_runs, tmp_path_factory):
   """The CCL and HierCore smoke runs exported (jax) with thresholds at the median score of
   8 test images in several forms, those images, and predict --model's rows for them."""
   root = tmp_path_factory.mktemp("serve")
-  run_settings, ccl_dir = trained_smoke_run
-  hiercore_dir = str(root / "hiercore_run")
-  runner.run(smoke_settings(**{"model.kind": "hiercore", "num_heatmaps_per_class": 0}),
-           hiercore_dir)
-  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
-                                    is_main=True)
+  _, workdirs, dataset = smoke_runs
+  ccl_dir, hiercore_dir = workdirs["ccl"], workdirs["hiercore"]
   folder = root / "images"
   folder.mkdir()
   picks = np.linspace(0, len(dataset.test) - 1, len(FORMS)).astype(int)
