@@ -42,7 +42,7 @@ _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]
                      [128, 0, 0], [0, 0, 128], [128, 128, 0], [0, 128, 128]], np.uint8)
 
 
-def embeddings_of(detector: ReverseDistillationDetector, dataset,
+def global_embeddings(detector: ReverseDistillationDetector, dataset,
                   global_batch_size: int) -> np.ndarray:
   """The neck's global embeddings [N, D] of every test image."""
   if not isinstance(detector, ReverseDistillationDetector):
@@ -85,7 +85,7 @@ def compare(workdirs: list[str], output: str, checkpoint: str = "best") -> dict[
     dataset = selection.load_selected(run_settings.dataset,
                                       image_size=run_settings.image_size,
                                       is_main=jax.process_index() == 0)
-    embeddings = embeddings_of(detector, dataset, run_settings.global_eval_batch_size)
+    embeddings = global_embeddings(detector, dataset, run_settings.global_eval_batch_size)
     score = v_measure(embeddings, dataset.test_class_ids)
     points = sklearn.manifold.TSNE(2, random_state=0, init="pca",
                                    perplexity=min(30.0, len(embeddings) / 4)).fit_transform(

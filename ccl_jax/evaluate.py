@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,9 +33,8 @@ from ccl_jax.runtime import inference
 from ccl_jax.weights import variable_files
 from ccl_jax.datasets import selection
 from ccl_jax.runs.run_dir import DECISION_FILE, METRICS_FILE, RunDir
-from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network, network_template
+from ccl_jax.ccl.detector import restored_rd_detector
 from ccl_jax.runs.loading import load_detector
-from ccl_jax.weights.encoder_weights import frozen_encoder
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -56,17 +54,11 @@ def evaluate_variables(run_settings: settings_lib.RunSettings, workdir: str,
   """Metrics of imported variables on the settings' test set, written into `workdir`."""
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=jax.process_index() == 0)
-  encoder, encoder_variables = frozen_encoder(run_settings,
-                                                        inference.replicated_sharding())
-  network = build_network(run_settings)
-  template = network_template(network, encoder, encoder_variables,
-                                        run_settings.image_size)
-  variables = variable_files.load(variables_path, template, "--variables")
-  detector = ReverseDistillationDetector(
-      run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-      variables, map_scale=run_settings.model.anomaly_map_scale)
+  detector = restored_rd_detector(
+      run_settings, inference.replicated_sharding(),
+      lambda template: variable_files.load(variables_path, template, "--variables"))
   summary, outputs = decide.evaluate_test_set(
-      detector, dataset, np.zeros(len(dataset.test), np.int32),
+      detector, dataset, decide.one_group(dataset),
       global_batch_size=run_settings.global_eval_batch_size,
       batch_sharding=inference.batch_sharding(),
       heatmaps_per_class=run_settings.num_heatmaps_per_class)
@@ -96,7 +88,7 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
         heatmaps_per_class=run_settings.num_heatmaps_per_class)
   else:
     summary, outputs = decide.evaluate_test_set(
-        detector, dataset, np.zeros(len(dataset.test), np.int32),
+        detector, dataset, decide.one_group(dataset),
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
         heatmaps_per_class=run_settings.num_heatmaps_per_class)
     result = {"metrics": summary}

@@ -589,8 +589,8 @@ def test_load_reports_counts_and_progress(tmp_path, capsys, monkeypatch):
          verbose=False)
   assert capsys.readouterr() == ("", "")
   # all classes, totals as "published": a confirmation, no warning
-  from ccl_jax.datasets import report
-  monkeypatch.setitem(report.KNOWN_TOTALS, "btad", (
+  from ccl_jax.datasets import totals
+  monkeypatch.setitem(totals.KNOWN_TOTALS, "btad", (
       "BTAD", L.BTAD_CLASSES, {"train": 6, "test": 9}))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -632,7 +632,7 @@ def test_check_totals():
       "test": 230}, "03": {"train": 1000, "test": 441}}
   assert D.check_totals("btad", btad) == []
   assert set(D.KNOWN_TOTALS) == {"mvtec_ad", "visa", "btad", "real_iad"}
-  from ccl_jax.datasets.report import expected_totals
+  from ccl_jax.datasets.totals import expected_totals
   assert expected_totals("btad", ["03", "01", "02"]) == {"train": 1799,
                                                          "test": 741}
   assert expected_totals("btad", ["03", "01"]) is None

@@ -83,7 +83,7 @@ def test_confusion_embeddings_and_v_measure(trained_smoke_run):
   assert detector.checkpoint_step > 0
   dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
                                     is_main=True)
-  embeddings = confusion.embeddings_of(detector, dataset, 8)
+  embeddings = confusion.global_embeddings(detector, dataset, 8)
   assert embeddings.shape[0] == len(dataset.test) and np.all(np.isfinite(embeddings))
   score = confusion.v_measure(embeddings, dataset.test_class_ids)
   assert 0.0 <= score <= 1.0

@@ -149,7 +149,7 @@ def test_kmeans_pseudo_classes_recover_visually_distinct_classes(smoke_settings)
   encoder, encoder_variables = frozen_encoder(run_settings,
                                                         inference.replicated_sharding())
   indices = np.arange(len(dataset.train))
-  embeddings = decide.embeddings_of(Router(encoder, encoder_variables),
+  embeddings = decide.routing_embeddings(Router(encoder, encoder_variables),
                                        dataset.train, indices, global_batch_size=8,
                                        batch_sharding=inference.batch_sharding())
   clusters, v_measure = grouping.pseudo_classes(embeddings, dataset.train_class_ids[indices],

@@ -3,7 +3,7 @@ decoder's reconstruction (`ccl_jax.models.anomaly_maps`), one model for every cl
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,7 @@ from ccl_jax.config.settings import RunSettings
 from ccl_jax.models import ReverseDistillation, anomaly_maps, encoder_spec
 from ccl_jax.models.detector import Detector, Scores
 from ccl_jax.models.frozen import encode
+from ccl_jax.weights.encoder_weights import frozen_encoder
 
 
 class ReverseDistillationDetector(Detector):
@@ -99,3 +100,22 @@ def network_template(network: ReverseDistillation, encoder: nn.Module, encoder_v
       lambda v: encode(encoder, v, jnp.zeros((1, image_size, image_size, 3), jnp.uint8)),
       encoder_variables)
   return jax.eval_shape(network.init, jax.random.key(0), features)
+
+
+def rd_detector(run_settings: RunSettings, encoder: nn.Module, encoder_variables: Any,
+                network: ReverseDistillation, variables: Any) -> ReverseDistillationDetector:
+  """The CCL / RD detector of the network `variables`, as `run_settings` describe it."""
+  return ReverseDistillationDetector(run_settings.model_name, run_settings.image_size, encoder,
+                                     encoder_variables, network, variables,
+                                     map_scale=run_settings.model.anomaly_map_scale)
+
+
+def restored_rd_detector(run_settings: RunSettings, sharding,
+                         read_variables: Callable[[Any], Any]) -> ReverseDistillationDetector:
+  """The detector with the frozen encoder placed with `sharding` and the network variables
+  `read_variables(template)` returns (template: their shapes and dtypes)."""
+  encoder, encoder_variables = frozen_encoder(run_settings, sharding)
+  network = build_network(run_settings)
+  template = network_template(network, encoder, encoder_variables, run_settings.image_size)
+  return rd_detector(run_settings, encoder, encoder_variables, network,
+                     read_variables(template))

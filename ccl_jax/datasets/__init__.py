@@ -16,7 +16,7 @@ from ccl_jax.datasets.builders import (
 from ccl_jax.datasets.layouts import realiad_view
 from ccl_jax.datasets.loader import AnomalyDataset, RecordSource, load, load_mixture
 from ccl_jax.datasets.common import DatasetError, Sample, scan_classes
-from ccl_jax.datasets.report import KNOWN_TOTALS, check_totals
+from ccl_jax.datasets.totals import KNOWN_TOTALS, check_totals
 
 __all__ = [
     "AnomalyBuilderConfig", "AnomalyDataset", "AnomalyDetectionBuilder",

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from ccl_jax.datasets import report, synthetic
+from ccl_jax.datasets import synthetic, totals
 from ccl_jax.datasets.builders import (
     BUILDERS, _check_image_size, check_num_workers)
 from ccl_jax.datasets.common import DatasetError, check_manual_dir, fingerprint
@@ -222,7 +222,7 @@ def load(name: str, *, classes="all", manual_dir=None, data_dir, image_size,
       prepared, then a table of the images per class and split. (Where
       all classes of MVTec AD, VisA, BTAD or Real-IAD are selected, the
       totals are compared with the published ones and a mismatch is
-      warned about, whatever ``verbose``: see ``report.check_totals``.)
+      warned about, whatever ``verbose``: see ``totals.check_totals``.)
     num_workers: threads decoding / resizing / encoding the images of a
       class while preparing it (None: min(8, CPU count); 1: sequential).
       The prepared data does not depend on it.
@@ -324,11 +324,11 @@ def _report(name, builders, train_parts, test_parts, verbose: bool):
     cfg = builders[0].builder_config
     size = f"{cfg.image_size}px" if cfg.image_size else "original size"
     opts = "".join(f", {k}={v}" for k, v in cfg.options)
-    print(report.format_counts(f"{builders[0].TITLE} ({size}{opts})",
+    print(totals.format_counts(f"{builders[0].TITLE} ({size}{opts})",
                                rows), flush=True)
   options = dict(builders[0].builder_config.options) if builders else {}
-  problems = report.check_totals(name, rows, options)
-  expected = report.expected_totals(name, rows, options)
+  problems = totals.check_totals(name, rows, options)
+  expected = totals.expected_totals(name, rows, options)
   if verbose and expected and not problems:
     print("[ccl_jax.datasets] the totals match the published ones ("
           + ", ".join(f"{k} {v}" for k, v in expected.items()) + ")",

@@ -1,1 +1,2 @@
-"""Exported model directories: the loader and its backends (jax.export, ONNX Runtime,\nOpenVINO), the jaxpr -> ONNX translator, and the service's web page."""
+"""Exported model directories: the loader and its backends (jax.export, ONNX Runtime,
+OpenVINO), the jaxpr -> ONNX translator, and the service's web page."""

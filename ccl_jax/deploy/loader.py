@@ -65,8 +65,10 @@ class ModelDirError(ValueError):
 
 
 class Scores(NamedTuple):
-  anomaly_maps: np.ndarray  # [B, S, S] float32
-  image_scores: np.ndarray  # [B] float32, the maximum of each map
+  """What every model's `score` returns (a `ccl_jax.models.detector.Detector`'s: jax
+  arrays; an exported model's: numpy arrays)."""
+  anomaly_maps: Any  # [B, S, S] float32
+  image_scores: Any  # [B] float32, the maximum of each map
 
 
 def function_file(function: str, backend: str) -> str:

@@ -46,7 +46,7 @@ from ccl_jax.config.settings import DecisionSettings, RunSettings
 from ccl_jax.results.decision_metrics import decision_metrics
 
 
-def embeddings_of(router: Router, source, indices: np.ndarray, *, global_batch_size: int,
+def routing_embeddings(router: Router, source, indices: np.ndarray, *, global_batch_size: int,
                   batch_sharding) -> np.ndarray:
   """Routing embeddings [N, D] of `source[indices]` (the same for every model)."""
   return inference.run_inference(
@@ -61,6 +61,12 @@ def score_fn(detector: Detector):
     scores = detector.score(images, group_id)
     return {"anomaly_map": scores.anomaly_maps, "score": scores.image_scores}
   return score
+
+
+def one_group(dataset) -> np.ndarray:
+  """Every test image in group 0: the group ids of an evaluation without decisions (a CCL /
+  RD map does not depend on its group)."""
+  return np.zeros(len(dataset.test), np.int32)
 
 
 def evaluate_test_set(detector: Detector, dataset, group_ids: np.ndarray, *,
@@ -115,7 +121,7 @@ def evaluation_groups(groups: grouping.Groups, embeddings: np.ndarray,
   return assigned
 
 
-def estimate_thresholds(detector: Detector, source, holdout_indices: np.ndarray,
+def holdout_thresholds(detector: Detector, source, holdout_indices: np.ndarray,
                         holdout_groups: np.ndarray, num_groups: int, *,
                         decision: DecisionSettings, global_batch_size: int,
                         batch_sharding) -> thresholds.Thresholds:
@@ -140,7 +146,7 @@ def fit_decision(detector: Detector, dataset, train_indices: np.ndarray,
 
   Returns the groups, the thresholds and a meta dict for decision.json.
   """
-  embed = functools.partial(embeddings_of, detector, dataset.train,
+  embed = functools.partial(routing_embeddings, detector, dataset.train,
                             global_batch_size=global_batch_size, batch_sharding=batch_sharding)
   if groups is None:
     groups = fit_training_groups(
@@ -150,7 +156,7 @@ def fit_decision(detector: Detector, dataset, train_indices: np.ndarray,
   holdout_class_ids = dataset.train_class_ids[holdout_indices] if labels_at_training else None
   holdout_groups = evaluation_groups(groups, embed(holdout_indices), holdout_class_ids,
                                      dataset.class_names)
-  estimated = estimate_thresholds(
+  estimated = holdout_thresholds(
       detector, dataset.train, holdout_indices, holdout_groups, groups.num_groups,
       decision=decision, global_batch_size=global_batch_size, batch_sharding=batch_sharding)
   meta = {"labels_at_training": labels_at_training, "threshold_source": "holdout",
@@ -197,7 +203,7 @@ def evaluate_decisions(detector: Detector, dataset, groups: grouping.Groups,
                                          heatmaps_per_class=heatmaps_per_class)
     outputs["group_id"] = np.zeros(0, np.int32)
     return {"metrics": summary}, outputs
-  embeddings = embeddings_of(detector, dataset.test, indices,
+  embeddings = routing_embeddings(detector, dataset.test, indices,
                              global_batch_size=global_batch_size,
                              batch_sharding=batch_sharding)
   group_ids = evaluation_groups(
@@ -252,7 +258,7 @@ def fit_and_evaluate(detector: Detector, run_settings: RunSettings, run_dir: Run
     logging.warning("validation_fraction=0: no held-out normal images, so no thresholds and "
                     "no decision.json; `python -m ccl_jax.predict` needs them.")
     summary, outputs = evaluate_test_set(
-        detector, dataset, np.zeros(len(dataset.test), np.int32),
+        detector, dataset, one_group(dataset),
         global_batch_size=global_batch_size, batch_sharding=batch_sharding,
         worker_count=run_settings.worker_count,
         heatmaps_per_class=run_settings.num_heatmaps_per_class)

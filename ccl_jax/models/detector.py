@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccl_jax.deploy.loader import Scores
 from ccl_jax.models.frozen import encode
-
-
-class Scores(NamedTuple):
-  anomaly_maps: jax.Array  # [B, S, S] float32
-  image_scores: jax.Array  # [B] float32, the maximum of each map
 
 
 class Router:

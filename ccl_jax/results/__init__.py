@@ -1,1 +1,2 @@
-"""What a run reports: exact metrics, decision metrics, metrics.json / results.md,\nheatmaps, report.html and TensorBoard events."""
+"""What a run reports: exact metrics, decision metrics, metrics.json / results.md,
+heatmaps, report.html and TensorBoard events."""

@@ -1,7 +1,7 @@
 """The detector of a run directory, restored without an optimizer."""
 from __future__ import annotations
 
-from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network, network_template
+from ccl_jax.ccl.detector import restored_rd_detector
 from ccl_jax.hiercore.detector import hiercore_detector
 from ccl_jax.models.detector import Detector
 from ccl_jax.runs import run_dir as run_dir_lib
@@ -23,12 +23,13 @@ def load_detector(path: str, *, checkpoint: str = "best") -> Detector:
   if run.checkpoint_step(checkpoint) is None:
     raise FileNotFoundError(f"No checkpoint in {run.checkpoint_dir(checkpoint)}; expected "
                             "'best' or 'latest' of a training run.")
-  encoder, encoder_variables = frozen_encoder(run_settings, replicated)
-  network = build_network(run_settings)
-  template = network_template(network, encoder, encoder_variables, run_settings.image_size)
-  variables, restored_step = run.restore_model_variables(checkpoint, template, replicated)
-  detector = ReverseDistillationDetector(run_settings.model_name, run_settings.image_size,
-                                         encoder, encoder_variables, network, variables,
-                                         map_scale=run_settings.model.anomaly_map_scale)
-  detector.checkpoint_step = restored_step
+  restored_steps = []
+
+  def restore(template):
+    variables, step = run.restore_model_variables(checkpoint, template, replicated)
+    restored_steps.append(step)
+    return variables
+
+  detector = restored_rd_detector(run_settings, replicated, restore)
+  detector.checkpoint_step = restored_steps[0]
   return detector

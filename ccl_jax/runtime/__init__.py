@@ -1,1 +1,2 @@
-"""Devices and processes: joining a multi-host run, XLA options, preemption signals,\natomic file writes and storage errors, and batched inference over a dataset split."""
+"""Devices and processes: joining a multi-host run, XLA options, preemption signals,
+atomic file writes and storage errors, and batched inference over a dataset split."""

@@ -1,1 +1,2 @@
-"""Producing a run: the CCL / RD training loop, HierCore fitting, and the runner that picks\none by the settings' model kind."""
+"""Producing a run: the CCL / RD training loop, HierCore fitting, and the runner that picks
+one by the settings' model kind."""

@@ -63,7 +63,7 @@ def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
     run_dir.write_settings(run_settings)
 
   labels_at_training = run_settings.dataset.labels_at_training
-  embeddings = decide.embeddings_of(
+  embeddings = decide.routing_embeddings(
       Router(encoder, encoder_variables), dataset.train, train_indices,
       global_batch_size=global_batch_size, batch_sharding=batch_sharding)
   train_class_ids = dataset.train_class_ids[train_indices] if labels_at_training else None

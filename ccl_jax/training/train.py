@@ -32,7 +32,7 @@ from ccl_jax.datasets import selection
 from ccl_jax.decisions.grouping import pseudo_classes
 from ccl_jax.runs.run_dir import RunDir
 from ccl_jax.config.settings import RunSettings
-from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network
+from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network, rd_detector
 from ccl_jax.weights.encoder_weights import frozen_encoder
 
 
@@ -140,13 +140,12 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
     run_dir.write_settings(run_settings)
 
   def detector_of(state) -> ReverseDistillationDetector:
-    return ReverseDistillationDetector(
-        run_settings.model_name, run_settings.image_size, encoder, encoder_variables, network,
-        step.variables_of(state), map_scale=run_settings.model.anomaly_map_scale)
+    return rd_detector(run_settings, encoder, encoder_variables, network,
+                       step.variables_of(state))
 
   train_class_ids = dataset.train_class_ids[train_indices]
   if run_settings.dataset.class_labels == "kmeans":
-    embeddings = decide.embeddings_of(detector_of(state), dataset.train, train_indices,
+    embeddings = decide.routing_embeddings(detector_of(state), dataset.train, train_indices,
                                          global_batch_size=eval_batch_size,
                                          batch_sharding=batch_sharding)
     num_clusters = run_settings.dataset.num_pseudo_classes
@@ -188,7 +187,7 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
     if (run_settings.eval_every_epochs and epoch % run_settings.eval_every_epochs == 0
         and epoch < run_settings.num_epochs):
       summary, _ = decide.evaluate_test_set(
-          detector_of(state), dataset, np.zeros(len(dataset.test), np.int32),
+          detector_of(state), dataset, decide.one_group(dataset),
           global_batch_size=eval_batch_size, batch_sharding=batch_sharding)
       record["test_mean"] = summary["mean"]
     meta["history"].append(record)

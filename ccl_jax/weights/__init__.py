@@ -1,1 +1,2 @@
-"""Encoder weights: the frozen encoder and its variables, Flax variable files, PyTorch\ncheckpoints read without torch and converted to Flax."""
+"""Encoder weights: the frozen encoder and its variables, Flax variable files, PyTorch
+checkpoints read without torch and converted to Flax."""
