@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from ccl_jax.ccl import augment as A
 from ccl_jax import models
+from ccl_jax.models import frozen
 
 S = 32  # image size used by the pipeline tests (> 11, so 23-tap reflect padding is valid)
 
@@ -216,8 +217,8 @@ def test_normalize_with_the_resnet_encoders_imagenet_statistics():
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   ref = (u8 / 255.0 - mean) / std
   stats = models.input_normalisation(models.build_encoder("resnet18"))
-  out_u8 = A.normalize(u8, *stats)
-  out_f = A.normalize(u8.astype(np.float32) / 255.0, *stats)
+  out_u8 = frozen.normalize(u8, *stats)
+  out_f = frozen.normalize(u8.astype(np.float32) / 255.0, *stats)
   assert out_u8.dtype == jnp.float32 and out_f.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out_u8), ref, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out_f), ref, atol=1e-5)
@@ -226,7 +227,7 @@ def test_normalize_with_the_resnet_encoders_imagenet_statistics():
 
 def test_imagenet_statistics_are_defined_once():
   # Two copies could drift apart; ccl_jax.models owns the encoders' input normalisation.
-  package = pathlib.Path(A.__file__).parent
+  package = pathlib.Path(models.__file__).parents[1]
   defining = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                     if "0.485, 0.456, 0.406" in p.read_text())
   assert defining == ["models/__init__.py"]
