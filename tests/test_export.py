@@ -144,7 +144,7 @@ def test_loader_needs_only_jax_and_numpy(runs, tmp_path, repo_root):
 
       sys.meta_path.insert(0, Block())
       import numpy as np
-      from ccl_jax import exported
+      from ccl_jax.deploy import loader
       inputs = np.load({str(tmp_path / 'inputs.npz')!r})
       scores = loader.load({model!r}).score(inputs["images"], inputs["group_ids"])
       np.save({str(tmp_path / 'maps.npy')!r}, scores.anomaly_maps)

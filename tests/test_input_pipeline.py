@@ -412,7 +412,7 @@ _GLOBAL_ARRAY_SCRIPT = textwrap.dedent("""
     jax.config.update('jax_num_cpu_devices', 8)
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ccl_jax import input_pipeline as ip
+    from ccl_jax.datasets import input_pipeline as ip
     from tests.test_input_pipeline import FakeSource
 
     assert jax.device_count() == 8, jax.devices()

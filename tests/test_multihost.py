@@ -487,7 +487,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_that_resumes(runs, 
 _FAILING_PROCESS = """
 import sys
 sys.path.insert(0, {repo!r})
-from ccl_jax import distributed
+from ccl_jax.runtime import distributed
 distributed.initialize(heartbeat_timeout_s=5)
 import jax
 from jax.experimental import multihost_utils
@@ -528,7 +528,7 @@ def test_an_exception_in_one_process_stops_the_others_promptly():
 _JOIN = """
 import sys
 sys.path.insert(0, {repo!r})
-from ccl_jax import distributed
+from ccl_jax.runtime import distributed
 try:
   distributed.initialize(initialization_timeout_s=2)
 except RuntimeError as e:

@@ -138,7 +138,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     jax.config.update('jax_enable_x64', True)
     import jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ccl_jax import inference, step
+    from ccl_jax.ccl import step
+    from ccl_jax.runtime import inference
     from ccl_jax.config.settings import LossSettings
     from ccl_jax.models import ResNetEncoder, ReverseDistillation, encoder_spec
     size = 32

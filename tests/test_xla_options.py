@@ -13,10 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fresh process: XLA reads its flags once, when the first backend starts.
 _PLAN_SCRIPT = """
 import json, sys
-from ccl_jax import xla_options
+from ccl_jax.runtime import xla_options
 xla_options.use_cpu_low_memory_schedule(sys.argv[1] == "on")
 import jax, jax.numpy as jnp
-from ccl_jax import losses
+from ccl_jax.ccl import losses
 features = jnp.zeros((16, 64, 64, 8))  # a 16 x 4096 x 4096 similarity if built whole
 compiled = jax.jit(lambda a, b: losses.match_positions(a, b, None)).lower(
     features, features).compile()
