@@ -262,7 +262,7 @@ def test_listening_beyond_this_machine_needs_a_token(monkeypatch):
   flag_values = flags.FlagValues()
   serve.define_flags(flag_values)
   assert flag_values["backend"].parser.enum_values == list(loader.BACKENDS)
-  assert flag_values.host == "127.0.0.1"
+  assert flag_values["host"].default == "127.0.0.1"
 
 
 def _png_header(width: int, height: int) -> bytes:
