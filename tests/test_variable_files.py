@@ -121,7 +121,7 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
 
 def test_convert_never_imports_weights():
   # weights imports convert (the packaged EfficientNet weights); the reverse was a loop.
-  imported = _imported_modules(REPO / "ccl_jax" / "convert.py")
+  imported = _imported_modules(REPO / "ccl_jax" / "weights" / "convert.py")
   assert "ccl_jax.weights.encoder_weights" not in imported
   assert "ccl_jax.weights.variable_files" in imported
 
