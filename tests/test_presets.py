@@ -119,16 +119,19 @@ def test_the_warning_is_logged_before_any_work(tmp_path, caplog):
 
 
 def test_the_warning_heads_metrics_json_results_md_and_the_report(tmp_path):
-  from ccl_jax.results import metrics, writing
+  from ccl_jax.evaluation import streaming  # pylint: disable=import-outside-toplevel
+  from ccl_jax.results import metrics, writing  # pylint: disable=import-outside-toplevel
   from ccl_jax.runs.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   masks = np.zeros((4, 8, 8), np.uint8)
   masks[2:, 2:5, 2:5] = 1
-  outputs = {"label": np.array([0, 0, 1, 1]), "score": rng.random(4), "mask": masks,
-             "anomaly_map": rng.random((4, 8, 8)).astype(np.float32)}
+  maps = rng.random((4, 8, 8)).astype(np.float32)
+  outputs = {"label": np.array([0, 0, 1, 1]), "score": rng.random(4),
+             "views": streaming.Views(dict(enumerate(maps)), dict(enumerate(masks)),
+                                      {0: (float(maps.min()), float(maps.max()))})}
   summary = metrics.summarize({"bottle": {"labels": outputs["label"],
                                           "scores": outputs["score"], "masks": masks,
-                                          "maps": outputs["anomaly_map"]}})
+                                          "maps": maps}})
   test = [{"image": np.full((8, 8, 3), 99, np.uint8), "file_name": f"{i}.png"}
           for i in range(4)]
   dataset = type("Dataset", (), {"class_names": ("bottle",), "test": test,
