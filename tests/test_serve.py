@@ -200,7 +200,7 @@ def test_model_health_and_openapi_endpoints(served):
     assert facts["agnostic_threshold"] == manifest["thresholds"]["agnostic"]
     assert facts["versions"] == manifest["versions"]
     assert facts["batching"] == {"max_batch": 3, "max_wait_ms": 7}
-    assert facts["precision"] is None and facts["token_required"] is False
+    assert facts["precision"] == manifest["precision"] == "f32" and facts["token_required"] is False
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) == {"/", "/healthz", "/readyz", "/v1/model", "/v1/predict"}
     post = spec["paths"]["/v1/predict"]["post"]
