@@ -396,10 +396,13 @@ def test_evaluation_counts_every_test_image_once(runs):
       row = two[part]["per_class"][name]
       assert row["n_normal"] + row["n_anomalous"] == expected
       assert {c: row[c] for c in counts} == {c: one[part]["per_class"][name][c] for c in counts}
-  assert two["metrics"]["mean"] == pytest.approx(one["metrics"]["mean"], abs=1e-5)
+  # The parameters agree to 1e-5 (not bit for bit: the gradient sums run in another order),
+  # and AUPRO, an integral over per-region overlaps, moves by up to 1e-4 of itself with them.
+  # One image dropped or counted twice moves a metric of these few-image classes by over 1e-2.
+  assert two["metrics"]["mean"] == pytest.approx(one["metrics"]["mean"], rel=5e-4, abs=1e-5)
   for name in runs.num_test_images:
     assert two["metrics"]["per_class"][name] == pytest.approx(
-        one["metrics"]["per_class"][name], abs=1e-5)
+        one["metrics"]["per_class"][name], rel=5e-4, abs=1e-5)
   with open(os.path.join(runs.one.workdir, "decision.json")) as f:
     thresholds_one = json.load(f)["thresholds"]
   with open(os.path.join(runs.resumed2.workdir, "decision.json")) as f:
