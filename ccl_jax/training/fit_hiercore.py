@@ -34,31 +34,26 @@ from sklearn.cluster import KMeans
 from ccl_jax.evaluation import decide
 from ccl_jax.results import writing
 from ccl_jax.runtime import inference
-from ccl_jax.datasets import selection
 from ccl_jax.hiercore.memory_bank import Excluded, build_memory_bank
 from ccl_jax.hiercore.features import make_patch_fn
-from ccl_jax.runs.run_dir import RunDir
 from ccl_jax.config.settings import RunSettings
 from ccl_jax.hiercore.detector import HierCoreDetector, hiercore_detector
 from ccl_jax.models.detector import Router
-from ccl_jax.weights.encoder_weights import frozen_encoder
+from ccl_jax.training import setup
 
 
 def fit(run_settings: RunSettings, workdir: str) -> dict[str, Any]:
   """Builds the memory bank of `run_settings` in `workdir` and evaluates it."""
-  run_dir = RunDir(workdir)
-  is_main = jax.process_index() == 0
-  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
-                                    is_main=is_main)
+  start = setup.start_run(run_settings, workdir)
+  run_dir, is_main, dataset = start.run_dir, start.is_main, start.dataset
+  encoder, encoder_variables = start.encoder, start.encoder_variables
+  batch_sharding = start.batch_sharding
+  global_batch_size = run_settings.global_eval_batch_size
   hiercore_settings = run_settings.hiercore
-  train_indices, holdout_indices = selection.training_split(run_settings, dataset)
+  train_indices, holdout_indices = start.train_indices, start.holdout_indices
   if hiercore_settings.cross_fitted:
     train_indices = np.sort(np.concatenate([train_indices, holdout_indices]))
     holdout_indices = holdout_indices[:0]
-  replicated = inference.replicated_sharding()
-  batch_sharding = inference.batch_sharding()
-  global_batch_size = run_settings.global_eval_batch_size
-  encoder, encoder_variables = frozen_encoder(run_settings, replicated)
   if is_main:
     run_dir.write_settings(run_settings)
 

@@ -29,19 +29,11 @@ from ccl_jax.results import writing
 from ccl_jax.results import events
 from ccl_jax.runtime import inference, preemption
 from ccl_jax.datasets import selection
+from ccl_jax.training import setup
 from ccl_jax.decisions.grouping import pseudo_classes
 from ccl_jax.runs.run_dir import RunDir
 from ccl_jax.config.settings import RunSettings
 from ccl_jax.ccl.detector import ReverseDistillationDetector, build_network, rd_detector
-from ccl_jax.weights.encoder_weights import frozen_encoder
-
-
-def check_device_divisibility(run_settings: RunSettings) -> None:
-  for key, value in (("batch_size", run_settings.batch_size),
-                     ("eval_batch_size", run_settings.global_eval_batch_size)):
-    if value % jax.device_count():
-      raise ValueError(f"{key}={value} must be divisible by the number of devices "
-                       f"({jax.device_count()}).")
 
 
 def _validation_loss(detector: ReverseDistillationDetector, dataset,
@@ -97,31 +89,27 @@ def train_and_evaluate(run_settings: RunSettings, workdir: str, *,
   Returns the metrics summary (None for the metrics when stopped early).
   """
   stop_signals = stop_signals or preemption.StopSignals()
-  run_dir = RunDir(workdir)
-  is_main = jax.process_index() == 0
-  check_device_divisibility(run_settings)
+  setup.check_divisible_by_devices("batch_size", run_settings.batch_size)
+  start = setup.start_run(run_settings, workdir)
+  run_dir, is_main, dataset = start.run_dir, start.is_main, start.dataset
+  train_indices, val_indices = start.train_indices, start.holdout_indices
+  encoder, encoder_variables = start.encoder, start.encoder_variables
+  batch_sharding = start.batch_sharding
   eval_batch_size = run_settings.global_eval_batch_size
-
-  dataset = selection.load_selected(run_settings.dataset, image_size=run_settings.image_size,
-                                    is_main=is_main)
   view_source = None
   if run_settings.augmented_view_source_size and run_settings.loss.uses_augmented_view:
     view_source = selection.load_view_source(
         run_settings.dataset, dataset, size=run_settings.augmented_view_source_size,
         is_main=is_main)
-  train_indices, val_indices = selection.training_split(run_settings, dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_indices), run_settings.batch_size)
   total_steps = steps_per_epoch * run_settings.num_epochs
   logging.info("Classes: %s | train %d (+%d validation) | test %d | %d steps/epoch",
                ", ".join(dataset.class_names), len(train_indices), len(val_indices),
                len(dataset.test), steps_per_epoch)
 
-  replicated = inference.replicated_sharding()
-  batch_sharding = inference.batch_sharding()
-  encoder, encoder_variables = frozen_encoder(run_settings, replicated)
   network = build_network(run_settings)
   state = step.initial_state(network, encoder, encoder_variables, run_settings.optimizer,
-                             run_settings.image_size, run_settings.seed, replicated)
+                             run_settings.image_size, run_settings.seed, start.replicated)
 
   checkpoints = _Checkpoints(run_dir)
   # `training_log`: the loss terms at every logging step, for report.html's curves. In the
