@@ -163,6 +163,7 @@ def _copy(model: str, target: pathlib.Path) -> pathlib.Path:
   return target
 
 
+@pytest.mark.slow
 def test_int8_model_has_its_own_thresholds_and_reports_the_metric_changes(runs, tmp_path):
   workdir = runs["workdirs"]["ccl"]
   output = tmp_path / "int8"

@@ -202,7 +202,9 @@ class Runs:
   num_test_images: dict[str, int]
 
 
-@pytest.fixture(scope="module", params=["rd", pytest.param("ccl", marks=pytest.mark.slow)])
+# Slow (with `-m slow`): the launches of one parameter set take five to ten minutes.
+@pytest.fixture(scope="module", params=[pytest.param("rd", marks=pytest.mark.slow),
+                                        pytest.param("ccl", marks=pytest.mark.slow)])
 def runs(request, smoke_data_dir, smoke_settings, tmp_path_factory):
   variant = request.param
   root = tmp_path_factory.mktemp(f"multihost_{variant}")

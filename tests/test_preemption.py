@@ -81,6 +81,7 @@ def _steps_shown(log: str) -> int:
   return int(counts[-1]) if counts else 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_the_rerun_resumes_bit_exact(repo_root, smoke_data_dir,
                                                                 tmp_path, smoke_settings):
   """SIGTERM at step >= 3 of 27: exit 75 after one line naming the saved step, which is

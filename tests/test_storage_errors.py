@@ -64,6 +64,7 @@ def _assert_one_line_error(out: subprocess.CompletedProcess, *parts: str) -> str
   return last
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_says_so_in_one_line(repo_root, smoke_data_dir,
                                                      smoke_settings, tmp_path):
   """A 4 MB file system holds the run's small files but not its first checkpoint (10 MB):
