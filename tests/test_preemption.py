@@ -159,9 +159,9 @@ def _run_signalled_in(monkeypatch, owner, name: str, signal_now, run_settings, w
   monkeypatch.undo()
 
 
-# Slow: SIGTERM goes to the pytest process itself, beside JAX and Orbax threads; once it
-# ended a full-suite run with a segmentation fault. The real program path is the subprocess
-# test above.
+# Slow: SIGTERM goes to the pytest process itself, beside JAX and Orbax threads; after many
+# other tests in one process this has ended the process silently (twice), while a fresh
+# process passes them. The real program path is the subprocess test above.
 @pytest.mark.slow
 def test_signal_during_a_save_ends_the_save_then_stops_after_the_next_step(
     trained_smoke_run, smoke_settings, tmp_path, monkeypatch):
